@@ -1,0 +1,181 @@
+"""Model configuration: read from an original InternVL2.5 ``config.json`` and kept in the manifest.
+
+The exporter turns the Hugging Face config into a :class:`ModelSpec` and writes it into
+``manifest.json``; the runtime reads only the manifest (plus the tokenizer files), so a model
+directory is self-contained and the board needs no Hugging Face code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelDirError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "internvl_ros.layers/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# InternVL2.5's default system prompt (template "internvl2_5").
+DEFAULT_SYSTEM_PROMPT = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    layer_norm_eps: float
+    norm_type: str  # "layer_norm" | "rms_norm"
+    qkv_bias: bool
+    qk_normalization: bool
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vision: VisionSpec
+    text: TextSpec
+    downsample_ratio: float
+    template: str
+    use_thumbnail: bool
+    min_dynamic_patch: int
+    max_dynamic_patch: int
+    select_layer: int
+    ps_version: str
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def num_image_token(self) -> int:
+        """<IMG_CONTEXT> tokens per tile: patches per side, shrunk by the pixel shuffle, squared."""
+        side = self.vision.image_size // self.vision.patch_size
+        return int(side * self.downsample_ratio) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{**d, "vision": VisionSpec(**d["vision"]), "text": TextSpec(**d["text"])})
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
+        """Build from an original InternVL ``config.json`` (``llm_config`` / ``vision_config``)."""
+        try:
+            v, t = cfg["vision_config"], cfg["llm_config"]
+            image_size = int(cfg.get("force_image_size") or v["image_size"])
+            if t.get("model_type", "qwen2") != "qwen2":
+                raise ModelDirError(f"unsupported language model type {t.get('model_type')!r} (need qwen2)")
+            if cfg.get("ps_version", "v2") != "v2":
+                raise ModelDirError(f"unsupported pixel-shuffle version {cfg.get('ps_version')!r} (need v2)")
+            if cfg.get("select_layer", -1) != -1:
+                raise ModelDirError(f"unsupported select_layer {cfg.get('select_layer')} (need -1)")
+            heads = int(t["num_attention_heads"])
+            return cls(
+                vision=VisionSpec(
+                    image_size=image_size,
+                    patch_size=int(v["patch_size"]),
+                    hidden_size=int(v["hidden_size"]),
+                    num_layers=int(v["num_hidden_layers"]),
+                    num_heads=int(v["num_attention_heads"]),
+                    intermediate_size=int(v["intermediate_size"]),
+                    layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+                    norm_type=v.get("norm_type", "layer_norm"),
+                    qkv_bias=bool(v.get("qkv_bias", True)),
+                    qk_normalization=bool(v.get("qk_normalization", False)),
+                ),
+                text=TextSpec(
+                    hidden_size=int(t["hidden_size"]),
+                    intermediate_size=int(t["intermediate_size"]),
+                    num_layers=int(t["num_hidden_layers"]),
+                    num_heads=heads,
+                    num_kv_heads=int(t.get("num_key_value_heads", heads)),
+                    head_dim=int(t.get("head_dim") or t["hidden_size"] // heads),
+                    vocab_size=int(t["vocab_size"]),
+                    rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+                    rope_theta=float(t.get("rope_theta", 1e6)),
+                    tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+                ),
+                downsample_ratio=float(cfg.get("downsample_ratio", 0.5)),
+                template=cfg.get("template", "internvl2_5"),
+                use_thumbnail=bool(cfg.get("use_thumbnail", True)),
+                min_dynamic_patch=int(cfg.get("min_dynamic_patch", 1)),
+                max_dynamic_patch=int(cfg.get("max_dynamic_patch", 12)),
+                select_layer=int(cfg.get("select_layer", -1)),
+                ps_version=cfg.get("ps_version", "v2"),
+            )
+        except KeyError as e:
+            raise ModelDirError(f"config.json lacks required key {e}") from None
+
+
+@dataclass(frozen=True)
+class LayerBuild:
+    """How the decoder-layer models were built: the limits the runtime must respect."""
+
+    prefill_chunk: int = 128  # tokens per prefill run
+    kv_cache_len: int = 2559  # cache rows; the decode step attends to kv_cache_len + 1 columns
+    max_prompt_tokens: int = 1152  # longest prompt the build accepts
+
+
+@dataclass(frozen=True)
+class Manifest:
+    spec: ModelSpec
+    build: LayerBuild
+    dtype: str  # dtype of hidden states and KV cache handed to the layer models
+    files: dict = field(default_factory=dict)  # role -> file name (vit, post, embeddings, layers)
+    source: dict = field(default_factory=dict)  # where the weights came from
+
+    def write(self, out_dir: Path) -> None:
+        body = {"format": MANIFEST_FORMAT, "spec": self.spec.to_dict(), "build": dataclasses.asdict(self.build),
+                "dtype": self.dtype, "files": self.files, "source": self.source}
+        (Path(out_dir) / MANIFEST).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "Manifest":
+        path = Path(model_dir) / MANIFEST
+        if not path.is_file():
+            raise ModelDirError(f"{model_dir}: no {MANIFEST} (export a checkpoint with internvl-export first)")
+        try:
+            body = json.loads(path.read_text())
+            if body.get("format") != MANIFEST_FORMAT:
+                raise ModelDirError(f"{path}: format {body.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            return cls(spec=ModelSpec.from_dict(body["spec"]), build=LayerBuild(**body["build"]),
+                       dtype=body["dtype"], files=body["files"], source=body.get("source", {}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelDirError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ModelDirError(f"{hf_dir}: no config.json (not an InternVL checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None

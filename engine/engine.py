@@ -1,0 +1,164 @@
+"""The engine: tokenize -> preprocess -> encode images -> prefill -> decode -> stream.
+
+``Engine.stream(request)`` is a generator of text chunks (``str``) that ends with one ``Answer``
+carrying the prompt and generated token ids, the full text and the timings. One engine is used by
+one thread at a time; another thread may stop a generation between tokens through ``cancel``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DEFAULT_SYSTEM_PROMPT, Manifest
+from .errors import InvalidRequestError, ModelDirError
+from .llm import LLM
+from .preprocess import normalize, tiles
+from .prompt import IMG_CONTEXT, TextStream, Tokenizer, chat_prompt, user_content
+from .sampling import GenerationConfig, Sampler
+from .session import open_session, resolve_backend
+
+
+@dataclass
+class Request:
+    question: str
+    images: Sequence[np.ndarray] = ()  # RGB uint8 [H, W, 3] (gray and RGBA accepted)
+    video_frames: Sequence[np.ndarray] = ()  # RGB frames in time order, one tile each
+    max_tiles: int = 1  # dynamic tiling limit per image (InternVL's max_num)
+    system_prompt: str | None = None  # None: the engine's default
+
+
+@dataclass
+class Timings:
+    vit_ms: list[float] = field(default_factory=list)  # per image / frame (all of its tiles)
+    prefill_tokens: int = 0
+    ttft_ms: float = 0.0  # prefill + first token, image encoding excluded (as the seed's table)
+    decode_tokens: int = 0  # decode steps run after the first token
+    decode_ms_per_token: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated, without the stop token
+    timings: Timings
+    finish_reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    embeds: np.ndarray  # [T, H] with image features spliced in
+    vit_ms: list[float]
+    pixel_values: np.ndarray | None  # [tiles, 3, S, S], kept for reference checks
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelDirError(f"{model_dir}: no such model directory")
+        self.manifest = Manifest.read(model_dir)
+        self.spec = self.manifest.spec
+        self.backend = resolve_backend(backend, model_dir)
+        self.system_prompt = system_prompt
+        self.tokenizer = Tokenizer(model_dir)
+        files = self.manifest.files
+        paths = [model_dir / files["vit"], model_dir / files["post"], model_dir / files["embeddings"],
+                 *(model_dir / f for f in files["layers"])]
+        if missing := [p.name for p in paths if not p.is_file()]:
+            raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
+        self.vit = open_session(self.backend, model_dir / files["vit"], threads)
+        try:
+            embeddings = np.load(model_dir / files["embeddings"], mmap_mode="r")
+        except ValueError as e:
+            raise ModelDirError(f"{model_dir / files['embeddings']}: unreadable embedding table ({e})") from None
+        self.llm = LLM([open_session(self.backend, model_dir / f, threads) for f in files["layers"]],
+                       open_session(self.backend, model_dir / files["post"], threads), embeddings,
+                       self.manifest.build, self.spec.text.kv_dim, np.dtype(self.manifest.dtype))
+
+    def prepare(self, request: Request) -> Prompt:
+        """Tokens and input embeddings for a request, image features spliced in after each ``<img>``."""
+        if not request.question or not request.question.strip():
+            raise InvalidRequestError("the question is empty")
+        if request.images and request.video_frames:
+            raise InvalidRequestError("give either images or video frames, not both")
+        if request.max_tiles < 1:
+            raise InvalidRequestError("max_tiles must be >= 1")
+        video = bool(request.video_frames)
+        max_tiles = 1 if video else request.max_tiles
+        per_image = [tiles(im, self.spec.image_size, max_tiles, self.spec.min_dynamic_patch, self.spec.use_thumbnail)
+                     for im in (request.video_frames or request.images)]
+        n_ctx = self.spec.num_image_token
+        content = user_content(request.question.strip(), [len(t) for t in per_image], n_ctx, video=video)
+        system = self.system_prompt if request.system_prompt is None else request.system_prompt
+        ids = self.tokenizer.encode_prompt(chat_prompt(system, content), n_ctx * sum(len(t) for t in per_image))
+        self.llm.check_prompt_length(len(ids))  # before paying for the image encoder
+
+        embeds = self.llm.embed(ids)
+        vit_ms, features, pixel_values = [], [], None
+        if per_image:
+            pixel_values = normalize([t for image_tiles in per_image for t in image_tiles])
+            tile = 0
+            for image_tiles in per_image:
+                started = time.perf_counter()
+                for _ in image_tiles:
+                    features.append(self.vit.run({"image": pixel_values[tile:tile + 1]})[0][0])
+                    tile += 1
+                vit_ms.append((time.perf_counter() - started) * 1e3)
+            positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.ids[IMG_CONTEXT])
+            embeds[positions] = np.concatenate(features)
+        return Prompt(ids, embeds, vit_ms, pixel_values)
+
+    def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
+               cancel: threading.Event | None = None) -> Iterator[str | Answer]:
+        started = time.perf_counter()
+        prompt = self.prepare(request)
+        sampler = Sampler(config)
+        text = TextStream(self.tokenizer)
+        seen = list(prompt.token_ids)
+        generated: list[int] = []
+        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids))
+
+        t0 = time.perf_counter()
+        token = sampler(self.llm.prefill(prompt.embeds), np.asarray(seen))
+        timings.ttft_ms = (time.perf_counter() - t0) * 1e3
+        decode_s = 0.0
+        while True:
+            if token in self.tokenizer.stop_ids:
+                reason = "stop"
+                break
+            generated.append(token)
+            seen.append(token)
+            if chunk := text.push(token):
+                yield chunk
+            if len(generated) >= config.max_new_tokens or self.llm.full:
+                reason = "length"
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            t0 = time.perf_counter()
+            token = sampler(self.llm.decode(token), np.asarray(seen))
+            decode_s += time.perf_counter() - t0
+            timings.decode_tokens += 1
+        if chunk := text.flush():
+            yield chunk
+        if timings.decode_tokens:
+            timings.decode_ms_per_token = decode_s * 1e3 / timings.decode_tokens
+            timings.decode_tokens_per_s = timings.decode_tokens / decode_s
+        timings.total_ms = (time.perf_counter() - started) * 1e3
+        yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason)
+
+    def answer(self, request: Request, config: GenerationConfig = GenerationConfig(),
+               cancel: threading.Event | None = None) -> Answer:
+        *_, result = self.stream(request, config, cancel)
+        return result

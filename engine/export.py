@@ -1,0 +1,334 @@
+"""``internvl-export``: turn an original InternVL2.5 checkpoint into the per-layer model directory.
+
+The graphs are written directly with ``onnx.helper`` from the safetensors weights (numpy only, no
+torch, no ``trust_remote_code``), following the AX650N layer contract:
+
+- ``vit.onnx``: ``image`` [1, 3, S, S] -> ``output`` [1, N, H] (InternViT, drop CLS, pixel
+  shuffle, ``mlp1``).
+- ``layer_{i}.onnx``: ``K_cache``, ``V_cache`` [1, C, kv_dim], ``indices`` [1, T] (uint32 absolute
+  positions), ``input`` [1, T, H], ``mask`` [1, T, C + T] (additive) -> new K rows, new V rows
+  [1, T, kv_dim] (K after RoPE), ``output`` [1, T, H]. C and T are dynamic.
+- ``post.onnx``: ``input`` [1, T, H] -> ``output`` [1, T, vocab] (final RMSNorm + lm_head).
+- ``embed_tokens.npy``: the float32 embedding table, looked up on the host.
+- ``manifest.json``: sizes, build limits, dtypes, file names, source checkpoint; plus the
+  tokenizer files and ``config.json`` copied over so the directory is self-contained.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import LayerBuild, Manifest, ModelSpec, read_hf_config
+from .errors import InternVLError, ModelDirError
+
+OPSET = 17
+IR_VERSION = 8  # readable by older onnxruntime releases on boards
+MASK_BLOCKED = -65536.0  # the contract's additive "blocked" value (exact in bf16)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.json", "generation_config.json", "config.json")
+_ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint32): TensorProto.UINT32,
+               np.dtype(np.int64): TensorProto.INT64}
+
+
+class Checkpoint:
+    """Lazy float32 access to an original InternVL safetensors checkpoint (single or sharded)."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        hf_dir = Path(hf_dir)
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (hf_dir / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            raise ModelDirError(f"{hf_dir}: no model.safetensors (or model.safetensors.index.json)")
+        self.files = [hf_dir / s for s in shards]
+        self._where = {}
+        try:
+            for f in self.files:
+                handle = safe_open(str(f), framework="numpy")
+                self._where.update({k: handle for k in handle.keys()})
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelDirError(f"{hf_dir}: cannot read safetensors ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise ModelDirError(f"checkpoint lacks tensor {name!r} (not the original InternVL2.5 layout?)")
+        return np.asarray(self._where[name].get_tensor(name), dtype=np.float32)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+
+class Graph:
+    """Just enough of a graph builder: named values are strings, constants become initializers."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self._count = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, dtype, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, _ONNX_DTYPE[np.dtype(dtype)], shape))
+        return name
+
+    def output(self, value: str, name: str, dtype, shape) -> None:
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, _ONNX_DTYPE[np.dtype(dtype)], shape))
+
+    def const(self, array, hint: str = "c") -> str:
+        name = self._fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
+        names = [self._fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    # Layers used by both models.
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+        y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
+        return y if bias is None else self.op("Add", y, self.const(bias, "b"))
+
+    def reshape(self, x: str, shape) -> str:
+        return self.op("Reshape", x, self.const(np.array(shape, dtype=np.int64), "shape"))
+
+    def layer_norm(self, x: str, weight, bias, eps: float) -> str:
+        return self.op("LayerNormalization", x, self.const(weight, "ln_w"), self.const(bias, "ln_b"),
+                       axis=-1, epsilon=eps)
+
+    def rms_norm(self, x: str, weight, eps: float) -> str:
+        var = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
+        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(np.float32(eps), "eps"))))
+        return self.op("Mul", self.op("Mul", x, inv), self.const(weight, "rms_w"))
+
+    def gelu(self, x: str) -> str:  # exact (erf) GELU, as torch's nn.GELU()
+        e = self.op("Erf", self.op("Div", x, self.const(np.float32(np.sqrt(2.0)), "sqrt2")))
+        return self.op("Mul", self.op("Mul", x, self.const(np.float32(0.5), "half")),
+                       self.op("Add", e, self.const(np.float32(1.0), "one")))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="internvl-export")
+        m.ir_version = IR_VERSION
+        return m
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save; weights go to an external file only when the protobuf would pass its 2 GB limit."""
+    size = sum(np.prod(t.dims, dtype=np.int64) * 4 for t in model.graph.initializer)
+    if size > 1_800_000_000:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def build_vit(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
+    v = spec.vision
+    if v.qk_normalization or v.norm_type != "layer_norm":
+        raise ModelDirError("vision encoders with qk_normalization or rms_norm are not supported "
+                            "(InternVL2.5-1B's InternViT-300M uses neither)")
+    d, p, s, nh = v.hidden_size, v.patch_size, v.image_size, v.num_heads
+    side = s // p
+    hd = d // nh
+    g = Graph("internvl_vit")
+    x = g.input("image", np.float32, [1, 3, s, s])
+    emb = "vision_model.embeddings."
+    x = g.op("Conv", x, g.const(ck.get(emb + "patch_embedding.weight")), g.const(ck.get(emb + "patch_embedding.bias")),
+             kernel_shape=[p, p], strides=[p, p])
+    x = g.op("Transpose", g.reshape(x, [1, d, side * side]), perm=[0, 2, 1])
+    x = g.op("Concat", g.const(ck.get(emb + "class_embedding")), x, axis=1)
+    x = g.op("Add", x, g.const(ck.get(emb + "position_embedding")))
+    for i in range(v.num_layers):
+        pre = f"vision_model.encoder.layers.{i}."
+        h = g.layer_norm(x, ck.get(pre + "norm1.weight"), ck.get(pre + "norm1.bias"), v.layer_norm_eps)
+        qkv_w = ck.get(pre + "attn.qkv.weight")
+        qkv_b = ck.get(pre + "attn.qkv.bias") if v.qkv_bias else np.zeros(3 * d, np.float32)
+        q, k, val = (g.linear(h, qkv_w[j * d:(j + 1) * d], qkv_b[j * d:(j + 1) * d]) for j in range(3))
+        q = g.op("Transpose", g.reshape(q, [1, -1, nh, hd]), perm=[0, 2, 1, 3])
+        k = g.op("Transpose", g.reshape(k, [1, -1, nh, hd]), perm=[0, 2, 3, 1])
+        val = g.op("Transpose", g.reshape(val, [1, -1, nh, hd]), perm=[0, 2, 1, 3])
+        scores = g.op("Mul", g.op("MatMul", q, k), g.const(np.float32(hd ** -0.5), "scale"))
+        a = g.op("MatMul", g.op("Softmax", scores, axis=-1), val)
+        a = g.reshape(g.op("Transpose", a, perm=[0, 2, 1, 3]), [1, -1, d])
+        a = g.linear(a, ck.get(pre + "attn.proj.weight"), ck.get(pre + "attn.proj.bias"))
+        x = g.op("Add", x, g.op("Mul", a, g.const(ck.get(pre + "ls1"), "ls1")))
+        h = g.layer_norm(x, ck.get(pre + "norm2.weight"), ck.get(pre + "norm2.bias"), v.layer_norm_eps)
+        h = g.linear(g.gelu(g.linear(h, ck.get(pre + "mlp.fc1.weight"), ck.get(pre + "mlp.fc1.bias"))),
+                     ck.get(pre + "mlp.fc2.weight"), ck.get(pre + "mlp.fc2.bias"))
+        x = g.op("Add", x, g.op("Mul", h, g.const(ck.get(pre + "ls2"), "ls2")))
+    # Drop CLS, then InternVL's pixel shuffle (ps_version v2) on the [1, w, h, c] patch grid.
+    x = g.op("Slice", x, g.const(np.array([1], np.int64)), g.const(np.array([side * side + 1], np.int64)),
+             g.const(np.array([1], np.int64)))
+    r = int(round(1 / spec.downsample_ratio))
+    x = g.reshape(x, [1, side, side // r, d * r])
+    x = g.op("Transpose", x, perm=[0, 2, 1, 3])
+    x = g.reshape(x, [1, side // r, side // r, d * r * r])
+    x = g.op("Transpose", x, perm=[0, 2, 1, 3])
+    x = g.reshape(x, [1, (side // r) ** 2, d * r * r])
+    x = g.layer_norm(x, ck.get("mlp1.0.weight"), ck.get("mlp1.0.bias"), 1e-5)  # nn.LayerNorm default eps
+    x = g.linear(g.gelu(g.linear(x, ck.get("mlp1.1.weight"), ck.get("mlp1.1.bias"))),
+                 ck.get("mlp1.3.weight"), ck.get("mlp1.3.bias"))
+    g.output(x, "output", np.float32, [1, spec.num_image_token, spec.text.hidden_size])
+    return g.model()
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+
+
+def build_layer(ck: Checkpoint, spec: ModelSpec, i: int) -> onnx.ModelProto:
+    """One Qwen2 decoder layer driven with an explicit KV cache (the "together" model contract)."""
+    t = spec.text
+    hsz, nh, nkv, hd = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
+    group = nh // nkv
+    pre = f"language_model.model.layers.{i}."
+    g = Graph(f"qwen2_layer_{i}")
+    k_cache = g.input("K_cache", np.float32, [1, "history", t.kv_dim])
+    v_cache = g.input("V_cache", np.float32, [1, "history", t.kv_dim])
+    indices = g.input("indices", np.uint32, [1, "tokens"])
+    x = g.input("input", np.float32, [1, "tokens", hsz])
+    mask = g.input("mask", np.float32, [1, "tokens", "total"])
+
+    h = g.rms_norm(x, ck.get(pre + "input_layernorm.weight"), t.rms_norm_eps)
+    q = g.linear(h, ck.get(pre + "self_attn.q_proj.weight"), ck.get(pre + "self_attn.q_proj.bias"))
+    k = g.linear(h, ck.get(pre + "self_attn.k_proj.weight"), ck.get(pre + "self_attn.k_proj.bias"))
+    v_new = g.linear(h, ck.get(pre + "self_attn.v_proj.weight"), ck.get(pre + "self_attn.v_proj.bias"))
+
+    # RoPE (rotate-half form) on [1, T, heads, hd] with cos/sin [1, T, 1, hd].
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", indices, to=TensorProto.FLOAT), g.const(np.array([-1], np.int64))),
+                 g.const(rope_inv_freq(hd, t.rope_theta), "inv_freq"))
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const(np.array([2], np.int64)))
+    cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+    halves = g.const(np.array([hd // 2, hd // 2], np.int64))
+
+    def rope(y):
+        first, second = g.op("Split", y, halves, axis=-1, outputs=2)
+        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+        return g.op("Add", g.op("Mul", y, cos), g.op("Mul", rotated, sin))
+
+    q = rope(g.reshape(q, [0, 0, nh, hd]))
+    k_new = g.reshape(rope(g.reshape(k, [0, 0, nkv, hd])), [0, 0, t.kv_dim])
+
+    keys = g.op("Transpose", g.reshape(g.op("Concat", k_cache, k_new, axis=1), [0, 0, nkv, hd]), perm=[0, 2, 3, 1])
+    values = g.op("Transpose", g.reshape(g.op("Concat", v_cache, v_new, axis=1), [0, 0, nkv, hd]), perm=[0, 2, 1, 3])
+    # Grouped-query attention without repeating K/V: query heads of one KV head are stacked along rows.
+    q = g.reshape(g.op("Transpose", q, perm=[0, 2, 1, 3]), [1, nkv, -1, hd])  # [1, nkv, group*T, hd]
+    scores = g.op("Mul", g.op("MatMul", q, keys), g.const(np.float32(hd ** -0.5), "scale"))
+    group_mask = g.op("Unsqueeze", g.op("Concat", *([mask] * group), axis=1), g.const(np.array([1], np.int64)))
+    probs = g.op("Softmax", g.op("Add", scores, group_mask), axis=-1)
+    a = g.reshape(g.op("MatMul", probs, values), [1, nh, -1, hd])
+    a = g.reshape(g.op("Transpose", a, perm=[0, 2, 1, 3]), [0, 0, hsz])
+    x = g.op("Add", x, g.linear(a, ck.get(pre + "self_attn.o_proj.weight")))
+
+    h = g.rms_norm(x, ck.get(pre + "post_attention_layernorm.weight"), t.rms_norm_eps)
+    gate = g.linear(h, ck.get(pre + "mlp.gate_proj.weight"))
+    up = g.linear(h, ck.get(pre + "mlp.up_proj.weight"))
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    x = g.op("Add", x, g.linear(act, ck.get(pre + "mlp.down_proj.weight")))
+
+    g.output(k_new, "K", np.float32, [1, "tokens", t.kv_dim])
+    g.output(v_new, "V", np.float32, [1, "tokens", t.kv_dim])
+    g.output(x, "output", np.float32, [1, "tokens", hsz])
+    return g.model()
+
+
+def lm_head_weight(ck: Checkpoint, spec: ModelSpec) -> np.ndarray:
+    if "language_model.lm_head.weight" in ck:
+        return ck.get("language_model.lm_head.weight")
+    if spec.text.tie_word_embeddings:
+        return ck.get("language_model.model.embed_tokens.weight")
+    raise ModelDirError("checkpoint lacks language_model.lm_head.weight and embeddings are not tied")
+
+
+def build_post(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
+    t = spec.text
+    g = Graph("qwen2_post")
+    x = g.input("input", np.float32, [1, "tokens", t.hidden_size])
+    x = g.rms_norm(x, ck.get("language_model.model.norm.weight"), t.rms_norm_eps)
+    g.output(g.linear(x, lm_head_weight(ck, spec)), "output", np.float32, [1, "tokens", t.vocab_size])
+    return g.model()
+
+
+def layer_file(i: int) -> str:
+    return f"layer_{i}.onnx"
+
+
+def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), log=print) -> Manifest:
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
+    spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
+    if build.max_prompt_tokens > build.kv_cache_len:
+        raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
+    ck = Checkpoint(hf_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    save_model(build_vit(ck, spec), out_dir / "vit.onnx")
+    log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
+    for i in range(spec.text.num_layers):
+        save_model(build_layer(ck, spec, i), out_dir / layer_file(i))
+    log(f"{spec.text.num_layers} decoder layers")
+    save_model(build_post(ck, spec), out_dir / "post.onnx")
+    np.save(out_dir / "embed_tokens.npy", ck.get("language_model.model.embed_tokens.weight"))
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out_dir / name)
+    manifest = Manifest(
+        spec=spec, build=build, dtype="float32",
+        files={"vit": "vit.onnx", "post": "post.onnx", "embeddings": "embed_tokens.npy",
+               "layers": [layer_file(i) for i in range(spec.text.num_layers)]},
+        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256()},
+    )
+    manifest.write(out_dir)
+    log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-export", description=__doc__.splitlines()[0])
+    ap.add_argument("--hf-model", "--hf_model", required=True, type=Path, help="original InternVL2.5 checkpoint")
+    ap.add_argument("--out", required=True, type=Path, help="directory to write the models to")
+    d = LayerBuild()
+    ap.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill run")
+    ap.add_argument("--kv-cache-len", type=int, default=d.kv_cache_len, help="KV cache rows")
+    ap.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest accepted prompt")
+    args = ap.parse_args(argv)
+    try:
+        export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens))
+    except InternVLError as e:
+        print(f"internvl-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Image and video preprocessing with numpy/OpenCV, following InternVL's own recipe.
+
+Images are RGB uint8 [H, W, 3]. Each image is split into 448x448 tiles by InternVL's dynamic
+tiling (closest aspect ratio, at most ``max_tiles`` tiles, plus a whole-image thumbnail when there
+is more than one tile), each tile resized bicubically and normalised with ImageNet statistics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .config import IMAGENET_MEAN, IMAGENET_STD
+from .errors import ImageError, VideoError
+
+_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
+_INV_STD = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255.0)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8."""
+    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
+    if data is None:
+        raise ImageError(f"{path}: no such image file")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept gray [H, W], RGB [H, W, 3] or RGBA [H, W, 4] uint8; return RGB uint8."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ImageError(f"images must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
+    raise ImageError(f"images must be [H, W], [H, W, 3] or [H, W, 4], got shape {image.shape}")
+
+
+def closest_grid(width: int, height: int, image_size: int, min_num: int, max_num: int) -> tuple[int, int]:
+    """InternVL's ``find_closest_aspect_ratio``: the (columns, rows) grid whose ratio is closest."""
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in ratios:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tiles(image: np.ndarray, image_size: int, max_tiles: int = 1, min_tiles: int = 1,
+          use_thumbnail: bool = True) -> list[np.ndarray]:
+    """InternVL's ``dynamic_preprocess``: RGB tiles of image_size x image_size."""
+    image = as_rgb(image)
+    h, w = image.shape[:2]
+    if h == 0 or w == 0:
+        raise ImageError("image has no pixels")
+    cols, rows = closest_grid(w, h, image_size, min_tiles, max_tiles)
+    resized = cv2.resize(image, (cols * image_size, rows * image_size), interpolation=cv2.INTER_CUBIC)
+    out = [resized[r * image_size:(r + 1) * image_size, c * image_size:(c + 1) * image_size]
+           for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(out) > 1:
+        out.append(cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_CUBIC))
+    return out
+
+
+def normalize(tile_list: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 tiles -> float32 [N, 3, S, S] with ImageNet mean/std."""
+    x = (np.stack(tile_list).astype(np.float32) - _MEAN) * _INV_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def segment_centre_indices(num_frames: int, num_segments: int) -> list[int]:
+    """InternVL's ``get_index`` without bounds: the centre frame of each of ``num_segments`` equal segments."""
+    if num_frames <= 0 or num_segments <= 0:
+        return []
+    seg = (num_frames - 1) / num_segments
+    return [int(seg / 2 + np.round(seg * i)) for i in range(num_segments)]
+
+
+def load_video_frames(path: str | Path, num_segments: int = 8) -> list[np.ndarray]:
+    """Uniformly sampled RGB frames of a video file (read with OpenCV)."""
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such video file")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoError(f"{path}: cannot open video (unsupported format or corrupt data)")
+        count = 0
+        while cap.grab():  # the container's frame count is often wrong; count what decodes
+            count += 1
+        wanted = segment_centre_indices(count, num_segments)
+        if not wanted:
+            raise VideoError(f"{path}: video has no frames")
+        cap.release()
+        cap = cv2.VideoCapture(str(path))  # reopen: seeking back is not exact for every codec
+        frames, index = [], 0
+        for target in sorted(set(wanted)):
+            while index <= target:
+                ok = cap.grab()
+                index += 1
+                if not ok:
+                    raise VideoError(f"{path}: frame {target} could not be decoded")
+            ok, frame = cap.retrieve()
+            if not ok:
+                raise VideoError(f"{path}: frame {target} could not be decoded")
+            frames.append((target, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+        by_index = dict(frames)
+        return [by_index[i] for i in wanted]
+    finally:
+        cap.release()

@@ -1,0 +1,59 @@
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, with repetition penalty."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1 = off; HF semantics over prompt and generated tokens
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+
+class Sampler:
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray) -> int:
+        c = self.config
+        logits = np.asarray(logits, dtype=np.float32)
+        if c.repetition_penalty != 1.0 and len(seen_ids):
+            logits = logits.copy()
+            seen = np.unique(seen_ids)
+            picked = logits[seen]
+            logits[seen] = np.where(picked < 0, picked * c.repetition_penalty, picked / c.repetition_penalty)
+        if c.temperature == 0:
+            return int(np.argmax(logits))
+        logits = logits / c.temperature
+        if 0 < c.top_k < logits.size:
+            kth = np.partition(logits, -c.top_k)[-c.top_k]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if c.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, c.top_p)) + 1]  # smallest set reaching top_p
+            kept = np.zeros_like(probs)
+            kept[keep] = probs[keep]
+            probs = kept / kept.sum()
+        return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,37 @@
+"""internvl_ros: ament_python package.
+
+Two Python packages are installed: ``internvl_engine`` (from the folder ``engine/``, the ROS-free
+runtime, exporter and tools) and ``internvl_ros`` (the ROS 2 node).
+"""
+from glob import glob
+
+from setuptools import setup
+
+PACKAGE = "internvl_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=["internvl_engine", PACKAGE],
+    package_dir={"internvl_engine": "engine", PACKAGE: PACKAGE},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="internvl_ros developers",
+    maintainer_email="dev@internvl-ros.local",
+    description="InternVL2.5 vision-language answers for ROS 2 cameras (AX650N NPU or CPU).",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    entry_points={
+        "console_scripts": [
+            "internvl-infer = internvl_engine.cli:main",
+            "internvl-export = internvl_engine.export:main",
+            "internvl-make-tiny = internvl_engine.make_tiny:main",
+        ],
+    },
+)

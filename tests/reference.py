@@ -1,0 +1,97 @@
+"""The reference: transformers' own InternVL (``InternVLForConditionalGeneration``) loaded from an
+original-layout checkpoint, with the original keys mapped to transformers' names here (no
+``trust_remote_code``, no network). Used only by tests and the real-dimension parity script."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from internvl_engine.export import Checkpoint
+
+# (original key pattern, transformers key) for everything but the fused vision qkv.
+_RENAMES = [
+    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
+    (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
+    (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
+    (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+]
+_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+
+
+def hf_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in ck.keys():
+        tensor = torch.from_numpy(ck.get(key))
+        if m := _QKV.match(key):
+            for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
+                out[f"model.vision_tower.encoder.layer.{m[1]}.attention.{part}_proj.{m[2]}"] = chunk.clone()
+            continue
+        for pattern, repl in _RENAMES:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = tensor
+                break
+        else:
+            raise KeyError(f"no mapping for original key {key}")
+    return out
+
+
+def load_reference(hf_dir: Path, image_token_id: int) -> InternVLForConditionalGeneration:
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    v, t = cfg["vision_config"], cfg["llm_config"]
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+            image_size=cfg["force_image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"],
+            attention_bias=v["qkv_bias"], use_qk_norm=v["qk_normalization"], norm_type=v["norm_type"],
+            hidden_act="gelu", use_mean_pooling=True,
+        ),
+        text_config={k: t[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                       "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                                       "tie_word_embeddings")} | {"model_type": "qwen2"},
+        image_token_id=image_token_id,
+        downsample_ratio=cfg["downsample_ratio"],
+        image_seq_length=int((cfg["force_image_size"] // v["patch_size"] * cfg["downsample_ratio"]) ** 2),
+        projector_hidden_act="gelu",
+        tie_word_embeddings=t["tie_word_embeddings"],
+    )
+    config._attn_implementation = "eager"
+    model = InternVLForConditionalGeneration(config).eval()
+    missing, unexpected = model.load_state_dict(hf_state_dict(Checkpoint(hf_dir)),
+                                                strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"reference weight mapping incomplete: missing={missing} unexpected={unexpected}")
+    return model
+
+
+@torch.no_grad()
+def reference_logits(model, input_ids: list[int], pixel_values: np.ndarray | None) -> np.ndarray:
+    """Logits at every position of ``input_ids`` (one forward pass, teacher forcing)."""
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    pv = None if pixel_values is None else torch.from_numpy(np.asarray(pixel_values, dtype=np.float32))
+    return model(input_ids=ids, pixel_values=pv).logits[0].float().numpy()
+
+
+@torch.no_grad()
+def reference_image_features(model, pixel_values: np.ndarray) -> np.ndarray:
+    out = model.model.get_image_features(pixel_values=torch.from_numpy(pixel_values.astype(np.float32)),
+                                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return out.pooler_output.float().numpy()
