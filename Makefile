@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(VENV)/.engine: requirements/engine.txt requirements/ros-pypi.txt setup.py | $(BIN)/python
 	$(PIP) -r requirements/engine.txt -r requirements/ros-pypi.txt
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.engine requirements/dev.txt

@@ -1,0 +1,106 @@
+"""``internvl-infer``: ask a question about images, a video or nothing, from the command line.
+
+Accepts the seed demo's flags (``--hf_model``, ``--axmodel_path``, ``--vit_model``, ``-q``, ``-i``,
+``-v``, ``--segments``) and their kebab-case forms. Without ``--json`` the answer streams to stdout
+followed by the seed's timing table; with ``--json`` exactly one JSON object is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_SYSTEM_PROMPT
+from .engine import Answer, Engine, Request
+from .errors import InternVLError, ModelDirError
+from .preprocess import load_image, load_video_frames
+from .sampling import GenerationConfig
+from .session import BACKENDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="internvl-infer", description="Ask InternVL2.5 about images or a video.")
+    ap.add_argument("--model-dir", "--model_dir", type=Path,
+                    help="exported model directory (internvl-export output: manifest, models, tokenizer)")
+    ap.add_argument("--axmodel-path", "--axmodel_path", type=Path, help="seed name for the model directory")
+    ap.add_argument("--hf-model", "--hf_model", type=Path,
+                    help="original checkpoint; used to find the tokenizer when the model directory has none")
+    ap.add_argument("--vit-model", "--vit_model", type=Path, help="ViT model file (default: the manifest's)")
+    ap.add_argument("-q", "--question", required=True, help="the question")
+    ap.add_argument("-i", "--images", nargs="+", default=[], type=Path, help="image files")
+    ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
+    ap.add_argument("--segments", type=int, default=8, help="frames sampled from the video (default 8)")
+    ap.add_argument("--max-tiles", "--max_tiles", type=int, default=1, help="dynamic tiles per image (default 1)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto")
+    ap.add_argument("--threads", type=int, help="CPU threads per session (default: all cores)")
+    ap.add_argument("--system-prompt", "--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
+    g = GenerationConfig()
+    ap.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=g.max_new_tokens)
+    ap.add_argument("--temperature", type=float, default=g.temperature, help="0 = greedy (default)")
+    ap.add_argument("--top-k", "--top_k", type=int, default=g.top_k)
+    ap.add_argument("--top-p", "--top_p", type=float, default=g.top_p)
+    ap.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=g.repetition_penalty)
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    return ap
+
+
+def timing_table(answer: Answer) -> str:
+    """The seed README's table: Image num | ImageEncoder | Prefill TTFT | Decoder | tokens/s."""
+    t = answer.timings
+    vit = sum(t.vit_ms)
+    rows = ["| Image num | ImageEncoder ms | Prefill TTFT ms (tokens) | Decoder ms/token | tokens/s |",
+            "|---|---|---|---|---|",
+            f"| {len(t.vit_ms)} | {vit:.1f} | {t.ttft_ms:.1f} ({t.prefill_tokens}) | "
+            f"{t.decode_ms_per_token:.2f} | {t.decode_tokens_per_s:.2f} |"]
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    model_dir = args.model_dir or args.axmodel_path
+    if model_dir is None:
+        raise ModelDirError("give --model-dir (or the seed's --axmodel_path): the exported model directory")
+    if args.vit_model is not None:
+        raise ModelDirError("--vit_model selects a ViT .axmodel, which needs the axengine backend; "
+                            "an exported directory carries its own vit.onnx")
+    if args.video and args.images:
+        raise InternVLError("give either --images or --video, not both")
+    images = [load_image(p) for p in args.images]
+    frames = load_video_frames(args.video, args.segments) if args.video else []
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt)
+    request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
+    if args.json:
+        answer = engine.answer(request, config)
+        print(json.dumps({"text": answer.text, "prompt_token_ids": answer.prompt_token_ids,
+                          "token_ids": answer.token_ids, "timings": dataclasses.asdict(answer.timings)},
+                         ensure_ascii=False))
+        return 0
+    items = engine.stream(request, config)
+    first = next(items)  # request errors surface here, before anything is printed
+    print("answer >> ", end="", flush=True)
+    for item in itertools.chain([first], items):
+        if isinstance(item, str):
+            print(item, end="", flush=True)
+        else:
+            print(f"\n[{item.finish_reason}]\n\n{timing_table(item)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InternVLError as e:
+        print(f"internvl-infer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

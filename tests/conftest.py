@@ -1,0 +1,47 @@
+"""Shared fixtures. Every test process keeps DDS on loopback and gets its own ROS domain."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_LOCALHOST_ONLY"] = "1"
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py and helpers
+
+TEST_CHUNK = 16  # small prefill chunks so short prompts span several chunks
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    from internvl_engine.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_hf"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_hf, tmp_path_factory) -> Path:
+    from internvl_engine.config import LayerBuild
+    from internvl_engine.export import export
+
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    export(tiny_hf, out, LayerBuild(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152),
+           log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    from internvl_engine import Engine
+
+    return Engine(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_hf, engine):
+    from reference import load_reference
+
+    return load_reference(tiny_hf, engine.tokenizer.ids["<IMG_CONTEXT>"])

@@ -1,0 +1,73 @@
+"""The console scripts as a user runs them: internvl-make-tiny, internvl-export, internvl-infer."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+from images import noise_image, numbered_frames, write_video
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, check=True):
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_make_tiny_then_export_then_infer(tmp_path):
+    run(BIN / "internvl-make-tiny", "--out", tmp_path / "hf", "--seed", "3")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["llm_config"]["model_type"] == "qwen2"
+    run(BIN / "internvl-export", "--hf-model", tmp_path / "hf", "--out", tmp_path / "onnx")
+    image = tmp_path / "noise.png"
+    cv2.imwrite(str(image), noise_image(60, 80))
+    out = run(BIN / "internvl-infer", "--model-dir", tmp_path / "onnx", "-q", "What is it?", "-i", image,
+              "--max-new-tokens", "5").stdout
+    assert out.startswith("answer >> ")
+    assert "| Image num | ImageEncoder ms | Prefill TTFT ms (tokens) | Decoder ms/token | tokens/s |" in out
+    assert "\n| 1 | " in out
+
+
+def test_json_is_exactly_one_object_and_matches_the_engine(tiny_model, engine, tmp_path):
+    from internvl_engine import GenerationConfig, Request, load_image
+
+    image = tmp_path / "img.png"
+    cv2.imwrite(str(image), noise_image(50, 70, seed=5))
+    proc = run(BIN / "internvl-infer", "--model_dir", tiny_model, "--question", "Colour?", "--images", image,
+               "--max_new_tokens", "7", "--json")
+    result = json.loads(proc.stdout)  # one object and nothing else on stdout
+    assert set(result) == {"text", "prompt_token_ids", "token_ids", "timings"}
+    assert {"vit_ms", "prefill_tokens", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s"} <= set(result["timings"])
+    expected = engine.answer(Request("Colour?", images=[load_image(image)]), GenerationConfig(max_new_tokens=7))
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert result["prompt_token_ids"] == expected.prompt_token_ids
+
+
+def test_seed_flags_and_video(tiny_model, tmp_path):
+    video = write_video(tmp_path / "clip.avi", numbered_frames(20))
+    proc = run(BIN / "internvl-infer", "--axmodel_path", tiny_model, "-q", "What moves?", "-v", video,
+               "--segments", "4", "--max-new-tokens", "3", "--json")
+    assert len(json.loads(proc.stdout)["timings"]["vit_ms"]) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-dir", "{tmp}/nowhere", "-q", "hi"], "no such model directory"),
+    (["--model-dir", "{model}", "-q", "  "], "the question is empty"),
+    (["--model-dir", "{model}", "-q", "hi", "-i", "{tmp}/bad.jpg"], "not a readable image"),
+    (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/empty.avi"], "video"),
+    (["--model-dir", "{model}", "-q", "~" * 1300], "accepts at most"),
+])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, args, message):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    cv2.VideoWriter(str(tmp_path / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
+    argv = [a.format(tmp=tmp_path, model=tiny_model) for a in args]
+    proc = run(BIN / "internvl-infer", *argv, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("internvl-infer: error: ") and message in lines[0]

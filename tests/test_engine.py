@@ -1,0 +1,189 @@
+"""Engine behaviour beyond parity: prompt layout, streaming, stopping, cancelling, sampling, errors."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from images import noise_image
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from internvl_engine import (BackendError, Engine, GenerationConfig, InvalidRequestError, ModelDirError,
+                             PromptTooLongError, Request)
+from internvl_engine.export import export
+from internvl_engine.make_tiny import make_tiny
+from internvl_engine.prompt import TextStream
+from internvl_engine.sampling import Sampler
+
+
+def test_prompt_layout(engine):
+    tok = engine.tokenizer
+    n = engine.spec.num_image_token
+    ids = engine.prepare(Request("Where?", images=[noise_image(64, 64)] * 2)).token_ids
+    text = tok._tok.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert "Image-1: <img>" in text and "Image-2: <img>" in text and text.index("Image-2") < text.index("Where?")
+    assert ids.count(tok.ids["<IMG_CONTEXT>"]) == 2 * n
+    video = tok._tok.decode(engine.prepare(Request("Which way?", video_frames=[noise_image(64, 64)] * 3)).token_ids)
+    assert "Frame1: <img>" in video and "Frame3: <img>" in video and "Image-1" not in video
+
+
+def test_tiles_multiply_image_tokens(engine):
+    wide = noise_image(100, 400)
+    one = engine.prepare(Request("?", images=[wide], max_tiles=1)).token_ids
+    many = engine.prepare(Request("?", images=[wide], max_tiles=4)).token_ids
+    ctx = engine.tokenizer.ids["<IMG_CONTEXT>"]
+    assert one.count(ctx) == engine.spec.num_image_token
+    assert many.count(ctx) == 5 * engine.spec.num_image_token  # 4x1 grid + thumbnail
+
+
+def test_system_prompt_is_configurable(engine):
+    text = engine.tokenizer._tok.decode(engine.prepare(Request("hi", system_prompt="You are a robot.")).token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a robot.<|im_end|>")
+
+
+def test_stream_chunks_join_to_the_answer(engine):
+    for seed in range(3):
+        chunks, answer = [], None
+        for item in engine.stream(Request("Describe."), GenerationConfig(max_new_tokens=40, temperature=1.0, seed=seed)):
+            if isinstance(item, str):
+                chunks.append(item)
+            else:
+                answer = item
+        assert "".join(chunks) == answer.text
+        assert answer.text == engine.tokenizer.decode(answer.token_ids)
+        assert answer.finish_reason == "stop" or len(answer.token_ids) == 40
+
+
+def test_text_stream_never_splits_a_character(engine):
+    tok = engine.tokenizer
+    text = "robot 😀 sees 机器人 ✓"
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    chunks = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+    assert "" in chunks[:-1]  # some character really was spread over several tokens
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    first = engine.answer(Request("Hello"), cfg).token_ids
+    assert engine.answer(Request("Hello"), cfg).token_ids == first
+    others = {tuple(engine.answer(Request("Hello"), GenerationConfig(16, 0.9, 50, 0.9, seed=s)).token_ids)
+              for s in range(8, 12)}
+    assert len(others | {tuple(first)}) > 1
+
+
+def test_sampler_filters():
+    logits = np.array([3.0, 2.9, 0.0, -1.0], np.float32)
+    assert Sampler(GenerationConfig())(logits, np.array([])) == 0
+    assert Sampler(GenerationConfig(repetition_penalty=2.0))(logits, np.array([0])) == 1
+    assert {Sampler(GenerationConfig(temperature=5.0, top_k=1, seed=s))(logits, np.array([])) for s in range(20)} == {0}
+    assert {Sampler(GenerationConfig(temperature=5.0, top_p=0.3, seed=s))(logits, np.array([])) for s in range(20)} == {0}
+    assert len({Sampler(GenerationConfig(temperature=5.0, seed=s))(logits, np.array([])) for s in range(40)}) > 2
+    # HF semantics: negative logits of seen tokens are multiplied, positive ones divided.
+    neg = np.array([-1.0, -1.5], np.float32)
+    assert Sampler(GenerationConfig(repetition_penalty=2.0))(neg, np.array([0])) == 1
+    with pytest.raises(InvalidRequestError):
+        GenerationConfig(top_p=0.0)
+
+
+def checkpoint_with_swapped_rows(src, dst, a: int, b: int):
+    """Copy a checkpoint, swapping two lm_head rows (so token b scores what token a scored)."""
+    with safe_open(str(src / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    head = tensors["language_model.lm_head.weight"].copy()
+    head[[a, b]] = head[[b, a]]
+    tensors["language_model.lm_head.weight"] = head
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name != "model.safetensors":
+            (dst / p.name).write_bytes(p.read_bytes())
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("stop_token", ["<|im_end|>", "<|endoftext|>"])
+def test_generation_stops_at_stop_tokens(engine, tiny_hf, tmp_path, stop_token):
+    request = Request("Stop here.")
+    first = engine.answer(request, GenerationConfig(max_new_tokens=3)).token_ids[0]
+    stop_id = engine.tokenizer._tok.convert_tokens_to_ids(stop_token)
+    hf = checkpoint_with_swapped_rows(tiny_hf, tmp_path / "hf", first, stop_id)
+    export(hf, tmp_path / "onnx", log=lambda *_: None)
+    answer = Engine(tmp_path / "onnx").answer(request, GenerationConfig(max_new_tokens=3))
+    assert answer.finish_reason == "stop" and answer.token_ids == [] and answer.text == ""
+
+
+def test_cancel_from_another_thread(engine):
+    cancel, started = threading.Event(), threading.Event()
+    result = {}
+
+    def worker():
+        for item in engine.stream(Request("Talk."), GenerationConfig(max_new_tokens=1000, temperature=1.0, seed=1),
+                                  cancel):
+            started.set()
+            result["last"] = item
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert started.wait(30)
+    cancel.set()
+    thread.join(30)
+    answer = result["last"]
+    assert answer.finish_reason == "cancelled"
+    assert 0 < len(answer.token_ids) < 1000
+
+
+def test_request_errors(engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.answer(Request("   "))
+    with pytest.raises(InvalidRequestError, match="either images or video"):
+        engine.answer(Request("?", images=[noise_image(8, 8)], video_frames=[noise_image(8, 8)]))
+    with pytest.raises(InvalidRequestError, match="image markup"):
+        engine.answer(Request("what is <IMG_CONTEXT>?"))
+    with pytest.raises(PromptTooLongError, match="at most 1152"):
+        engine.answer(Request("~" * 1200))
+    # the engine still serves after refusing
+    assert engine.answer(Request("ok?"), GenerationConfig(max_new_tokens=2)).token_ids
+
+
+def test_prompt_limit_counts_image_tokens(engine):
+    images = [noise_image(64, 64, seed=i) for i in range(80)]  # 80 x 16 tokens > 1152
+    with pytest.raises(PromptTooLongError):
+        engine.answer(Request("?", images=images))
+
+
+def test_model_directory_errors(tiny_model, tmp_path):
+    with pytest.raises(ModelDirError, match="no such model directory"):
+        Engine(tmp_path / "nowhere")
+    with pytest.raises(ModelDirError, match="manifest"):
+        Engine(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in tiny_model.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes())
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="malformed manifest"):
+        Engine(broken)
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "layer_1.onnx").unlink()
+    with pytest.raises(ModelDirError, match="missing model files: layer_1.onnx"):
+        Engine(broken)
+    (broken / "layer_1.onnx").write_bytes(b"garbage")
+    with pytest.raises(BackendError, match="cannot load"):
+        Engine(broken)
+
+
+def test_export_refuses_a_non_checkpoint(tmp_path):
+    from internvl_engine.export import export as run_export
+
+    with pytest.raises(ModelDirError, match="config.json"):
+        run_export(tmp_path, tmp_path / "out")
+    hf = make_tiny(tmp_path / "hf")
+    (hf / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelDirError, match="safetensors"):
+        run_export(hf, tmp_path / "out")

@@ -1,0 +1,35 @@
+"""The repository is a ROS 2 package: colcon builds it in place from ros2_ws/, and the runtime
+engine imports without ROS or torch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_colcon_builds_the_workspace(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["colcon", "--log-base", str(tmp_path / "log"), "build", "--base-paths", str(ROOT / "ros2_ws" / "src"),
+         "--build-base", str(tmp_path / "build"), "--install-base", str(tmp_path / "install")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    share = tmp_path / "install" / "internvl_ros" / "share"
+    assert (share / "ament_index" / "resource_index" / "packages" / "internvl_ros").is_file()
+    pkg = share / "internvl_ros"
+    assert (pkg / "package.xml").read_text() == (ROOT / "package.xml").read_text()
+    for folder in ("launch", "config"):
+        expected = sorted(p.name for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".yaml"))
+        assert expected, f"{folder}/ is empty"
+        assert sorted(p.name for p in (pkg / folder).iterdir()) == expected
+
+
+def test_engine_imports_without_ros_or_torch():
+    code = ("import sys, internvl_engine, internvl_engine.engine, internvl_engine.cli; "
+            "bad = [m for m in ('rclpy', 'torch', 'torchvision', 'decord') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
