@@ -32,6 +32,9 @@ setup(
             "internvl-infer = internvl_engine.cli:main",
             "internvl-export = internvl_engine.export:main",
             "internvl-make-tiny = internvl_engine.make_tiny:main",
+            "internvl_node = internvl_ros.node:main",
+            "internvl-make-bag = internvl_ros.bags:make_bag_main",
+            "internvl-play-bag = internvl_ros.bags:play_bag_main",
         ],
     },
 )

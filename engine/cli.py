@@ -72,7 +72,8 @@ def run(args) -> int:
     frames = load_video_frames(args.video, args.segments) if args.video else []
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt)
+    engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt,
+                    tokenizer_dir=args.hf_model)
     request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
     if args.json:
         answer = engine.answer(request, config)

@@ -62,7 +62,7 @@ class Prompt:
 
 class Engine:
     def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
@@ -70,7 +70,7 @@ class Engine:
         self.spec = self.manifest.spec
         self.backend = resolve_backend(backend, model_dir)
         self.system_prompt = system_prompt
-        self.tokenizer = Tokenizer(model_dir)
+        self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
         files = self.manifest.files
         paths = [model_dir / files["vit"], model_dir / files["post"], model_dir / files["embeddings"],
                  *(model_dir / f for f in files["layers"])]

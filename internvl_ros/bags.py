@@ -1,0 +1,187 @@
+"""rosbag2 tools that need no rosbag2 install (``rosbags`` is pure Python).
+
+``internvl-make-bag``: a camera clip (video file or images) plus timed questions -> rosbag2.
+``internvl-play-bag``: replays a rosbag2 into live topics with its original timing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from internvl_engine import InternVLError, load_image
+from internvl_engine.preprocess import load_video_frames
+
+ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "jpeg", "png")
+STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
+
+
+def _stamp(ns: int):
+    return TYPESTORE.types["builtin_interfaces/msg/Time"](sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def camera_message(rgb: np.ndarray, encoding: str, stamp_ns: int, frame_id: str = "camera"):
+    """(ROS type name, rosbags message) for an RGB frame in the given encoding."""
+    header = TYPESTORE.types["std_msgs/msg/Header"](stamp=_stamp(stamp_ns), frame_id=frame_id)
+    if encoding in ("jpeg", "png"):
+        ok, data = cv2.imencode("." + ("jpg" if encoding == "jpeg" else "png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        assert ok, "OpenCV could not encode the frame"
+        return "sensor_msgs/msg/CompressedImage", TYPESTORE.types["sensor_msgs/msg/CompressedImage"](
+            header=header, format=encoding, data=data.reshape(-1))
+    conversion = {"rgb8": None, "bgr8": cv2.COLOR_RGB2BGR, "rgba8": cv2.COLOR_RGB2RGBA,
+                  "bgra8": cv2.COLOR_RGB2BGRA, "mono8": cv2.COLOR_RGB2GRAY}[encoding]
+    pixels = rgb if conversion is None else cv2.cvtColor(rgb, conversion)
+    h, w = pixels.shape[:2]
+    return "sensor_msgs/msg/Image", TYPESTORE.types["sensor_msgs/msg/Image"](
+        header=header, height=h, width=w, encoding=encoding, is_bigendian=0,
+        step=pixels.strides[0], data=np.ascontiguousarray(pixels).reshape(-1))
+
+
+def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions: Sequence[tuple[float, str]] = (),
+              image_topic: str = "image_raw", question_topic: str = "question", encoding: str = "rgb8",
+              storage: str = "sqlite3", start_ns: int | None = None) -> Path:
+    """Write frames (seconds from start, RGB) and questions (seconds from start, text) to a rosbag2."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    start_ns = time.time_ns() if start_ns is None else start_ns
+    records = []
+    for t, rgb in frames:
+        ns = start_ns + int(t * 1e9)
+        records.append((ns, image_topic, *camera_message(rgb, encoding, ns)))
+    for t, text in questions:
+        records.append((start_ns + int(t * 1e9), question_topic, "std_msgs/msg/String",
+                        TYPESTORE.types["std_msgs/msg/String"](data=text)))
+    with Writer(path, version=8, storage_plugin=STORAGES[storage]) as writer:
+        connections = {}
+        for ns, topic, msgtype, msg in sorted(records, key=lambda r: r[0]):
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            writer.write(connections[topic], ns, TYPESTORE.serialize_cdr(msg, msgtype))
+    return Path(path)
+
+
+def _timed_question(text: str) -> tuple[float, str]:
+    seconds, sep, question = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return float(seconds), question
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECONDS:QUESTION") from None
+
+
+def make_bag_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-make-bag", description="Write a camera clip and timed questions to a rosbag2.")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", type=Path, help="video file; every frame is written")
+    source.add_argument("--images", type=Path, nargs="+", help="image files, one frame each, in order")
+    ap.add_argument("--out", type=Path, required=True, help="bag directory to create")
+    ap.add_argument("--fps", type=float, default=10.0, help="frame rate of the written clip")
+    ap.add_argument("--repeat", type=int, default=1, help="write the frames this many times in a row")
+    ap.add_argument("--reverse", action="store_true", help="write the frames in reverse order")
+    ap.add_argument("--topic", default="image_raw", help="camera topic (use a name ending in /compressed for jpeg/png)")
+    ap.add_argument("--encoding", choices=ENCODINGS, default="rgb8")
+    ap.add_argument("--question", type=_timed_question, action="append", default=[], metavar="SECONDS:TEXT",
+                    help="a question at SECONDS from the start (repeatable)")
+    ap.add_argument("--question-topic", default="question")
+    ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3")
+    args = ap.parse_args(argv)
+    try:
+        rgb = load_video_frames(args.video, 10**9) if args.video else [load_image(p) for p in args.images]
+    except InternVLError as e:
+        print(f"internvl-make-bag: error: {e}", file=sys.stderr)
+        return 2
+    rgb = (rgb[::-1] if args.reverse else rgb) * args.repeat
+    frames = [(i / args.fps, f) for i, f in enumerate(rgb)]
+    try:
+        write_bag(args.out, frames, args.question, args.topic, args.question_topic, args.encoding, args.storage)
+    except Exception as e:  # rosbags refuses existing directories and the like with its own errors
+        print(f"internvl-make-bag: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(frames)} frames and {len(args.question)} questions to {args.out} ({args.storage})")
+    return 0
+
+
+def _message_class(msgtype: str):
+    package, kind, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.{kind}"), name)
+
+
+def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = False,
+             wait_for_subscribers_s: float = 0.0, remap: dict[str, str] | None = None, node=None) -> int:
+    """Publish a bag's messages with their recorded spacing (divided by ``rate``); returns the count."""
+    import rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.serialization import deserialize_message
+
+    remap = remap or {}
+    own = node is None
+    if own:
+        rclpy.init()
+        node = rclpy.create_node("internvl_play_bag")
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    sent = 0
+    try:
+        with Reader(path) as reader:
+            publishers = {c.topic: (node.create_publisher(_message_class(c.msgtype), remap.get(c.topic, c.topic), qos),
+                                    _message_class(c.msgtype)) for c in reader.connections}
+            deadline = time.monotonic() + wait_for_subscribers_s
+            while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p, _ in publishers.values()):
+                time.sleep(0.05)
+            while True:
+                started, first = time.monotonic(), None
+                for connection, ns, raw in reader.messages():
+                    first = ns if first is None else first
+                    delay = started + (ns - first) * 1e-9 / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    publisher, cls = publishers[connection.topic]
+                    if restamp and hasattr(cls, "header"):
+                        msg = deserialize_message(bytes(raw), cls)
+                        msg.header.stamp = node.get_clock().now().to_msg()
+                        publisher.publish(msg)
+                    else:
+                        publisher.publish(bytes(raw))
+                    sent += 1
+                if not loop:
+                    break
+            time.sleep(0.2)  # let reliable writers deliver the tail before the process exits
+    finally:
+        if own:
+            node.destroy_node()
+            rclpy.try_shutdown()
+    return sent
+
+
+def play_bag_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-play-bag", description="Replay a rosbag2 into live topics.")
+    ap.add_argument("bag", type=Path)
+    ap.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    ap.add_argument("--loop", action="store_true", help="play again from the start at the end")
+    ap.add_argument("--restamp", action="store_true",
+                    help="set header stamps to the time of publishing (frames look live, not recorded)")
+    ap.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for every topic to have a subscriber before playing")
+    ap.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
+    args = ap.parse_args(argv)
+    if args.rate <= 0:
+        ap.error("--rate must be > 0")
+    remap = dict(r.split(":=", 1) for r in args.remap)
+    try:
+        sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, remap)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # rosbags raises its own errors for missing or unreadable bags
+        print(f"internvl-play-bag: error: {e}", file=sys.stderr)
+        return 2
+    print(f"played {sent} messages from {args.bag}")
+    return 0

@@ -1,0 +1,44 @@
+"""Start the internvl node.
+
+    ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model image_topic:=/camera/image_raw
+
+Arguments: params_file (default: the package's config/internvl.yaml), namespace, backend,
+model_dir, hf_model (override the YAML when given) and image_topic (remaps the node's relative
+``image_raw`` subscription).
+"""
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+OVERRIDES = ("backend", "model_dir", "hf_model")
+
+
+def node_with_overrides(context):
+    # Only arguments that were given override the parameter file; empty ones leave it alone.
+    overrides = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
+    return [Node(
+        package="internvl_ros",
+        executable="internvl_node",
+        name="internvl",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[LaunchConfiguration("params_file"), {k: v for k, v in overrides.items() if v}],
+        remappings=[("image_raw", LaunchConfiguration("image_topic"))],
+        output="screen",
+        emulate_tty=True,
+    )]
+
+
+def generate_launch_description():
+    return LaunchDescription([
+        DeclareLaunchArgument("params_file", description="YAML parameter file",
+                              default_value=PathJoinSubstitution([FindPackageShare("internvl_ros"), "config",
+                                                                  "internvl.yaml"])),
+        DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its topics"),
+        DeclareLaunchArgument("backend", default_value="", description="auto | onnxruntime (default: from params_file)"),
+        DeclareLaunchArgument("model_dir", default_value="", description="exported model directory"),
+        DeclareLaunchArgument("hf_model", default_value="", description="original checkpoint (tokenizer source)"),
+        DeclareLaunchArgument("image_topic", default_value="image_raw", description="camera topic for image_raw"),
+        OpaqueFunction(function=node_with_overrides),
+    ])
