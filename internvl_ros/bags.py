@@ -20,7 +20,10 @@ from rosbags.typesys import Stores, get_typestore
 from internvl_engine import InternVLError, load_image
 from internvl_engine.preprocess import load_video_frames
 
-ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "jpeg", "png")
+from .image_msgs import ENCODINGS as RAW_ENCODINGS
+from .image_msgs import rgb_to_pixels
+
+ENCODINGS = (*RAW_ENCODINGS, "jpeg", "png")
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
 
@@ -37,13 +40,11 @@ def camera_message(rgb: np.ndarray, encoding: str, stamp_ns: int, frame_id: str 
         assert ok, "OpenCV could not encode the frame"
         return "sensor_msgs/msg/CompressedImage", TYPESTORE.types["sensor_msgs/msg/CompressedImage"](
             header=header, format=encoding, data=data.reshape(-1))
-    conversion = {"rgb8": None, "bgr8": cv2.COLOR_RGB2BGR, "rgba8": cv2.COLOR_RGB2RGBA,
-                  "bgra8": cv2.COLOR_RGB2BGRA, "mono8": cv2.COLOR_RGB2GRAY}[encoding]
-    pixels = rgb if conversion is None else cv2.cvtColor(rgb, conversion)
+    pixels = np.ascontiguousarray(rgb_to_pixels(rgb, encoding))
     h, w = pixels.shape[:2]
     return "sensor_msgs/msg/Image", TYPESTORE.types["sensor_msgs/msg/Image"](
-        header=header, height=h, width=w, encoding=encoding, is_bigendian=0,
-        step=pixels.strides[0], data=np.ascontiguousarray(pixels).reshape(-1))
+        header=header, height=h, width=w, encoding=encoding, is_bigendian=int(sys.byteorder == "big"),
+        step=pixels.strides[0], data=pixels.reshape(-1).view(np.uint8))
 
 
 def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions: Sequence[tuple[float, str]] = (),

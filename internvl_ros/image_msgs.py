@@ -44,6 +44,15 @@ def image_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
+def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    """The inverse of ``image_to_rgb`` (native byte order), for writing camera data."""
+    depth = ENCODINGS[encoding][0]
+    to_encoding = {"rgb": None, "bgr": cv2.COLOR_RGB2BGR, "rgba": cv2.COLOR_RGB2RGBA, "bgra": cv2.COLOR_RGB2BGRA,
+                   "mono": cv2.COLOR_RGB2GRAY}[encoding.rstrip("168")]
+    pixels = rgb if to_encoding is None else cv2.cvtColor(rgb, to_encoding)
+    return pixels.astype(np.uint16) * 257 if depth == 2 else pixels
+
+
 def compressed_to_rgb(msg) -> np.ndarray:
     data = np.frombuffer(memoryview(msg.data), np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
