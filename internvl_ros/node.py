@@ -170,8 +170,11 @@ class InternVLNode(Node):
 
     # --- reporting -----------------------------------------------------------------------------
     def _report_error(self, job: Job, message: str, info: dict | None = None, level=ERROR) -> None:
-        log = self.get_logger().error if level == ERROR else self.get_logger().warning
-        log(f"request {job.id} ({job.question[:60]!r}): {message}")
+        line = f"request {job.id} ({job.question[:60]!r}): {message}"
+        if level == ERROR:  # rclpy ties a severity to each logging call site, so two calls
+            self.get_logger().error(line)
+        else:
+            self.get_logger().warning(line)
         self._answer_pub.publish(String(data=ERROR_PREFIX + message))
         self._diagnose(job, level, message, info or {})
 

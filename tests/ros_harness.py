@@ -70,7 +70,7 @@ class Client:
 
     def __init__(self, namespace: str = "", node_name: str = "internvl"):
         self.node = rclpy.create_node("internvl_test_client", namespace=namespace or None)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # predicates given to wait_for may take it again
         self.answers: list[str] = []
         self.chunks: list[str] = []
         self.statuses: list = []  # per-answer DiagnosticStatus
