@@ -35,6 +35,7 @@ setup(
             "internvl_node = internvl_ros.node:main",
             "internvl-make-bag = internvl_ros.bags:make_bag_main",
             "internvl-play-bag = internvl_ros.bags:play_bag_main",
+            "internvl-ask = internvl_ros.client:main",
         ],
     },
 )

@@ -88,8 +88,8 @@ def segment_centre_indices(num_frames: int, num_segments: int) -> list[int]:
     return [int(seg / 2 + np.round(seg * i)) for i in range(num_segments)]
 
 
-def load_video_frames(path: str | Path, num_segments: int = 8) -> list[np.ndarray]:
-    """Uniformly sampled RGB frames of a video file (read with OpenCV)."""
+def load_video_frames(path: str | Path, num_segments: int | None = 8) -> list[np.ndarray]:
+    """Uniformly sampled RGB frames of a video file (read with OpenCV); every frame for None."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: no such video file")
     cap = cv2.VideoCapture(str(path))
@@ -99,7 +99,7 @@ def load_video_frames(path: str | Path, num_segments: int = 8) -> list[np.ndarra
         count = 0
         while cap.grab():  # the container's frame count is often wrong; count what decodes
             count += 1
-        wanted = segment_centre_indices(count, num_segments)
+        wanted = list(range(count)) if num_segments is None else segment_centre_indices(count, num_segments)
         if not wanted:
             raise VideoError(f"{path}: video has no frames")
         cap.release()

@@ -97,7 +97,7 @@ def make_bag_main(argv=None) -> int:
     ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3")
     args = ap.parse_args(argv)
     try:
-        rgb = load_video_frames(args.video, 10**9) if args.video else [load_image(p) for p in args.images]
+        rgb = load_video_frames(args.video, None) if args.video else [load_image(p) for p in args.images]
     except InternVLError as e:
         print(f"internvl-make-bag: error: {e}", file=sys.stderr)
         return 2

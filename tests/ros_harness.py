@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
+
+from internvl_ros.client import RELIABLE, Client  # noqa: F401  (re-exported for the tests)
+from internvl_ros.node import ERROR_PREFIX as ERROR  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-ERROR = "ERROR: "
 
 
 def node_command(model_dir: Path, params: dict | None = None, namespace: str = "",
@@ -63,102 +55,6 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
-
-
-class Client:
-    """The test's side of the wire: asks questions, sends frames, records everything the node says."""
-
-    def __init__(self, namespace: str = "", node_name: str = "internvl"):
-        self.node = rclpy.create_node("internvl_test_client", namespace=namespace or None)
-        self.lock = threading.RLock()  # predicates given to wait_for may take it again
-        self.answers: list[str] = []
-        self.chunks: list[str] = []
-        self.statuses: list = []  # per-answer DiagnosticStatus
-        self.heartbeats: list = []
-        self.node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), RELIABLE)
-        self.node.create_subscription(String, "answer/stream", lambda m: self._add(self.chunks, m.data), RELIABLE)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
-        self.questions = self.node.create_publisher(String, "question", RELIABLE)
-        self._image_pubs = {}
-        prefix = f"{namespace.rstrip('/')}/{node_name}" if namespace else f"/{node_name}"
-        self.set_params = self.node.create_client(SetParameters, f"{prefix}/set_parameters")
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self._spinning = True
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        while self._spinning:
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def _add(self, target, value):
-        with self.lock:
-            target.append(value)
-
-    def _on_diagnostics(self, msg):
-        with self.lock:
-            for s in msg.status:
-                (self.heartbeats if s.name.endswith("heartbeat") else self.statuses).append(s)
-
-    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if predicate():
-                    return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; answers so far: {self.answers[-5:]}")
-
-    def wait_ready(self, timeout: float = 60.0):
-        """The node is up when its heartbeat arrives and it subscribes to our questions."""
-        self.wait_for(lambda: self.heartbeats and self.questions.get_subscription_count() > 0, timeout, "the node")
-
-    def ask(self, text: str) -> None:
-        self.questions.publish(String(data=text))
-
-    def ask_and_wait(self, text: str, timeout: float = 60.0) -> str:
-        with self.lock:
-            n = len(self.answers)
-        self.ask(text)
-        self.wait_for(lambda: len(self.answers) > n, timeout, f"an answer to {text!r}")
-        with self.lock:
-            return self.answers[n]
-
-    def send_image(self, topic: str, msg, subscribers: int = 1) -> None:
-        if topic not in self._image_pubs:
-            cls = CompressedImage if isinstance(msg, CompressedImage) else Image
-            self._image_pubs[topic] = self.node.create_publisher(cls, topic, RELIABLE)
-        pub = self._image_pubs[topic]
-        self.wait_for(lambda: pub.get_subscription_count() >= subscribers, 30, f"a subscriber on {topic}")
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        pub.publish(msg)
-
-    def set_parameter(self, name: str, value) -> bool:
-        assert self.set_params.wait_for_service(30), "parameter service of the node not found"
-        pv = ParameterValue()
-        if isinstance(value, bool):
-            pv.type, pv.bool_value = ParameterType.PARAMETER_BOOL, value
-        elif isinstance(value, int):
-            pv.type, pv.integer_value = ParameterType.PARAMETER_INTEGER, value
-        elif isinstance(value, float):
-            pv.type, pv.double_value = ParameterType.PARAMETER_DOUBLE, value
-        else:
-            pv.type, pv.string_value = ParameterType.PARAMETER_STRING, value
-        future = self.set_params.call_async(SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
-        deadline = time.monotonic() + 30
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return future.result().results[0].successful
-
-    def status_values(self, status) -> dict:
-        return {kv.key: kv.value for kv in status.values}
-
-    def close(self):
-        self._spinning = False
-        self._thread.join(5)
-        self.executor.shutdown()
-        self.node.destroy_node()
 
 
 def image_msg(rgb, encoding: str, padding: int = 0, big_endian: bool = False) -> Image:

@@ -33,3 +33,28 @@ def test_engine_imports_without_ros_or_torch():
             "sys.exit(f'imported {bad}' if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_parameter_file_documents_every_declared_parameter():
+    import yaml
+
+    from internvl_ros.params import PARAMETERS
+
+    body = yaml.safe_load((ROOT / "config" / "internvl.yaml").read_text())["/**"]["ros__parameters"]
+
+    def flatten(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    documented = dict(flatten(body))
+    assert documented == {name: default for name, (default, _, _) in PARAMETERS.items()}
+
+
+def test_launch_file_is_valid_python_with_the_documented_arguments():
+    source = (ROOT / "launch" / "internvl.launch.py").read_text()
+    compile(source, "internvl.launch.py", "exec")
+    for argument in ("params_file", "namespace", "backend", "model_dir", "hf_model", "image_topic"):
+        assert f'DeclareLaunchArgument("{argument}"' in source
