@@ -31,6 +31,7 @@ class Client:
     def __init__(self, namespace: str = "", node_name: str = "internvl"):
         self.node = rclpy.create_node("internvl_test_client", namespace=namespace or None)
         self.lock = threading.RLock()  # predicates given to wait_for may take it again
+        self._changed = threading.Condition(self.lock)
         self.answers: list[str] = []
         self.chunks: list[str] = []
         self.statuses: list = []  # per-answer DiagnosticStatus
@@ -55,6 +56,7 @@ class Client:
     def _add(self, target, value):
         with self.lock:
             target.append(value)
+            self._changed.notify_all()
 
     def _on_diagnostics(self, msg):
         with self.lock:
@@ -62,15 +64,13 @@ class Client:
                 if s.hardware_id != self.node_fqn:  # another node's diagnostics
                     continue
                 (self.heartbeats if s.name.endswith("heartbeat") else self.statuses).append(s)
+            self._changed.notify_all()
 
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if predicate():
-                    return
-            time.sleep(0.02)
-        raise TimeoutError(f"timed out waiting for {what}; answers so far: {self.answers[-5:]}")
+        """Block until ``predicate()`` (called under the lock) is true, or raise TimeoutError."""
+        with self._changed:
+            if not self._changed.wait_for(predicate, timeout):
+                raise TimeoutError(f"timed out waiting for {what}; answers so far: {self.answers[-5:]}")
 
     def wait_ready(self, timeout: float = 60.0):
         """The node is up when its heartbeat arrives and it subscribes to our questions."""
@@ -87,13 +87,15 @@ class Client:
         with self.lock:
             return self.answers[n]
 
-    def send_image(self, topic: str, msg, subscribers: int = 1) -> None:
+    def send_image(self, topic: str, msg, subscribers: int = 1, stamp: bool = True) -> None:
+        """Publish a camera frame, stamped now (``stamp=False`` keeps the message's own stamp)."""
         if topic not in self._image_pubs:
             cls = CompressedImage if isinstance(msg, CompressedImage) else Image
             self._image_pubs[topic] = self.node.create_publisher(cls, topic, RELIABLE)
         pub = self._image_pubs[topic]
         self.wait_for(lambda: pub.get_subscription_count() >= subscribers, 30, f"a subscriber on {topic}")
-        msg.header.stamp = self.node.get_clock().now().to_msg()
+        if stamp:
+            msg.header.stamp = self.node.get_clock().now().to_msg()
         pub.publish(msg)
 
     def set_parameter(self, name: str, value) -> bool:

@@ -15,6 +15,7 @@ from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InvalidRequ
 MODES = ("image", "video", "text")
 BUSY_POLICIES = ("queue", "drop", "preempt")
 BACKENDS = ("auto", "onnxruntime")
+CAMERA_QOS = ("sensor_data", "reliable")
 
 
 def _int(lo, hi):
@@ -33,6 +34,9 @@ PARAMETERS = {
     "threads": (0, "CPU threads per model session (0: all cores).", {"read_only": True, **_int(0, 256)}),
     "image_topics": (["image_raw"], "Camera topics (relative names); one ending in /compressed is a "
                      "sensor_msgs/CompressedImage topic.", {"read_only": True}),
+    "camera_qos": ("sensor_data", "Camera subscription QoS: sensor_data (best effort; every camera connects) or "
+                   "reliable (only reliable cameras connect; large frames survive lossy transports).",
+                   {"read_only": True}),
     "mode": ("image", f"What a question is asked about: {', '.join(MODES)}.", {}),
     "max_images": (4, "Image mode: latest frames of at most this many cameras.", _int(1, 16)),
     "max_frame_age_s": (2.0, "Frames older than this (header stamp, or receive time when the stamp is "
@@ -63,7 +67,7 @@ def declare(node: Node) -> None:
 
 def _validate(params) -> SetParametersResult:
     for p in params:
-        allowed = {"mode": MODES, "on_busy": BUSY_POLICIES}.get(p.name)
+        allowed = {"mode": MODES, "on_busy": BUSY_POLICIES, "camera_qos": CAMERA_QOS, "backend": BACKENDS}.get(p.name)
         if allowed and p.value not in allowed:
             return SetParametersResult(successful=False, reason=f"{p.name} must be one of {', '.join(allowed)}")
         if p.name == "top_p" and p.value <= 0:

@@ -54,12 +54,12 @@ def frames_received(client, topic) -> int:
     return int(client.status_values(beats[-1]).get(f"frames_received {topic}", 0)) if beats else 0
 
 
-def deliver(client, topic, msg, resolved=None, tries=20):
+def deliver(client, topic, msg, resolved=None, tries=20, stamp=True):
     """Publish a frame until the node's heartbeat counts it (camera QoS is best effort)."""
     resolved = resolved or topic
     before = frames_received(client, resolved)
     for _ in range(tries):
-        client.send_image(topic, msg)
+        client.send_image(topic, msg, stamp=stamp)
         try:
             client.wait_for(lambda: frames_received(client, resolved) > before, 1.0, "frame")
             return
@@ -132,6 +132,10 @@ def test_stale_frames_namespace_and_runtime_mode(tiny_model, engine, tmp_path):
         deliver(client, "/cam/front", image_msg(frame, "rgb8"), "/cam/front")
         fresh = client.ask_and_wait("Anything there?")
         assert fresh == engine_text(engine, "Anything there?", 4, images=[frame])
+        time.sleep(1.0)
+        assert client.ask_and_wait("Anything there?").startswith(ERROR + "no fresh camera frame")
+        deliver(client, "/cam/front", image_msg(frame, "rgb8"), stamp=False)  # zero stamp: receive time counts
+        assert client.ask_and_wait("Anything there?") == fresh
         assert client.set_parameter("mode", "bogus") is False
         assert client.set_parameter("mode", "text") is True
         assert client.ask_and_wait("Just talk.") == engine_text(engine, "Just talk.", 4)
@@ -192,8 +196,9 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
     TOKENS = 16  # the random model's first tokens barely depend on the image; later ones do
     swapped = engine_text(engine, q, TOKENS, images=[scene[..., ::-1].copy()])
     assert swapped != engine_text(engine, q, TOKENS, images=[scene])  # precondition: the model sees channel order
+    # Reliable camera QoS: large raw frames lose UDP fragments under best effort (see README).
     with running_node(tiny_model, tmp_path, max_new_tokens=TOKENS, max_images=1, max_frame_age_s=1.0,
-                      image_topics="[image_raw, image_raw/compressed]") as (_, client):
+                      camera_qos="reliable", image_topics="[image_raw, image_raw/compressed]") as (_, client):
         for encoding, padding, big_endian in RAW_CASES:
             msg = image_msg(scene, encoding, padding, big_endian)
             deliver(client, "/image_raw", msg)
@@ -217,12 +222,12 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
         deliver(client, "/image_raw/compressed", corrupt)
         answer = client.ask_and_wait(q)
         assert answer.startswith(ERROR + "/image_raw/compressed: cannot decode compressed image")
-        # A 4K frame, as JPEG: a raw 4K image (25 MB) does not survive best-effort DDS with the
-        # default transports (see README), and conversion of raw frames is covered above.
-        big = cv2.resize(scene, (3840, 2160), interpolation=cv2.INTER_NEAREST)
+        big = cv2.resize(scene, (3840, 2160), interpolation=cv2.INTER_NEAREST)  # a 4K frame, 25 MB raw
         big_jpeg = compressed_msg(big, "jpeg")
         deliver(client, "/image_raw/compressed", big_jpeg)
         assert client.ask_and_wait(q, timeout=120) == engine_text(engine, q, TOKENS, images=[to_rgb(big_jpeg)])
+        deliver(client, "/image_raw", image_msg(big, "bgr8"))
+        assert client.ask_and_wait(q, timeout=120) == engine_text(engine, q, TOKENS, images=[big])
 
 
 def test_a_burst_of_100_questions_gets_100_answers_with_bounded_memory(tiny_model, tmp_path):
