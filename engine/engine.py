@@ -129,7 +129,7 @@ class Engine:
         timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids))
 
         t0 = time.perf_counter()
-        token = sampler(self.llm.prefill(prompt.embeds), np.asarray(seen))
+        token = sampler(self.llm.prefill(prompt.embeds), seen)
         timings.ttft_ms = (time.perf_counter() - t0) * 1e3
         decode_s = 0.0
         while True:
@@ -147,7 +147,7 @@ class Engine:
                 reason = "cancelled"
                 break
             t0 = time.perf_counter()
-            token = sampler(self.llm.decode(token), np.asarray(seen))
+            token = sampler(self.llm.decode(token), seen)
             decode_s += time.perf_counter() - t0
             timings.decode_tokens += 1
         if chunk := text.flush():

@@ -32,7 +32,6 @@ from .errors import InternVLError, ModelDirError
 
 OPSET = 17
 IR_VERSION = 8  # readable by older onnxruntime releases on boards
-MASK_BLOCKED = -65536.0  # the contract's additive "blocked" value (exact in bf16)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.json", "generation_config.json", "config.json")
 _ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint32): TensorProto.UINT32,

@@ -6,7 +6,7 @@ Content layout follows InternVL's own chat code: images come before the question
 """
 from __future__ import annotations
 
-import logging
+import json
 from pathlib import Path
 
 from .errors import InvalidRequestError, ModelDirError
@@ -36,35 +36,76 @@ def chat_prompt(system_prompt: str, content: str) -> str:
     return f"{system}{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
 
 
+# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer uses the same expression).
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def load_qwen2_tokenizer(model_dir: Path):
+    """The Qwen2 byte-level BPE tokenizer of a checkpoint, built with ``tokenizers`` exactly as
+    transformers' Qwen2Tokenizer builds it (tests compare the two), because importing transformers
+    imports torch wherever torch is installed and the inference path must not."""
+    from tokenizers import AddedToken, Regex, Tokenizer as RustTokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        return RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise ModelDirError(f"{model_dir}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    tok = RustTokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="",
+                                      fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # Added tokens with their ids: tokenizer_config.json's added_tokens_decoder, else added_tokens.json.
+    config = model_dir / "tokenizer_config.json"
+    decoder = json.loads(config.read_text()).get("added_tokens_decoder", {}) if config.is_file() else {}
+    if decoder:
+        added = {int(i): t for i, t in decoder.items()}
+    elif (model_dir / "added_tokens.json").is_file():
+        added = {i: {"content": t, "special": True}
+                 for t, i in json.loads((model_dir / "added_tokens.json").read_text()).items()}
+    else:
+        added = {}
+    for token_id, t in sorted(added.items()):
+        if tok.token_to_id(t["content"]) is None:
+            token = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                               rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
+                               special=t.get("special", True))
+            tok.add_special_tokens([token]) if token.special else tok.add_tokens([token])
+        if tok.token_to_id(t["content"]) != token_id:
+            raise ModelDirError(f"{model_dir}: added token {t['content']!r} should have id {token_id}, "
+                                f"got {tok.token_to_id(t['content'])} (ids must follow the vocabulary)")
+    return tok
+
+
 class Tokenizer:
-    """transformers' AutoTokenizer plus the special-token ids the engine needs, looked up by string."""
+    """The checkpoint's tokenizer plus the special-token ids the engine needs, looked up by string."""
 
     def __init__(self, model_dir: Path):
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # the checkpoint's model_type is unknown to transformers; harmless
-        logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        except Exception as e:  # transformers raises OSError/ValueError/... for missing or broken files
+            self._tok = load_qwen2_tokenizer(model_dir)
+        except ModelDirError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exceptions for malformed files
             raise ModelDirError(f"{model_dir}: cannot load the tokenizer ({str(e).strip().splitlines()[0]})") from None
         self.ids = {s: self._id(s) for s in (IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)}
-        self.stop_ids = {self.ids[IM_END]} | ({self._id(EOS)} if self._has(EOS) else set())
-
-    def _has(self, token: str) -> bool:
-        return token in self._tok.get_vocab()
+        self.stop_ids = {self.ids[IM_END]} | ({self._id(EOS)} if self._tok.token_to_id(EOS) is not None else set())
 
     def _id(self, token: str) -> int:
-        if not self._has(token):
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
             raise ModelDirError(f"tokenizer lacks the special token {token!r}")
-        return int(self._tok.convert_tokens_to_ids(token))
+        return token_id
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode_prompt(self, prompt: str, expected_image_tokens: int) -> list[int]:
         ids = self.encode(prompt)

@@ -1,6 +1,7 @@
 """Choosing the next token: greedy, or temperature / top-k / top-p sampling, with repetition penalty."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +34,12 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, seen_ids: Sequence[int]) -> int:
         c = self.config
         logits = np.asarray(logits, dtype=np.float32)
         if c.repetition_penalty != 1.0 and len(seen_ids):
             logits = logits.copy()
-            seen = np.unique(seen_ids)
+            seen = np.unique(np.asarray(seen_ids))
             picked = logits[seen]
             logits[seen] = np.where(picked < 0, picked * c.repetition_penalty, picked / c.repetition_penalty)
         if c.temperature == 0:

@@ -11,10 +11,10 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 
 from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InvalidRequestError
+from internvl_engine.session import BACKENDS
 
 MODES = ("image", "video", "text")
 BUSY_POLICIES = ("queue", "drop", "preempt")
-BACKENDS = ("auto", "onnxruntime")
 CAMERA_QOS = ("sensor_data", "reliable")
 
 

@@ -22,11 +22,11 @@ def test_prompt_layout(engine):
     tok = engine.tokenizer
     n = engine.spec.num_image_token
     ids = engine.prepare(Request("Where?", images=[noise_image(64, 64)] * 2)).token_ids
-    text = tok._tok.decode(ids)
+    text = tok.decode(ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert "Image-1: <img>" in text and "Image-2: <img>" in text and text.index("Image-2") < text.index("Where?")
     assert ids.count(tok.ids["<IMG_CONTEXT>"]) == 2 * n
-    video = tok._tok.decode(engine.prepare(Request("Which way?", video_frames=[noise_image(64, 64)] * 3)).token_ids)
+    video = tok.decode(engine.prepare(Request("Which way?", video_frames=[noise_image(64, 64)] * 3)).token_ids, skip_special_tokens=False)
     assert "Frame1: <img>" in video and "Frame3: <img>" in video and "Image-1" not in video
 
 
@@ -40,7 +40,7 @@ def test_tiles_multiply_image_tokens(engine):
 
 
 def test_system_prompt_is_configurable(engine):
-    text = engine.tokenizer._tok.decode(engine.prepare(Request("hi", system_prompt="You are a robot.")).token_ids)
+    text = engine.tokenizer.decode(engine.prepare(Request("hi", system_prompt="You are a robot.")).token_ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nYou are a robot.<|im_end|>")
 
 
@@ -110,7 +110,7 @@ def checkpoint_with_swapped_rows(src, dst, a: int, b: int):
 def test_generation_stops_at_stop_tokens(engine, tiny_hf, tmp_path, stop_token):
     request = Request("Stop here.")
     first = engine.answer(request, GenerationConfig(max_new_tokens=3)).token_ids[0]
-    stop_id = engine.tokenizer._tok.convert_tokens_to_ids(stop_token)
+    stop_id = engine.tokenizer._id(stop_token)
     hf = checkpoint_with_swapped_rows(tiny_hf, tmp_path / "hf", first, stop_id)
     export(hf, tmp_path / "onnx", log=lambda *_: None)
     answer = Engine(tmp_path / "onnx").answer(request, GenerationConfig(max_new_tokens=3))

@@ -27,10 +27,20 @@ def test_colcon_builds_the_workspace(tmp_path):
         assert sorted(p.name for p in (pkg / folder).iterdir()) == expected
 
 
-def test_engine_imports_without_ros_or_torch():
-    code = ("import sys, internvl_engine, internvl_engine.engine, internvl_engine.cli; "
+def test_inference_path_never_imports_ros_or_torch(tiny_model):
+    """The board has no torch: load the engine, answer about an image, then look at sys.modules."""
+    code = ("import sys, numpy as np; from internvl_engine import Engine, Request, GenerationConfig; "
+            f"e = Engine({str(tiny_model)!r}); "
+            "e.answer(Request('?', images=[np.zeros((32, 32, 3), np.uint8)]), GenerationConfig(max_new_tokens=2)); "
             "bad = [m for m in ('rclpy', 'torch', 'torchvision', 'decord') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_node_module_never_imports_torch():
+    code = ("import sys, internvl_ros.node, internvl_ros.bags, internvl_ros.client; "
+            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
