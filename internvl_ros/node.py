@@ -122,7 +122,6 @@ class InternVLNode(Node):
             try:
                 self._serve(job)
             except Exception as e:  # a backend or unforeseen failure must not stop the node
-                self.get_logger().error(f"request {job.id} failed: {type(e).__name__}: {e}")
                 self._report_error(job, f"internal error: {type(e).__name__}: {e}")
             finally:
                 with self._cv:
@@ -217,8 +216,13 @@ class InternVLNode(Node):
             self._running = False
             if self._current is not None:
                 self._current.cancel.set()
+            unanswered = list(self._jobs)
+            self._jobs.clear()
             self._cv.notify_all()
         self._worker.join(timeout=10)
+        if unanswered:  # the DDS context may be gone already, so the log is where these are reported
+            self.get_logger().warning(f"shutting down with {len(unanswered)} unanswered question(s): "
+                                      + "; ".join(repr(j.question[:60]) for j in unanswered))
 
 
 def main(args=None) -> int:
