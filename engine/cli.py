@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--axmodel-path", "--axmodel_path", type=Path, help="seed name for the model directory")
     ap.add_argument("--hf-model", "--hf_model", type=Path,
                     help="original checkpoint; used to find the tokenizer when the model directory has none")
-    ap.add_argument("--vit-model", "--vit_model", type=Path, help="ViT model file (default: the manifest's)")
+    ap.add_argument("--vit-model", "--vit_model", type=Path,
+                    help="ViT model file to use instead of the model directory's (for the same backend)")
     ap.add_argument("-q", "--question", required=True, help="the question")
     ap.add_argument("-i", "--images", nargs="+", default=[], type=Path, help="image files")
     ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
@@ -63,9 +64,6 @@ def run(args) -> int:
     model_dir = args.model_dir or args.axmodel_path
     if model_dir is None:
         raise ModelDirError("give --model-dir (or the seed's --axmodel_path): the exported model directory")
-    if args.vit_model is not None:
-        raise ModelDirError("--vit_model selects a ViT .axmodel, which needs the axengine backend; "
-                            "an exported directory carries its own vit.onnx")
     if args.video and args.images:
         raise InternVLError("give either --images or --video, not both")
     images = [load_image(p) for p in args.images]
@@ -73,7 +71,7 @@ def run(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt,
-                    tokenizer_dir=args.hf_model)
+                    tokenizer_dir=args.hf_model, vit_model=args.vit_model)
     request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
     if args.json:
         answer = engine.answer(request, config)

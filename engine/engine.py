@@ -62,7 +62,8 @@ class Prompt:
 
 class Engine:
     def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
+                 vit_model: str | Path | None = None):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
@@ -72,11 +73,12 @@ class Engine:
         self.system_prompt = system_prompt
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
         files = self.manifest.files
-        paths = [model_dir / files["vit"], model_dir / files["post"], model_dir / files["embeddings"],
+        vit_path = Path(vit_model) if vit_model else model_dir / files["vit"]  # the seed's --vit_model
+        paths = [vit_path, model_dir / files["post"], model_dir / files["embeddings"],
                  *(model_dir / f for f in files["layers"])]
-        if missing := [p.name for p in paths if not p.is_file()]:
+        if missing := [str(p) if p == vit_path else p.name for p in paths if not p.is_file()]:
             raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
-        self.vit = open_session(self.backend, model_dir / files["vit"], threads)
+        self.vit = open_session(self.backend, vit_path, threads)
         try:
             embeddings = np.load(model_dir / files["embeddings"], mmap_mode="r")
         except ValueError as e:

@@ -39,8 +39,9 @@ PARAMETERS = {
                    {"read_only": True}),
     "mode": ("image", f"What a question is asked about: {', '.join(MODES)}.", {}),
     "max_images": (4, "Image mode: latest frames of at most this many cameras.", _int(1, 16)),
-    "max_frame_age_s": (2.0, "Frames older than this (header stamp, or receive time when the stamp is "
-                        "zero) are not used.", _float(0.0, 3600.0)),
+    "max_frame_age_s": (2.0, "A camera whose latest frame is older than this (header stamp, or receive time "
+                        "when the stamp is zero) is not used: not its frame in image mode, not its clip in video "
+                        "mode (the clip itself spans video.window_s).", _float(0.0, 3600.0)),
     "image.max_tiles": (1, "InternVL dynamic tiling: at most this many 448px tiles per image.", _int(1, 12)),
     "video.window_s": (4.0, "Video mode: seconds of recent frames kept per camera.", _float(0.1, 600.0)),
     "video.max_buffered_frames": (32, "Video mode: frames kept per camera, spread over the window "

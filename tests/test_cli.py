@@ -48,6 +48,26 @@ def test_json_is_exactly_one_object_and_matches_the_engine(tiny_model, engine, t
     assert result["prompt_token_ids"] == expected.prompt_token_ids
 
 
+def test_seed_layout_flags_with_separate_tokenizer_and_vit(tiny_hf, tiny_model, tmp_path):
+    """The seed's split: layers in --axmodel_path, tokenizer from --hf_model, ViT from --vit_model."""
+    layers = tmp_path / "layers"
+    layers.mkdir()
+    for p in tiny_model.iterdir():
+        if p.suffix in (".onnx", ".npy") and p.name != "vit.onnx" or p.name == "manifest.json":
+            (layers / p.name).write_bytes(p.read_bytes())
+    vit = tmp_path / "vit_elsewhere.onnx"
+    vit.write_bytes((tiny_model / "vit.onnx").read_bytes())
+    image = tmp_path / "img.png"
+    cv2.imwrite(str(image), noise_image(40, 40))
+    common = ["-q", "What?", "-i", str(image), "--max-new-tokens", "4", "--json"]
+    split = json.loads(run(BIN / "internvl-infer", "--hf_model", tiny_hf, "--axmodel_path", layers,
+                           "--vit_model", vit, *common).stdout)
+    whole = json.loads(run(BIN / "internvl-infer", "--model-dir", tiny_model, *common).stdout)
+    assert split["token_ids"] == whole["token_ids"] and split["prompt_token_ids"] == whole["prompt_token_ids"]
+    missing = run(BIN / "internvl-infer", "--axmodel_path", layers, "--hf_model", tiny_hf, *common, check=False)
+    assert missing.returncode == 2 and "missing model files" in missing.stderr and "vit.onnx" in missing.stderr
+
+
 def test_seed_flags_and_video(tiny_model, tmp_path):
     video = write_video(tmp_path / "clip.avi", numbered_frames(20))
     proc = run(BIN / "internvl-infer", "--axmodel_path", tiny_model, "-q", "What moves?", "-v", video,
