@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exported model directory (internvl-export output: manifest, models, tokenizer)")
     ap.add_argument("--axmodel-path", "--axmodel_path", type=Path, help="seed name for the model directory")
     ap.add_argument("--hf-model", "--hf_model", type=Path,
-                    help="original checkpoint; used to find the tokenizer when the model directory has none")
+                    help="original checkpoint whose tokenizer to use instead of the model directory's")
     ap.add_argument("--vit-model", "--vit_model", type=Path,
                     help="ViT model file to use instead of the model directory's (for the same backend)")
     ap.add_argument("-q", "--question", required=True, help="the question")

@@ -75,7 +75,10 @@ def load_qwen2_tokenizer(model_dir: Path):
             token = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
                                rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
                                special=t.get("special", True))
-            tok.add_special_tokens([token]) if token.special else tok.add_tokens([token])
+            if token.special:
+                tok.add_special_tokens([token])
+            else:
+                tok.add_tokens([token])
         if tok.token_to_id(t["content"]) != token_id:
             raise ModelDirError(f"{model_dir}: added token {t['content']!r} should have id {token_id}, "
                                 f"got {tok.token_to_id(t['content'])} (ids must follow the vocabulary)")

@@ -133,8 +133,10 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     sent = 0
     try:
         with Reader(path) as reader:
-            publishers = {c.topic: (node.create_publisher(_message_class(c.msgtype), remap.get(c.topic, c.topic), qos),
-                                    _message_class(c.msgtype)) for c in reader.connections}
+            publishers = {}
+            for c in reader.connections:
+                cls = _message_class(c.msgtype)
+                publishers[c.topic] = (node.create_publisher(cls, remap.get(c.topic, c.topic), qos), cls)
             deadline = time.monotonic() + wait_for_subscribers_s
             while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p, _ in publishers.values()):
                 time.sleep(0.05)

@@ -20,6 +20,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from .node import ERROR_PREFIX, RELIABLE_DEPTH
+from .params import MODES
 
 RELIABLE = QoSProfile(depth=RELIABLE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -29,7 +30,7 @@ class Client:
     (answers, stream chunks, per-answer statuses, heartbeats), spinning in its own thread."""
 
     def __init__(self, namespace: str = "", node_name: str = "internvl"):
-        self.node = rclpy.create_node("internvl_test_client", namespace=namespace or None)
+        self.node = rclpy.create_node("internvl_client", namespace=namespace or None)
         self.lock = threading.RLock()  # predicates given to wait_for may take it again
         self._changed = threading.Condition(self.lock)
         self.answers: list[str] = []
@@ -114,6 +115,8 @@ class Client:
         deadline = time.monotonic() + 30
         while not future.done() and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not future.done():
+            raise TimeoutError(f"the node did not answer setting {name}")
         return future.result().results[0].successful
 
     def status_values(self, status) -> dict:
@@ -126,11 +129,10 @@ class Client:
         self.node.destroy_node()
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="internvl-ask", description="Ask the internvl node a question and stream the answer.")
     ap.add_argument("-q", "--question", required=True)
-    ap.add_argument("--mode", choices=("image", "video", "text"), help="set the node's mode first")
+    ap.add_argument("--mode", choices=MODES, help="set the node's mode first")
     ap.add_argument("--namespace", default="", help="the node's namespace")
     ap.add_argument("--node-name", default="internvl")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")

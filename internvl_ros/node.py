@@ -54,10 +54,7 @@ class InternVLNode(Node):
         self._stream_pub = self.create_publisher(String, "answer/stream", reliable)
         self._answer_pub = self.create_publisher(String, "answer", reliable)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
-        camera_qos = self.get_parameter("camera_qos").value
-        if camera_qos not in params.CAMERA_QOS:
-            raise InternVLError(f"camera_qos must be one of {', '.join(params.CAMERA_QOS)}, not {camera_qos!r}")
-        camera_qos = qos_profile_sensor_data if camera_qos == "sensor_data" else reliable
+        camera_qos = qos_profile_sensor_data if self.get_parameter("camera_qos").value == "sensor_data" else reliable
         subs = [self.create_subscription(CompressedImage if t.endswith("/compressed") else Image, t,
                                          partial(self._on_image, i), camera_qos)
                 for i, t in enumerate(self.get_parameter("image_topics").value)]

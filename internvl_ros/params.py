@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 
-from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InvalidRequestError
+from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InternVLError, InvalidRequestError
 from internvl_engine.session import BACKENDS
 
 MODES = ("image", "video", "text")
@@ -61,8 +61,12 @@ PARAMETERS = {
 
 
 def declare(node: Node) -> None:
+    """Declare every parameter; the same checks apply to start-up values and to later changes."""
     for name, (default, description, extras) in PARAMETERS.items():
         node.declare_parameter(name, default, ParameterDescriptor(description=description, **extras))
+    result = _validate(node.get_parameters(list(PARAMETERS)))
+    if not result.successful:
+        raise InternVLError(f"invalid parameter: {result.reason}")
     node.add_on_set_parameters_callback(_validate)
 
 

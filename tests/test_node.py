@@ -251,11 +251,16 @@ def test_a_burst_of_100_questions_gets_100_answers_with_bounded_memory(tiny_mode
         assert proc.rss_kib() - rss_before < 100 * 1024
 
 
-def test_missing_model_directory_stops_with_one_clear_message(tmp_path):
-    proc = NodeProcess(tmp_path / "no_model", tmp_path / "node.log")
+@pytest.mark.parametrize("model, params, message", [
+    ("missing", {}, "no such model directory"),
+    ("tiny", {"mode": "bogus"}, "invalid parameter: mode must be one of image, video, text"),
+    ("tiny", {"camera_qos": "fast"}, "invalid parameter: camera_qos must be one of sensor_data, reliable"),
+])
+def test_bad_start_up_stops_with_one_clear_message(tiny_model, tmp_path, model, params, message):
+    proc = NodeProcess(tiny_model if model == "tiny" else tmp_path / "no_model", tmp_path / "node.log", params=params)
     assert proc.proc.wait(60) != 0
     log = proc.log()
     proc.stop()
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "cannot start" in line]
-    assert len(lines) == 1 and "no such model directory" in lines[0], log
+    assert len(lines) == 1 and message in lines[0], log
