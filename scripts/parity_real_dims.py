@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from reference import load_reference, reference_logits  # noqa: E402
+from internvl_engine.reference import load_reference, reference_logits  # noqa: E402
 
 from internvl_engine import Engine, GenerationConfig, Request  # noqa: E402
 from internvl_engine.cli import timing_table  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py and helpers
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (images.py, ros_harness.py)
 
 TEST_CHUNK = 16  # small prefill chunks so short prompts span several chunks
 
@@ -43,7 +43,7 @@ def engine(tiny_model):
 
 @pytest.fixture(scope="session")
 def reference(tiny_hf, engine):
-    from reference import load_reference
+    from internvl_engine.reference import load_reference
 
     return load_reference(tiny_hf, engine.tokenizer.ids["<IMG_CONTEXT>"])
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import TEST_CHUNK
 from images import noise_image
-from reference import reference_image_features, reference_logits
+from internvl_engine.reference import reference_image_features, reference_logits
 
 from internvl_engine import GenerationConfig, Request
 

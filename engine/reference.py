@@ -1,6 +1,10 @@
-"""The reference: transformers' own InternVL (``InternVLForConditionalGeneration``) loaded from an
+"""The reference: transformers' own InternVL (``InternVLForConditionalGeneration``) for an
 original-layout checkpoint, with the original keys mapped to transformers' names here (no
-``trust_remote_code``, no network). Used only by tests and the real-dimension parity script."""
+``trust_remote_code``, no network), both ways.
+
+Development only: it needs torch and transformers (``requirements/dev.txt``). Parity tests, the
+benchmark's ``--compare transformers`` and the toy-model training use it; the inference path never
+imports it."""
 from __future__ import annotations
 
 import json
@@ -51,8 +55,42 @@ def hf_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_reference(hf_dir: Path, image_token_id: int) -> InternVLForConditionalGeneration:
-    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+def original_state_dict(model: InternVLForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The model's weights under the original InternVL key names (the inverse of ``hf_state_dict``)."""
+    hf = model.state_dict()
+    out = {}
+    for key in sorted(hf):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if m := re.match(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.q_proj\.(weight|bias)$", key):
+            prefix = f"model.vision_tower.encoder.layer.{m[1]}.attention."
+            out[f"vision_model.encoder.layers.{m[1]}.attn.qkv.{m[2]}"] = torch.cat(
+                [hf[f"{prefix}{part}_proj.{m[2]}"] for part in "qkv"])
+            continue
+        if re.match(r"^model\.vision_tower\.encoder\.layer\.\d+\.attention\.[kv]_proj\.", key):
+            continue
+        for pattern, repl in _RENAMES:
+            original, n = re.subn(_inverse(repl), _inverse_repl(pattern), key)
+            if n:
+                out[original] = hf[key]
+                break
+        else:
+            raise KeyError(f"no original name for transformers key {key}")
+    return out
+
+
+def _inverse(repl: str) -> str:
+    """A rename's transformers side as a pattern (``\\1`` becomes a layer-number group)."""
+    return "^" + re.escape(repl).replace(r"\\1", r"(\d+)")
+
+
+def _inverse_repl(pattern: str) -> str:
+    """A rename's original side as a replacement (the layer-number group becomes ``\\1``)."""
+    return pattern.lstrip("^").rstrip("$").replace(r"(\d+)", r"\1").replace("\\.", ".")
+
+
+def reference_config(cfg: dict, image_token_id: int, attn_implementation: str = "eager") -> InternVLConfig:
+    """transformers' ``InternVLConfig`` for an original ``config.json``."""
     v, t = cfg["vision_config"], cfg["llm_config"]
     config = InternVLConfig(
         vision_config=dict(
@@ -72,8 +110,13 @@ def load_reference(hf_dir: Path, image_token_id: int) -> InternVLForConditionalG
         projector_hidden_act="gelu",
         tie_word_embeddings=t["tie_word_embeddings"],
     )
-    config._attn_implementation = "eager"
-    model = InternVLForConditionalGeneration(config).eval()
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def load_reference(hf_dir: Path, image_token_id: int) -> InternVLForConditionalGeneration:
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    model = InternVLForConditionalGeneration(reference_config(cfg, image_token_id)).eval()
     missing, unexpected = model.load_state_dict(hf_state_dict(Checkpoint(hf_dir)),
                                                 strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
