@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,13 +148,13 @@ class LayerBuild:
 class Manifest:
     spec: ModelSpec
     build: LayerBuild
-    dtype: str  # dtype of hidden states and KV cache handed to the layer models
-    files: dict = field(default_factory=dict)  # role -> file name (vit, post, embeddings, layers)
+    files: dict = field(default_factory=dict)  # role -> file name (vit, post, embeddings; layers: a name, or
+    # one name per fixed-shape group, per layer)
     source: dict = field(default_factory=dict)  # where the weights came from
 
     def write(self, out_dir: Path) -> None:
         body = {"format": MANIFEST_FORMAT, "spec": self.spec.to_dict(), "build": dataclasses.asdict(self.build),
-                "dtype": self.dtype, "files": self.files, "source": self.source}
+                "files": self.files, "source": self.source}
         (Path(out_dir) / MANIFEST).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -166,7 +167,7 @@ class Manifest:
             if body.get("format") != MANIFEST_FORMAT:
                 raise ModelDirError(f"{path}: format {body.get('format')!r}, expected {MANIFEST_FORMAT!r}")
             return cls(spec=ModelSpec.from_dict(body["spec"]), build=LayerBuild(**body["build"]),
-                       dtype=body["dtype"], files=body["files"], source=body.get("source", {}))
+                       files=body["files"], source=body.get("source", {}))
         except (ValueError, KeyError, TypeError) as e:
             raise ModelDirError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
 
@@ -179,3 +180,61 @@ def read_hf_config(hf_dir: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as e:
         raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+
+
+SEED_EMBEDDINGS = ("model.embed_tokens.weight.bfloat16.bin", "model.embed_tokens.weight.npy",
+                   "model.embed_tokens.weight.float32.bin")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The files of a model directory: an exported one (manifest) or a Pulsar2 seed directory."""
+
+    spec: ModelSpec
+    build: LayerBuild | None  # None: read from the layer models' shape groups
+    vit: Path | None  # None: text only
+    post: Path
+    embeddings: Path
+    layers: list  # per layer, a file or one file per shape group
+
+    def layer_files(self) -> list[Path]:
+        return [p for layer in self.layers for p in (layer if isinstance(layer, list) else [layer])]
+
+    @classmethod
+    def find(cls, model_dir: Path, hf_dir: Path | None = None, vit_model: Path | None = None) -> "ModelLayout":
+        model_dir = Path(model_dir)
+        vit = Path(vit_model) if vit_model else None
+        if vit is not None and not vit.is_file():
+            raise ModelDirError(f"{vit}: no such ViT model file")
+        if (model_dir / MANIFEST).is_file():
+            m = Manifest.read(model_dir)
+            layers = [[model_dir / g for g in f] if isinstance(f, list) else model_dir / f for f in m.files["layers"]]
+            vit = vit or model_dir / m.files["vit"]
+            if not vit.is_file():
+                raise ModelDirError(f"{model_dir}: missing model files: {vit.name}")
+            return cls(m.spec, m.build, vit, model_dir / m.files["post"], model_dir / m.files["embeddings"], layers)
+        numbered = {int(m[1]): p for p in model_dir.glob("*.axmodel")
+                    if (m := re.search(r"_l(\d+)_together\.axmodel$", p.name))}
+        if not numbered:
+            raise ModelDirError(f"{model_dir}: no {MANIFEST} (export a checkpoint with internvl-export first) "
+                                "and no Pulsar2 layer files (*_l{i}_together.axmodel)")
+        if hf_dir is None:
+            raise ModelDirError(f"{model_dir} is a Pulsar2 directory without a manifest: give the original "
+                                "checkpoint directory (--hf_model) for config.json and the tokenizer")
+        spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
+        if sorted(numbered) != list(range(spec.text.num_layers)):
+            raise ModelDirError(f"{model_dir}: layer files for layers {sorted(numbered)}, the model has "
+                                f"{spec.text.num_layers} (0..{spec.text.num_layers - 1})")
+        posts = sorted(model_dir.glob("*_post.axmodel"))
+        if len(posts) != 1:
+            raise ModelDirError(f"{model_dir}: need exactly one *_post.axmodel, found {len(posts)}")
+        embeddings = next((model_dir / n for n in SEED_EMBEDDINGS if (model_dir / n).is_file()), None)
+        if embeddings is None:
+            raise ModelDirError(f"{model_dir}: no embedding table ({' or '.join(SEED_EMBEDDINGS)})")
+        if vit is None:
+            vits = sorted(model_dir.glob("*vit*.axmodel"))
+            if len(vits) > 1:
+                raise ModelDirError(f"{model_dir}: several ViT models ({', '.join(v.name for v in vits)}); "
+                                    "choose one with --vit_model")
+            vit = vits[0] if vits else None
+        return cls(spec, None, vit, posts[0], embeddings, [numbered[i] for i in range(spec.text.num_layers)])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_SYSTEM_PROMPT, Manifest
+from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
 from .errors import InvalidRequestError, ModelDirError
-from .llm import LLM
+from .llm import LLM, load_embeddings
 from .preprocess import normalize, tiles
 from .prompt import IMG_CONTEXT, TextStream, Tokenizer, chat_prompt, user_content
 from .sampling import GenerationConfig, Sampler
@@ -40,6 +40,7 @@ class Timings:
     decode_tokens: int = 0  # decode steps run after the first token
     decode_ms_per_token: float = 0.0
     decode_tokens_per_s: float = 0.0
+    decode_bytes_per_token: float = 0.0  # handed to and taken from the backend per decode step
     total_ms: float = 0.0
 
 
@@ -61,31 +62,34 @@ class Prompt:
 
 
 class Engine:
+    """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2 seed
+    directory (``qwen2_p128_l{i}_together.axmodel``, ``qwen2_post.axmodel``, embedding file), which
+    has no manifest: then ``tokenizer_dir`` (the seed's ``--hf_model``) supplies config.json and the
+    tokenizer, and the ViT is ``vit_model`` or the one ``*vit*.axmodel`` in the directory."""
+
     def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
-                 vit_model: str | Path | None = None):
+                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: bool = True):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
-        self.manifest = Manifest.read(model_dir)
-        self.spec = self.manifest.spec
         self.backend = resolve_backend(backend, model_dir)
+        layout = ModelLayout.find(model_dir, tokenizer_dir, vit_model)
+        self.spec = layout.spec
         self.system_prompt = system_prompt
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
-        files = self.manifest.files
-        vit_path = Path(vit_model) if vit_model else model_dir / files["vit"]  # the seed's --vit_model
-        paths = [vit_path, model_dir / files["post"], model_dir / files["embeddings"],
-                 *(model_dir / f for f in files["layers"])]
-        if missing := [str(p) if p == vit_path else p.name for p in paths if not p.is_file()]:
+        if missing := [p.name for p in (layout.post, layout.embeddings, *layout.layer_files()) if not p.is_file()]:
             raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
-        self.vit = open_session(self.backend, vit_path, threads)
-        try:
-            embeddings = np.load(model_dir / files["embeddings"], mmap_mode="r")
-        except ValueError as e:
-            raise ModelDirError(f"{model_dir / files['embeddings']}: unreadable embedding table ({e})") from None
-        self.llm = LLM([open_session(self.backend, model_dir / f, threads) for f in files["layers"]],
-                       open_session(self.backend, model_dir / files["post"], threads), embeddings,
-                       self.manifest.build, self.spec.text.kv_dim, np.dtype(self.manifest.dtype))
+
+        def session(path):
+            return open_session(self.backend, path, threads, provider)
+
+        self.vit = session(layout.vit) if layout.vit else None
+        layers = [session(p) for p in layout.layers]
+        dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
+        embeddings = load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
+        self.llm = LLM(layers, session(layout.post), embeddings, layout.build, self.spec.text.kv_dim, dtype,
+                       resident_kv)
 
     def prepare(self, request: Request) -> Prompt:
         """Tokens and input embeddings for a request, image features spliced in after each ``<img>``."""
@@ -107,6 +111,9 @@ class Engine:
 
         embeds = self.llm.embed(ids)
         vit_ms, features, pixel_values = [], [], None
+        if per_image and self.vit is None:
+            raise InvalidRequestError("this model directory has no image encoder: give the ViT model "
+                                      "(--vit_model, or a *vit*.axmodel file in the directory)")
         if per_image:
             pixel_values = normalize([t for image_tiles in per_image for t in image_tiles])
             tile = 0
@@ -133,7 +140,7 @@ class Engine:
         t0 = time.perf_counter()
         token = sampler(self.llm.prefill(prompt.embeds), seen)
         timings.ttft_ms = (time.perf_counter() - t0) * 1e3
-        decode_s = 0.0
+        decode_s, bytes_before = 0.0, self.llm.bytes_moved()
         while True:
             if token in self.tokenizer.stop_ids:
                 reason = "stop"
@@ -157,6 +164,7 @@ class Engine:
         if timings.decode_tokens:
             timings.decode_ms_per_token = decode_s * 1e3 / timings.decode_tokens
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
+            timings.decode_bytes_per_token = (self.llm.bytes_moved() - bytes_before) / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
         yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason)
 

@@ -204,18 +204,30 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
 
 
-def build_layer(ck: Checkpoint, spec: ModelSpec, i: int) -> onnx.ModelProto:
-    """One Qwen2 decoder layer driven with an explicit KV cache (the "together" model contract)."""
+def layer_groups(build: LayerBuild) -> list[tuple[int, int]]:
+    """(history capacity C, tokens T) of each fixed-shape group, in Pulsar2 ``llm_build``'s order:
+    decode against the full cache, then prefill chunks after C = 0, T, 2T, ... history rows."""
+    chunk = build.prefill_chunk
+    return [(build.kv_cache_len, 1)] + [(c, chunk) for c in range(0, build.max_prompt_tokens, chunk)]
+
+
+def build_layer(ck: Checkpoint, spec: ModelSpec, i: int, group: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """One Qwen2 decoder layer driven with an explicit KV cache (the "together" model contract).
+    ``group``: (C, T) for one fixed-shape group; the no-history group (C = 0) takes the contract's
+    dummy [1, 1, H] K/V inputs and does not read them."""
     t = spec.text
     hsz, nh, nkv, hd = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
-    group = nh // nkv
+    q_per_kv = nh // nkv
     pre = f"language_model.model.layers.{i}."
+    capacity, tokens = group if group else ("history", "tokens")
+    total = capacity + tokens if group else "total"
+    history_shape = [1, 1, hsz] if capacity == 0 else [1, capacity, t.kv_dim]
     g = Graph(f"qwen2_layer_{i}")
-    k_cache = g.input("K_cache", np.float32, [1, "history", t.kv_dim])
-    v_cache = g.input("V_cache", np.float32, [1, "history", t.kv_dim])
-    indices = g.input("indices", np.uint32, [1, "tokens"])
-    x = g.input("input", np.float32, [1, "tokens", hsz])
-    mask = g.input("mask", np.float32, [1, "tokens", "total"])
+    k_cache = g.input("K_cache", np.float32, history_shape)
+    v_cache = g.input("V_cache", np.float32, history_shape)
+    indices = g.input("indices", np.uint32, [1, tokens])
+    x = g.input("input", np.float32, [1, tokens, hsz])
+    mask = g.input("mask", np.float32, [1, tokens, total])
 
     h = g.rms_norm(x, ck.get(pre + "input_layernorm.weight"), t.rms_norm_eps)
     q = g.linear(h, ck.get(pre + "self_attn.q_proj.weight"), ck.get(pre + "self_attn.q_proj.bias"))
@@ -237,12 +249,14 @@ def build_layer(ck: Checkpoint, spec: ModelSpec, i: int) -> onnx.ModelProto:
     q = rope(g.reshape(q, [0, 0, nh, hd]))
     k_new = g.reshape(rope(g.reshape(k, [0, 0, nkv, hd])), [0, 0, t.kv_dim])
 
-    keys = g.op("Transpose", g.reshape(g.op("Concat", k_cache, k_new, axis=1), [0, 0, nkv, hd]), perm=[0, 2, 3, 1])
-    values = g.op("Transpose", g.reshape(g.op("Concat", v_cache, v_new, axis=1), [0, 0, nkv, hd]), perm=[0, 2, 1, 3])
+    all_k, all_v = (k_new, v_new) if capacity == 0 else (g.op("Concat", k_cache, k_new, axis=1),
+                                                       g.op("Concat", v_cache, v_new, axis=1))
+    keys = g.op("Transpose", g.reshape(all_k, [0, 0, nkv, hd]), perm=[0, 2, 3, 1])
+    values = g.op("Transpose", g.reshape(all_v, [0, 0, nkv, hd]), perm=[0, 2, 1, 3])
     # Grouped-query attention without repeating K/V: query heads of one KV head are stacked along rows.
     q = g.reshape(g.op("Transpose", q, perm=[0, 2, 1, 3]), [1, nkv, -1, hd])  # [1, nkv, group*T, hd]
     scores = g.op("Mul", g.op("MatMul", q, keys), g.const(np.float32(hd ** -0.5), "scale"))
-    group_mask = g.op("Unsqueeze", g.op("Concat", *([mask] * group), axis=1), g.const(np.array([1], np.int64)))
+    group_mask = g.op("Unsqueeze", g.op("Concat", *([mask] * q_per_kv), axis=1), g.const(np.array([1], np.int64)))
     probs = g.op("Softmax", g.op("Add", scores, group_mask), axis=-1)
     a = g.reshape(g.op("MatMul", probs, values), [1, nh, -1, hd])
     a = g.reshape(g.op("Transpose", a, perm=[0, 2, 1, 3]), [0, 0, hsz])
@@ -254,9 +268,9 @@ def build_layer(ck: Checkpoint, spec: ModelSpec, i: int) -> onnx.ModelProto:
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     x = g.op("Add", x, g.linear(act, ck.get(pre + "mlp.down_proj.weight")))
 
-    g.output(k_new, "K", np.float32, [1, "tokens", t.kv_dim])
-    g.output(v_new, "V", np.float32, [1, "tokens", t.kv_dim])
-    g.output(x, "output", np.float32, [1, "tokens", hsz])
+    g.output(k_new, "K", np.float32, [1, tokens, t.kv_dim])
+    g.output(v_new, "V", np.float32, [1, tokens, t.kv_dim])
+    g.output(x, "output", np.float32, [1, tokens, hsz])
     return g.model()
 
 
@@ -268,44 +282,70 @@ def lm_head_weight(ck: Checkpoint, spec: ModelSpec) -> np.ndarray:
     raise ModelDirError("checkpoint lacks language_model.lm_head.weight and embeddings are not tied")
 
 
-def build_post(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
+def build_post(ck: Checkpoint, spec: ModelSpec, tokens: int | str = "tokens") -> onnx.ModelProto:
     t = spec.text
     g = Graph("qwen2_post")
-    x = g.input("input", np.float32, [1, "tokens", t.hidden_size])
+    x = g.input("input", np.float32, [1, tokens, t.hidden_size])
     x = g.rms_norm(x, ck.get("language_model.model.norm.weight"), t.rms_norm_eps)
-    g.output(g.linear(x, lm_head_weight(ck, spec)), "output", np.float32, [1, "tokens", t.vocab_size])
+    g.output(g.linear(x, lm_head_weight(ck, spec)), "output", np.float32, [1, tokens, t.vocab_size])
     return g.model()
 
 
-def layer_file(i: int) -> str:
-    return f"layer_{i}.onnx"
+def save_embeddings_bf16(table: np.ndarray, path: Path) -> None:
+    """The seed's ``model.embed_tokens.weight.bfloat16.bin``: fp32 truncated to its upper 16 bits."""
+    (np.ascontiguousarray(table, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).tofile(path)
 
 
-def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), log=print) -> Manifest:
+CONTRACTS = ("dynamic", "axmodel")
+
+
+def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str = "dynamic",
+           log=print) -> Manifest:
+    """``contract``: "dynamic" (one ONNX file per layer, any shapes) or "axmodel" (one ONNX file per
+    fixed-shape group of each layer, exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H]
+    post model and the bf16 embedding file), to run the board's driving logic on a CPU."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
+    if contract not in CONTRACTS:
+        raise InternVLError(f"unknown contract {contract!r} (choose from {', '.join(CONTRACTS)})")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
+    if contract == "axmodel" and build.max_prompt_tokens % build.prefill_chunk:
+        raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} must be a multiple of the prefill chunk "
+                            f"({build.prefill_chunk}) for fixed-shape groups")
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     save_model(build_vit(ck, spec), out_dir / "vit.onnx")
     log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
+    layers: list = []
     for i in range(spec.text.num_layers):
-        save_model(build_layer(ck, spec, i), out_dir / layer_file(i))
-    log(f"{spec.text.num_layers} decoder layers")
-    save_model(build_post(ck, spec), out_dir / "post.onnx")
-    np.save(out_dir / "embed_tokens.npy", ck.get("language_model.model.embed_tokens.weight"))
+        if contract == "dynamic":
+            layers.append(f"layer_{i}.onnx")
+            save_model(build_layer(ck, spec, i), out_dir / layers[-1])
+            continue
+        layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
+        for name, group in zip(layers[-1], layer_groups(build)):
+            save_model(build_layer(ck, spec, i, group), out_dir / name)
+    log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
+                                                     if contract == "axmodel" else ""))
+    save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens"), out_dir / "post.onnx")
+    table = ck.get("language_model.model.embed_tokens.weight")
+    if contract == "axmodel":
+        embeddings = "model.embed_tokens.weight.bfloat16.bin"
+        save_embeddings_bf16(table, out_dir / embeddings)
+    else:
+        embeddings = "embed_tokens.npy"
+        np.save(out_dir / embeddings, table)
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
     manifest = Manifest(
-        spec=spec, build=build, dtype="float32",
-        files={"vit": "vit.onnx", "post": "post.onnx", "embeddings": "embed_tokens.npy",
-               "layers": [layer_file(i) for i in range(spec.text.num_layers)]},
-        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256()},
+        spec=spec, build=build,
+        files={"vit": "vit.onnx", "post": "post.onnx", "embeddings": embeddings, "layers": layers},
+        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract},
     )
     manifest.write(out_dir)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
@@ -320,9 +360,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill run")
     ap.add_argument("--kv-cache-len", type=int, default=d.kv_cache_len, help="KV cache rows")
     ap.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest accepted prompt")
+    ap.add_argument("--contract", choices=CONTRACTS, default="dynamic",
+                    help="dynamic: one ONNX per layer (default); axmodel: one ONNX per fixed-shape group, as "
+                         "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
     args = ap.parse_args(argv)
     try:
-        export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens))
+        export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
+               args.contract)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

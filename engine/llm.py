@@ -1,26 +1,129 @@
-"""The decoder stack over the per-layer contract: host embedding lookup, a preallocated KV cache,
-chunked prefill, one-token decode steps and the post model."""
+"""The decoder stack over the per-layer contract: host embedding lookup, a KV cache, chunked
+prefill, one-token decode steps and the post model.
+
+Layer models come in two kinds, told apart by their input shapes:
+
+- dynamic (the exporter's default ONNX): any history length C and any chunk length T;
+- fixed-shape groups (Pulsar2 ``llm_build`` axmodels, or ``internvl-export --contract axmodel``):
+  group 0 decodes one token against the full cache; each other group runs a prefill chunk of T
+  tokens after a history of capacity C (C = 0: no history, the K/V inputs are a dummy).
+
+:class:`LayerShapes` reads the groups from the sessions and picks one per step; ``LLM._forward``
+builds the mask, positions and padded input the chosen group expects. The cache lives in the
+sessions' own buffers when every layer session supports it (``attach_kv``), so a decode step hands
+the backend only the new token's rows; otherwise, as the seed demo does, the engine keeps the cache
+and hands each run the full history.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .config import LayerBuild
-from .errors import PromptTooLongError
-from .session import Session
+from .errors import BackendError, ModelDirError, PromptTooLongError
+from .session import HostKV, Session
 
 MASK_BLOCKED = -65536.0  # additive mask value of the contract (exact in bf16)
 
 
+def load_embeddings(path: Path, vocab_size: int, hidden_size: int) -> np.ndarray:
+    """The embedding table, memory-mapped: ``.npy`` (float32), or the seed's raw
+    ``*.bfloat16.bin`` (fp32 truncated to bf16) / ``*.float32.bin``."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            table = np.load(path, mmap_mode="r")
+        elif path.name.endswith(".bfloat16.bin"):
+            table = np.memmap(path, dtype=np.uint16, mode="r").view(ml_dtypes.bfloat16)
+        elif path.name.endswith(".float32.bin"):
+            table = np.memmap(path, dtype=np.float32, mode="r")
+        else:
+            raise ModelDirError(f"{path}: unknown embedding file type (need .npy, .bfloat16.bin or .float32.bin)")
+        if table.ndim == 1 and table.size == vocab_size * hidden_size:
+            table = table.reshape(vocab_size, hidden_size)
+    except ValueError as e:
+        raise ModelDirError(f"{path}: unreadable embedding table ({e})") from None
+    if table.shape != (vocab_size, hidden_size):
+        raise ModelDirError(f"{path}: embedding table has shape {table.shape}, the model needs "
+                            f"({vocab_size}, {hidden_size})")
+    return table
+
+
+@dataclass(frozen=True)
+class Group:
+    index: int
+    tokens: int | None  # T: rows per run (None: any)
+    capacity: int | None  # C: history rows the mask covers before the chunk (None: any)
+    history_shape: tuple | None  # K_cache/V_cache input shape (None: dynamic)
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    decode: Group
+    prefill: tuple[Group, ...]  # by capacity, smallest first
+    dynamic: bool
+
+    @classmethod
+    def read(cls, session: Session) -> "LayerShapes":
+        groups = []
+        for index, shapes in enumerate(session.groups):
+            try:
+                t, total, history = shapes["indices"][1], shapes["mask"][2], shapes["K_cache"]
+            except (KeyError, IndexError):
+                raise BackendError(f"layer model inputs {sorted(shapes)} are not the decoder-layer contract "
+                                   "(K_cache, V_cache, indices, input, mask)") from None
+            static = isinstance(t, int) and isinstance(total, int) and all(isinstance(d, int) for d in history)
+            groups.append(Group(index, t, total - t, tuple(history)) if static else Group(index, None, None, None))
+        if any(g.tokens is None for g in groups):
+            if len(groups) != 1:
+                raise BackendError("a layer model mixes dynamic and fixed-shape groups")
+            return cls(groups[0], (groups[0],), dynamic=True)
+        decode = [g for g in groups if g.tokens == 1]
+        prefill = sorted((g for g in groups if g.tokens > 1), key=lambda g: g.capacity)
+        if len(decode) != 1 or not prefill or prefill[0].capacity != 0 or len({g.tokens for g in prefill}) != 1:
+            raise BackendError("layer model groups are not one decode group plus prefill groups of one chunk "
+                               f"length starting with a no-history group: {[(g.tokens, g.capacity) for g in groups]}")
+        return cls(decode[0], tuple(prefill), dynamic=False)
+
+    def build(self) -> LayerBuild:
+        """The limits these groups imply (fixed shapes only)."""
+        chunk = self.prefill[0].tokens
+        return LayerBuild(prefill_chunk=chunk, kv_cache_len=self.decode.capacity,
+                          max_prompt_tokens=self.prefill[-1].capacity + chunk)
+
+    def plan(self, start: int, t: int) -> tuple[Group, int, int]:
+        """(group, capacity C, rows T) for ``t`` new tokens after ``start`` cached ones."""
+        if self.dynamic:
+            return self.decode, start, t
+        if t == 1:
+            return self.decode, self.decode.capacity, 1
+        for g in self.prefill:  # the smallest group whose history capacity holds the cached tokens
+            if g.capacity >= start and t <= g.tokens:
+                return g, g.capacity, g.tokens
+        raise PromptTooLongError(f"no prefill group takes {t} tokens after {start}: the largest holds "
+                                 f"{self.prefill[-1].capacity} history tokens")
+
+
 class LLM:
-    def __init__(self, layers: Sequence[Session], post: Session, embeddings: np.ndarray, build: LayerBuild,
-                 kv_dim: int, dtype=np.float32):
-        self.layers, self.post, self.embeddings, self.build = list(layers), post, embeddings, build
+    def __init__(self, layers: Sequence[Session], post: Session, embeddings: np.ndarray, build: LayerBuild | None,
+                 kv_dim: int, dtype=np.float32, resident_kv: bool = True):
+        self.layers, self.post, self.embeddings = list(layers), post, embeddings
+        self.shapes = LayerShapes.read(self.layers[0])
+        if self.shapes.dynamic and build is None:
+            raise BackendError("dynamic-shape layer models need the build limits (manifest.json)")
+        if not self.shapes.dynamic and build not in (None, self.shapes.build()):
+            raise BackendError(f"the manifest says {build}, the layer models' shape groups say {self.shapes.build()}")
+        self.build = build or self.shapes.build()
         self.dtype = np.dtype(dtype)
-        shape = (len(self.layers), 1, build.kv_cache_len, kv_dim)
-        self.k_cache = np.zeros(shape, self.dtype)
-        self.v_cache = np.zeros(shape, self.dtype)
+        self.kv_dim = kv_dim
+        # Where the cache lives: in the sessions' buffers (new rows only per step), else here.
+        self.resident = resident_kv and all(layer.attach_kv(self.build.kv_cache_len, kv_dim, self.dtype)
+                                            for layer in self.layers)
+        self.host_kv = [] if self.resident else [HostKV(self.build.kv_cache_len, kv_dim, self.dtype) for _ in layers]
         self.length = 0  # tokens held in the cache
 
     def embed(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -35,6 +138,10 @@ class LLM:
     def full(self) -> bool:
         return self.length >= self.build.kv_cache_len
 
+    def bytes_moved(self) -> int:
+        """Bytes handed to and taken from the backend so far by the decoder sessions."""
+        return sum(s.bytes_moved for s in (*self.layers, self.post))
+
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
         """Run the prompt (rows of ``embeds``) in chunks from position 0; return the last token's logits."""
         n = len(embeds)
@@ -45,29 +152,39 @@ class LLM:
         chunk = self.build.prefill_chunk
         for start in range(0, n, chunk):  # exact: no empty trailing chunk when n % chunk == 0
             hidden = self._forward(embeds[start:start + chunk])
-        return self._logits(hidden[:, -1:])
+        return self._logits(hidden)
 
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token at the next position; return its logits."""
         return self._logits(self._forward(self.embed([token_id])))
 
     def _forward(self, rows: np.ndarray) -> np.ndarray:
-        """All layers on ``rows`` [t, H] at positions length .. length+t-1; their K/V join the cache."""
+        """All layers on ``rows`` [t, H] at positions length .. length+t-1; their K/V join the cache.
+        Returns the hidden state of the last row, [1, 1, H]."""
         t, start = len(rows), self.length
         end = start + t
         if end > self.build.kv_cache_len:
             raise PromptTooLongError(f"context full: {end} tokens exceed the KV cache of {self.build.kv_cache_len}")
-        mask = np.zeros((1, t, end), self.dtype)
-        mask[0, :, start:] = np.triu(np.full((t, t), MASK_BLOCKED, self.dtype), k=1)
-        indices = np.arange(start, end, dtype=np.uint32)[None]
-        hidden = rows[None].astype(self.dtype, copy=False)
+        group, capacity, width = self.shapes.plan(start, t)
+        # Row r attends to the cached tokens [0, start) and to chunk rows 0..r (columns capacity + 0..r);
+        # rows past t are padding and their K/V are never stored.
+        mask = np.full((1, width, capacity + width), MASK_BLOCKED, self.dtype)
+        mask[0, :, :start] = 0
+        mask[0, :, capacity:] = np.triu(np.full((width, width), MASK_BLOCKED, self.dtype), k=1)
+        indices = np.arange(start, start + width, dtype=np.uint32)[None]
+        hidden = np.zeros((1, width, rows.shape[1]), self.dtype)
+        hidden[0, :t] = rows
         for i, layer in enumerate(self.layers):
-            k, v, hidden = layer.run({"K_cache": self.k_cache[i, :, :start], "V_cache": self.v_cache[i, :, :start],
-                                      "indices": indices, "input": hidden, "mask": mask})
-            self.k_cache[i, :, start:end] = k
-            self.v_cache[i, :, start:end] = v
+            feeds = {"indices": indices, "input": hidden, "mask": mask}
+            if self.resident:
+                hidden = layer.run_resident(feeds, group.index, start, t)
+                continue
+            kv = self.host_kv[i]
+            k, v, hidden = layer.run(feeds | kv.history(group.history_shape, capacity), group.index)
+            kv.append(k, v, start, t)
         self.length = end
-        return hidden
+        return hidden[:, t - 1:t]
 
     def _logits(self, last_hidden: np.ndarray) -> np.ndarray:
-        return self.post.run({"input": last_hidden})[0].reshape(-1)
+        return np.asarray(self.post.run({"input": last_hidden.astype(self.dtype, copy=False)})[0],
+                          dtype=np.float32).reshape(-1)

@@ -1,8 +1,14 @@
 """The one interface every backend implements, and how a backend is chosen.
 
-A session runs one model file: ``run(feeds)`` takes a dict of numpy arrays by input name and
-returns the outputs as a list, in the model's output order (pyaxengine mishandles output-name
-subsets, so outputs are always taken by position).
+A session runs one model, which may have several fixed-shape groups (Pulsar2 shape groups; an
+``internvl-export --contract axmodel`` layer is one ONNX file per group). ``run(feeds, group)``
+takes numpy arrays by input name and returns the outputs as a list in the model's order (pyaxengine
+mishandles output-name subsets, so outputs are always taken by position).
+
+Decoder-layer sessions can also keep the KV cache in their own input buffers, as pyaxengine does
+with its device buffers: ``attach_kv`` sizes them, ``run_resident`` runs a group on the rows already
+there and appends the new rows. ``bytes_moved`` counts what the engine hands to and takes from the
+backend, so the timings can report host traffic per decode step.
 """
 from __future__ import annotations
 
@@ -13,29 +19,64 @@ import numpy as np
 
 from .errors import BackendError
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "axengine")
 
 
 class Session(Protocol):
-    input_names: tuple[str, ...]
+    groups: list[dict[str, tuple]]  # input name -> shape, per group; a dimension is an int or None (dynamic)
+    bytes_moved: int
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def input_dtype(self, name: str) -> np.dtype: ...
+
+    def run(self, feeds: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]: ...
+
+    def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> bool: ...
+
+    def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray: ...
 
 
 def resolve_backend(name: str, model_dir: Path) -> str:
-    """``auto`` picks the backend that can run the files in ``model_dir``."""
+    """``auto`` picks axengine for a directory of ``.axmodel`` files, onnxruntime otherwise."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name != "auto":
         return name
-    if any(Path(model_dir).glob("*.axmodel")):
-        raise BackendError(f"{model_dir} holds .axmodel files; the axengine backend is not available in this build")
-    return "onnxruntime"
+    return "axengine" if any(Path(model_dir).glob("*.axmodel")) else "onnxruntime"
 
 
-def open_session(backend: str, path: Path, threads: int | None = None) -> Session:
+def open_session(backend: str, path: Path | list[Path], threads: int | None = None,
+                 provider: str | None = None) -> Session:
+    """``path``: one model file, or (onnxruntime) one file per shape group."""
     if backend == "onnxruntime":
         from .backend_onnxruntime import OrtSession
 
         return OrtSession(path, threads)
+    if backend == "axengine":
+        from .backend_axengine import AxEngineSession
+
+        return AxEngineSession(path, provider)
     raise BackendError(f"backend {backend!r} cannot open {path}")
+
+
+def nbytes(arrays) -> int:
+    return sum(int(a.nbytes) for a in arrays)
+
+
+class HostKV:
+    """KV rows kept in host arrays shaped like the largest group's K/V inputs, fed to the backend
+    as views (no copy). The onnxruntime backend keeps its cache this way."""
+
+    def __init__(self, rows: int, kv_dim: int, dtype: np.dtype):
+        self.k = np.zeros((1, rows, kv_dim), dtype)
+        self.v = np.zeros((1, rows, kv_dim), dtype)
+
+    def history(self, shape: tuple, capacity: int) -> dict[str, np.ndarray]:
+        if shape is None or None in shape or tuple(shape) == (1, capacity, self.k.shape[-1]):
+            return {"K_cache": self.k[:, :capacity], "V_cache": self.v[:, :capacity]}
+        dummy = np.zeros(shape, self.k.dtype)  # the no-history group's placeholder
+        return {"K_cache": dummy, "V_cache": dummy}
+
+    def append(self, k: np.ndarray, v: np.ndarray, start: int, rows: int) -> int:
+        self.k[:, start:start + rows] = k[:, :rows]
+        self.v[:, start:start + rows] = v[:, :rows]
+        return 2 * rows * self.k.shape[-1] * self.k.itemsize

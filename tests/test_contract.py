@@ -1,0 +1,178 @@
+"""The AX650N fixed-shape contract without a board: ``internvl-export --contract axmodel`` writes one
+ONNX model per Pulsar2 shape group, and the engine drives them through the same group selection,
+padding, masks, dummy K/V and bf16 embedding file as on the NPU. Teacher-forced against the
+dynamic path: same tokens, same logits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from images import noise_image
+
+from internvl_engine import Engine, GenerationConfig, PromptTooLongError, Request
+from internvl_engine.config import LayerBuild, ModelLayout
+from internvl_engine.errors import BackendError, ModelDirError
+from internvl_engine.export import export, save_embeddings_bf16
+from internvl_engine.llm import load_embeddings
+
+BUILD = LayerBuild(prefill_chunk=128, kv_cache_len=2559, max_prompt_tokens=1152)  # the seed's llm_build
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def contract_model(tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("contract")
+    export(tiny_hf, out, BUILD, contract="axmodel", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def contract_engine(contract_model):
+    return Engine(contract_model)
+
+
+def shapes(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    return [(v.name, dims(v)) for v in graph.input], [(v.name, dims(v)) for v in graph.output]
+
+
+def test_groups_have_the_contract_shapes(contract_model, contract_engine, engine):
+    t = engine.spec.text
+    kv, h = t.kv_dim, t.hidden_size
+    files = sorted(contract_model.glob("layer_0_g*.onnx"), key=lambda p: int(p.stem.split("_g")[1]))
+    assert len(files) == 1 + 1152 // 128  # decode, no history, history 128 .. 1024
+    inputs, outputs = shapes(files[0])
+    assert inputs == [("K_cache", [1, 2559, kv]), ("V_cache", [1, 2559, kv]), ("indices", [1, 1]),
+                      ("input", [1, 1, h]), ("mask", [1, 1, 2560])]
+    assert outputs == [("K", [1, 1, kv]), ("V", [1, 1, kv]), ("output", [1, 1, h])]
+    assert shapes(files[1])[0] == [("K_cache", [1, 1, h]), ("V_cache", [1, 1, h]), ("indices", [1, 128]),
+                                   ("input", [1, 128, h]), ("mask", [1, 128, 128])]
+    for j, path in enumerate(files[2:], start=1):
+        inputs, outputs = shapes(path)
+        assert inputs[0] == ("K_cache", [1, 128 * j, kv]) and inputs[4] == ("mask", [1, 128, 128 * j + 128])
+        assert outputs == [("K", [1, 128, kv]), ("V", [1, 128, kv]), ("output", [1, 128, h])]
+    assert shapes(contract_model / "post.onnx")[0] == [("input", [1, 1, h])]
+    # The engine reads its limits from the groups, as it does for a seed directory without a manifest.
+    assert contract_engine.llm.shapes.build() == BUILD
+
+
+def teacher_forced(llm, embeds, tokens):
+    """Logits after the prompt and after each of ``tokens``."""
+    return [llm.prefill(embeds)] + [llm.decode(t) for t in tokens]
+
+
+@pytest.mark.parametrize("n", [127, 128, 129, 256])
+def test_same_logits_at_chunk_boundaries(engine, contract_engine, n):
+    rng = np.random.default_rng(n)
+    ids = rng.integers(0, 500, n).tolist()
+    dynamic = teacher_forced(engine.llm, engine.llm.embed(ids), [])
+    tokens = [int(np.argmax(dynamic[0]))]
+    for _ in range(5):  # greedy continuation on the dynamic path
+        tokens.append(int(np.argmax(engine.llm.decode(tokens[-1]))))
+    dynamic = teacher_forced(engine.llm, engine.llm.embed(ids), tokens[:-1])
+    fixed = teacher_forced(contract_engine.llm, contract_engine.llm.embed(ids), tokens[:-1])
+    assert [int(np.argmax(row)) for row in fixed] == tokens
+    for step, (a, b) in enumerate(zip(fixed, dynamic)):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=f"step {step}, prompt of {n} tokens")
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_same_tokens_with_images(engine, contract_engine, count):
+    request = Request("Describe the images.", images=[noise_image(120, 160, seed=i) for i in range(count)])
+    answer = engine.answer(request, GenerationConfig(max_new_tokens=8))
+    prompt = contract_engine.prepare(request)
+    assert prompt.token_ids == answer.prompt_token_ids
+    fixed = teacher_forced(contract_engine.llm, prompt.embeds, answer.token_ids[:-1])
+    dynamic = teacher_forced(engine.llm, engine.prepare(request).embeds, answer.token_ids[:-1])
+    assert [int(np.argmax(row)) for row in fixed] == answer.token_ids
+    np.testing.assert_allclose(np.array(fixed), np.array(dynamic), atol=TOL, rtol=0)
+    assert contract_engine.answer(request, GenerationConfig(max_new_tokens=8)).token_ids == answer.token_ids
+
+
+def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_model, contract_engine):
+    seed_style = Engine(contract_model, resident_kv=False)
+    assert contract_engine.llm.resident and not seed_style.llm.resident
+    ids = list(range(3, 203))
+    moved = {}
+    for name, e in (("resident", contract_engine), ("seed", seed_style)):
+        logits = e.llm.prefill(e.llm.embed(ids))
+        before = e.llm.bytes_moved()
+        step = e.llm.decode(int(np.argmax(logits)))
+        moved[name] = e.llm.bytes_moved() - before
+        moved[name + "_logits"] = step
+    np.testing.assert_allclose(moved["resident_logits"], moved["seed_logits"], atol=1e-6, rtol=0)
+    t = contract_engine.spec.text
+    full_cache = t.num_layers * 2 * BUILD.kv_cache_len * t.kv_dim * 4
+    assert moved["seed"] > full_cache  # the whole cache goes through run() every token
+    assert moved["resident"] < full_cache / 50  # only the new rows, hidden states, positions and mask
+
+
+def test_decode_bytes_are_reported(contract_engine):
+    answer = contract_engine.answer(Request("Hi"), GenerationConfig(max_new_tokens=4))
+    assert answer.timings.decode_bytes_per_token > 0
+
+
+def test_prompt_of_1153_tokens_is_refused(contract_engine):
+    llm = contract_engine.llm
+    assert llm.build.max_prompt_tokens == 1152
+    llm.prefill(llm.embed([7] * 1152))  # the longest prompt fits
+    with pytest.raises(PromptTooLongError, match="1153 tokens; this model build accepts at most 1152"):
+        llm.prefill(llm.embed([7] * 1153))
+    with pytest.raises(PromptTooLongError, match="at most 1152"):
+        contract_engine.answer(Request("word " * 1200))
+
+
+def test_bf16_embedding_file_is_truncated_fp32(tmp_path, contract_model, tiny_model):
+    table = np.array([[1.0, 1.00390625 * (1 + 2 ** -9), -3.14159, 65504.0]], np.float32)
+    save_embeddings_bf16(table, tmp_path / "e.bfloat16.bin")
+    loaded = np.asarray(load_embeddings(tmp_path / "e.bfloat16.bin", 1, 4), np.float32)
+    expected = (table.view(np.uint32) & 0xFFFF0000).view(np.float32)  # upper 16 bits kept, not rounded
+    np.testing.assert_array_equal(loaded, expected)
+    # The tiny checkpoint is bf16, so the .bin of the contract export equals the dynamic export's .npy.
+    npy = load_embeddings(tiny_model / "embed_tokens.npy", *np.load(tiny_model / "embed_tokens.npy").shape)
+    binary = load_embeddings(contract_model / "model.embed_tokens.weight.bfloat16.bin", *npy.shape)
+    np.testing.assert_array_equal(np.asarray(binary, np.float32), npy)
+    with pytest.raises(ModelDirError, match="has shape"):
+        load_embeddings(contract_model / "model.embed_tokens.weight.bfloat16.bin", npy.shape[0] + 1, npy.shape[1])
+
+
+def seed_directory(root, layers: int):
+    """A directory laid out like the seed's InternVL2_5-1B-MPO_axmodel (files are placeholders: the
+    axmodels cannot run without a board; this checks how the directory is read)."""
+    root.mkdir()
+    for i in range(layers):
+        (root / f"qwen2_p128_l{i}_together.axmodel").write_bytes(b"")
+    (root / "qwen2_post.axmodel").write_bytes(b"")
+    return root
+
+
+def test_seed_directory_layout(tmp_path, tiny_hf, engine):
+    n = engine.spec.text.num_layers
+    seed = seed_directory(tmp_path / "axmodel", n)
+    with pytest.raises(ModelDirError, match="give the original checkpoint directory"):
+        ModelLayout.find(seed)
+    with pytest.raises(ModelDirError, match="no embedding table"):
+        ModelLayout.find(seed, tiny_hf)
+    (seed / "model.embed_tokens.weight.bfloat16.bin").write_bytes(b"")
+    layout = ModelLayout.find(seed, tiny_hf)
+    assert layout.build is None and layout.vit is None
+    assert [p.name for p in layout.layers] == [f"qwen2_p128_l{i}_together.axmodel" for i in range(n)]
+    (seed / f"qwen2_p128_l{n}_together.axmodel").write_bytes(b"")
+    with pytest.raises(ModelDirError, match="the model has 2"):
+        ModelLayout.find(seed, tiny_hf)
+
+
+def test_seed_command_line_picks_axengine(tmp_path, tiny_hf):
+    """The seed's command line works against a seed directory: ``auto`` picks axengine, which says
+    clearly that pyaxengine is missing here."""
+    seed = seed_directory(tmp_path / "axmodel", 2)
+    (seed / "model.embed_tokens.weight.bfloat16.bin").write_bytes(b"")
+    with pytest.raises(BackendError, match="needs pyaxengine"):
+        Engine(seed, tokenizer_dir=tiny_hf)
+    run = subprocess.run([sys.executable, "-m", "internvl_engine.cli", "--hf_model", str(tiny_hf),
+                          "--axmodel_path", str(seed), "-q", "hello"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "needs pyaxengine" in run.stderr, run.stderr
