@@ -18,6 +18,7 @@ from .engine import Answer, Engine, Request
 from .errors import InternVLError, ModelDirError
 from .preprocess import load_image, load_video_frames
 from .sampling import GenerationConfig
+from .backend_axengine import PROVIDERS
 from .session import BACKENDS
 
 
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
     ap.add_argument("--segments", type=int, default=8, help="frames sampled from the video (default 8)")
     ap.add_argument("--max-tiles", "--max_tiles", type=int, default=1, help="dynamic tiles per image (default 1)")
-    ap.add_argument("--backend", choices=BACKENDS, default="auto")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="auto (default): axengine for a directory of .axmodel files, else onnxruntime")
+    ap.add_argument("--provider", choices=PROVIDERS,
+                    help="axengine provider (default: the first available: on-board NPU, then PCIe card)")
     ap.add_argument("--threads", type=int, help="CPU threads per session (default: all cores)")
     ap.add_argument("--system-prompt", "--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
     g = GenerationConfig()
@@ -71,7 +75,7 @@ def run(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt,
-                    tokenizer_dir=args.hf_model, vit_model=args.vit_model)
+                    tokenizer_dir=args.hf_model, vit_model=args.vit_model, provider=args.provider)
     request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
     if args.json:
         answer = engine.answer(request, config)

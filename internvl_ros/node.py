@@ -44,11 +44,13 @@ class InternVLNode(Node):
     def __init__(self, **kwargs):
         super().__init__("internvl", **kwargs)
         params.declare(self)
-        p = {name: self.get_parameter(name).value for name in ("model_dir", "hf_model", "backend", "threads")}
+        p = {name: self.get_parameter(name).value
+             for name in ("model_dir", "hf_model", "vit_model", "backend", "provider", "threads")}
         if not p["model_dir"]:
             raise InternVLError("parameter model_dir is not set (the internvl-export output directory)")
         self.engine = Engine(p["model_dir"], backend=p["backend"], threads=p["threads"] or None,
-                             tokenizer_dir=p["hf_model"] or None)
+                             tokenizer_dir=p["hf_model"] or None, vit_model=p["vit_model"] or None,
+                             provider=p["provider"] or None)
 
         reliable = QoSProfile(depth=RELIABLE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._stream_pub = self.create_publisher(String, "answer/stream", reliable)
@@ -154,7 +156,8 @@ class InternVLNode(Node):
         t = answer.timings
         info.update(vit_ms=", ".join(f"{ms:.1f}" for ms in t.vit_ms), prefill_tokens=str(t.prefill_tokens),
                     ttft_ms=f"{t.ttft_ms:.1f}", decode_tokens_per_s=f"{t.decode_tokens_per_s:.2f}",
-                    decode_ms_per_token=f"{t.decode_ms_per_token:.2f}", generated_tokens=str(len(answer.token_ids)),
+                    decode_ms_per_token=f"{t.decode_ms_per_token:.2f}",
+                    decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}", generated_tokens=str(len(answer.token_ids)),
                     finish_reason=answer.finish_reason)
         if answer.finish_reason == "cancelled":
             self._report_error(job, f"cancelled: {job.cancel_reason or 'stopped'}", info, level=WARN)

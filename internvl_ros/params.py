@@ -28,9 +28,14 @@ def _float(lo, hi):
 
 # name: (default, description, descriptor extras). read_only ones need a restart.
 PARAMETERS = {
-    "model_dir": ("", "Exported model directory (internvl-export output).", {"read_only": True}),
-    "hf_model": ("", "Original checkpoint directory, for the tokenizer when model_dir has none.", {"read_only": True}),
-    "backend": ("auto", f"Inference backend: {', '.join(BACKENDS)}.", {"read_only": True}),
+    "model_dir": ("", "Model directory: internvl-export output, or a Pulsar2 axmodel directory.", {"read_only": True}),
+    "hf_model": ("", "Original checkpoint directory: config and tokenizer when model_dir has none (axmodel "
+                 "directories).", {"read_only": True}),
+    "vit_model": ("", "ViT model file, when it is not in model_dir (axmodel directories).", {"read_only": True}),
+    "backend": ("auto", f"Inference backend: {', '.join(BACKENDS)} (auto: axengine for .axmodel files).",
+                {"read_only": True}),
+    "provider": ("", "axengine provider: AxEngineExecutionProvider (on-board NPU) or AXCLRTExecutionProvider "
+                 "(PCIe card); empty: the first available.", {"read_only": True}),
     "threads": (0, "CPU threads per model session (0: all cores).", {"read_only": True, **_int(0, 256)}),
     "image_topics": (["image_raw"], "Camera topics (relative names); one ending in /compressed is a "
                      "sensor_msgs/CompressedImage topic.", {"read_only": True}),

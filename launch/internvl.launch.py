@@ -3,8 +3,8 @@
     ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model image_topic:=/camera/image_raw
 
 Arguments: params_file (default: the package's config/internvl.yaml), namespace, backend,
-model_dir, hf_model (override the YAML when given) and image_topic (remaps the node's relative
-``image_raw`` subscription).
+model_dir, hf_model, vit_model (override the YAML when given) and image_topic (remaps the node's
+relative ``image_raw`` subscription).
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
@@ -12,7 +12,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-OVERRIDES = ("backend", "model_dir", "hf_model")
+OVERRIDES = ("backend", "model_dir", "hf_model", "vit_model")
 
 
 def node_with_overrides(context):
@@ -36,9 +36,10 @@ def generate_launch_description():
                               default_value=PathJoinSubstitution([FindPackageShare("internvl_ros"), "config",
                                                                   "internvl.yaml"])),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its topics"),
-        DeclareLaunchArgument("backend", default_value="", description="auto | onnxruntime (default: from params_file)"),
+        DeclareLaunchArgument("backend", default_value="", description="auto | onnxruntime | axengine (default: from params_file)"),
         DeclareLaunchArgument("model_dir", default_value="", description="exported model directory"),
-        DeclareLaunchArgument("hf_model", default_value="", description="original checkpoint (tokenizer source)"),
+        DeclareLaunchArgument("hf_model", default_value="", description="original checkpoint (config + tokenizer)"),
+        DeclareLaunchArgument("vit_model", default_value="", description="ViT model file (axmodel directories)"),
         DeclareLaunchArgument("image_topic", default_value="image_raw", description="camera topic for image_raw"),
         OpaqueFunction(function=node_with_overrides),
     ])
