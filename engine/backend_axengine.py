@@ -21,6 +21,7 @@ are not host-mapped), the session logs a warning and the engine keeps the cache 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -66,6 +67,7 @@ class AxEngineSession:
             self._outputs.append(outputs)
         self.groups = [{i.name: tuple(int(d) for d in i.shape) for i in g} for g in self._inputs]
         self.bytes_moved = 0
+        self.busy_s = 0.0
         self._device = None  # pyaxengine internals, when the KV cache stays in its buffers
 
     def input_dtype(self, name: str) -> np.dtype:
@@ -80,10 +82,13 @@ class AxEngineSession:
 
     def run(self, feeds: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         feeds = self._cast(feeds, group)
+        started = time.perf_counter()
         try:
             outputs = self._session.run(None, feeds, shape_group=group)
         except Exception as e:
             raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from None
+        finally:
+            self.busy_s += time.perf_counter() - started
         self.bytes_moved += nbytes(feeds.values()) + nbytes(outputs)
         return outputs
 
@@ -101,10 +106,13 @@ class AxEngineSession:
     def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray:
         feeds = self._cast(feeds, group)
         capacity = feeds["mask"].shape[2] - feeds["indices"].shape[1]
+        started = time.perf_counter()
         try:
             hidden, moved = self._device.run(feeds, group, start, rows, no_history=capacity == 0)
         except Exception as e:
             raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from None
+        finally:
+            self.busy_s += time.perf_counter() - started
         self.bytes_moved += moved
         return hidden
 

@@ -13,6 +13,7 @@ are copied per step.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class OrtSession:
         if len({tuple(g) for g in self.groups}) != 1:
             raise BackendError(f"{self.path}: the group files do not share one input list")
         self.bytes_moved = 0
+        self.busy_s = 0.0
         self._kv: HostKV | None = None
 
     def input_dtype(self, name: str) -> np.dtype:
@@ -73,7 +75,10 @@ class OrtSession:
         return hidden
 
     def _run(self, feeds: dict[str, np.ndarray], group: int) -> list[np.ndarray]:
+        started = time.perf_counter()
         try:
             return self._sessions[group].run(None, feeds)
         except Exception as e:
             raise BackendError(f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}") from None
+        finally:
+            self.busy_s += time.perf_counter() - started

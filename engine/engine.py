@@ -36,6 +36,7 @@ class Request:
 class Timings:
     vit_ms: list[float] = field(default_factory=list)  # per image / frame (all of its tiles)
     prefill_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous question
     ttft_ms: float = 0.0  # prefill + first token, image encoding excluded (as the seed's table)
     decode_tokens: int = 0  # decode steps run after the first token
     decode_ms_per_token: float = 0.0
@@ -69,7 +70,8 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
-                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: bool = True):
+                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: bool = True,
+                 prefix_reuse: bool = True):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
@@ -77,6 +79,7 @@ class Engine:
         layout = ModelLayout.find(model_dir, tokenizer_dir, vit_model)
         self.spec = layout.spec
         self.system_prompt = system_prompt
+        self.prefix_reuse = prefix_reuse
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
         if missing := [p.name for p in (layout.post, layout.embeddings, *layout.layer_files()) if not p.is_file()]:
             raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
@@ -138,8 +141,9 @@ class Engine:
         timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids))
 
         t0 = time.perf_counter()
-        token = sampler(self.llm.prefill(prompt.embeds), seen)
+        token = sampler(self.llm.prefill(prompt.embeds, self.prefix_reuse), seen)
         timings.ttft_ms = (time.perf_counter() - t0) * 1e3
+        timings.reused_tokens = self.llm.reused
         decode_s, bytes_before = 0.0, self.llm.bytes_moved()
         while True:
             if token in self.tokenizer.stop_ids:

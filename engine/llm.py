@@ -125,6 +125,8 @@ class LLM:
                                             for layer in self.layers)
         self.host_kv = [] if self.resident else [HostKV(self.build.kv_cache_len, kv_dim, self.dtype) for _ in layers]
         self.length = 0  # tokens held in the cache
+        self.reused = 0  # prompt tokens the last prefill took from the cache
+        self._prompt: np.ndarray | None = None  # the last prompt's embeddings, to find a shared prefix
 
     def embed(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
@@ -142,17 +144,35 @@ class LLM:
         """Bytes handed to and taken from the backend so far by the decoder sessions."""
         return sum(s.bytes_moved for s in (*self.layers, self.post))
 
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        """Run the prompt (rows of ``embeds``) in chunks from position 0; return the last token's logits."""
+    def backend_seconds(self) -> float:
+        """Time spent inside the decoder sessions' backend calls so far."""
+        return sum(s.busy_s for s in (*self.layers, self.post))
+
+    def prefill(self, embeds: np.ndarray, reuse_prefix: bool = True) -> np.ndarray:
+        """Run the prompt (rows of ``embeds``); return the last token's logits. With ``reuse_prefix``,
+        the cached K/V of the rows this prompt shares with the previous one (the system prompt, the
+        same frames) are kept and only the rest is run."""
         n = len(embeds)
         if n == 0:
             raise PromptTooLongError("prompt is empty")
         self.check_prompt_length(n)
-        self.length = 0
+        start = self._shared_prefix(embeds) if reuse_prefix else 0
+        self._prompt = None  # the cache is being rewritten: nothing to reuse if this fails
+        self.length = self.reused = start
         chunk = self.build.prefill_chunk
-        for start in range(0, n, chunk):  # exact: no empty trailing chunk when n % chunk == 0
-            hidden = self._forward(embeds[start:start + chunk])
+        while self.length < n:  # chunk ends on multiples of the chunk length: every chunk fits a group
+            hidden = self._forward(embeds[self.length:min(n, (self.length // chunk + 1) * chunk)])
+        self._prompt = np.array(embeds, copy=True)
         return self._logits(hidden)
+
+    def _shared_prefix(self, embeds: np.ndarray) -> int:
+        """Leading rows equal to the previous prompt's, leaving at least one row to run."""
+        if self._prompt is None:
+            return 0
+        m = min(len(self._prompt), len(embeds) - 1)
+        same = np.all(self._prompt[:m] == embeds[:m], axis=1)
+        shared = m if same.all() else int(np.argmin(same))
+        return shared if self.shapes.dynamic else min(shared, self.shapes.prefill[-1].capacity)
 
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token at the next position; return its logits."""

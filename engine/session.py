@@ -24,7 +24,8 @@ BACKENDS = ("auto", "onnxruntime", "axengine")
 
 class Session(Protocol):
     groups: list[dict[str, tuple]]  # input name -> shape, per group; a dimension is an int or None (dynamic)
-    bytes_moved: int
+    bytes_moved: int  # handed to and taken from the backend so far
+    busy_s: float  # time inside backend calls so far
 
     def input_dtype(self, name: str) -> np.dtype: ...
 

@@ -47,7 +47,7 @@ def main() -> int:
         prompt = engine.prepare(request)
         ref = reference_logits(reference, answer.prompt_token_ids + answer.token_ids, prompt.pixel_values)
         n = len(prompt.token_ids)
-        logits = [engine.llm.prefill(prompt.embeds)] + [engine.llm.decode(t) for t in answer.token_ids[:-1]]
+        logits = [engine.llm.prefill(prompt.embeds, reuse_prefix=False)] + [engine.llm.decode(t) for t in answer.token_ids[:-1]]
         diffs = [float(np.abs(row - ref[n - 1 + i]).max()) for i, row in enumerate(logits)]
         argmax_ok = [bool(ref[n - 1 + i][t] >= ref[n - 1 + i].max() - 1e-3) for i, t in enumerate(answer.token_ids)]
         ok &= all(argmax_ok) and max(diffs) <= 1e-3

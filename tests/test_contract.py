@@ -62,7 +62,7 @@ def test_groups_have_the_contract_shapes(contract_model, contract_engine, engine
 
 def teacher_forced(llm, embeds, tokens):
     """Logits after the prompt and after each of ``tokens``."""
-    return [llm.prefill(embeds)] + [llm.decode(t) for t in tokens]
+    return [llm.prefill(embeds, reuse_prefix=False)] + [llm.decode(t) for t in tokens]
 
 
 @pytest.mark.parametrize("n", [127, 128, 129, 256])
@@ -99,7 +99,7 @@ def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_mode
     ids = list(range(3, 203))
     moved = {}
     for name, e in (("resident", contract_engine), ("seed", seed_style)):
-        logits = e.llm.prefill(e.llm.embed(ids))
+        logits = e.llm.prefill(e.llm.embed(ids), reuse_prefix=False)
         before = e.llm.bytes_moved()
         step = e.llm.decode(int(np.argmax(logits)))
         moved[name] = e.llm.bytes_moved() - before
@@ -176,3 +176,28 @@ def test_seed_command_line_picks_axengine(tmp_path, tiny_hf):
     run = subprocess.run([sys.executable, "-m", "internvl_engine.cli", "--hf_model", str(tiny_hf),
                           "--axmodel_path", str(seed), "-q", "hello"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "needs pyaxengine" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("fixture", ["engine", "contract_engine"])
+def test_prefix_reuse_gives_the_same_logits(request, fixture):
+    """A second question about the same image runs only its new tokens and answers as a fresh prefill."""
+    e = request.getfixturevalue(fixture)
+    image = [noise_image(120, 160, seed=3)]
+    first = e.prepare(Request("Describe the image.", images=image))
+    second = e.prepare(Request("What colour dominates the image?", images=image))
+    e.llm.prefill(first.embeds)
+    reused = e.llm.prefill(second.embeds)
+    shared = e.llm.reused
+    fresh = e.llm.prefill(second.embeds, reuse_prefix=False)
+    assert e.llm.reused == 0
+    # Everything up to the question is shared: system prompt, image tokens, the user-turn markup.
+    question_start = len(second.token_ids) - len(e.tokenizer.encode("What colour dominates the image?<|im_end|>\n"
+                                                                     "<|im_start|>assistant\n"))
+    assert question_start - 2 <= shared < len(second.token_ids)
+    np.testing.assert_allclose(reused, fresh, atol=TOL, rtol=0)
+    other_image = e.prepare(Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]))
+    e.llm.prefill(other_image.embeds)
+    assert e.llm.reused < second.token_ids.index(e.tokenizer.ids["<IMG_CONTEXT>"]) + 1  # new frames: rerun them
+    answer = e.answer(Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]),
+                      GenerationConfig(max_new_tokens=2))
+    assert answer.timings.reused_tokens >= question_start - 2

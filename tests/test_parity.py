@@ -27,7 +27,7 @@ def assert_matches_reference(engine, reference, request: Request):
         row = ref[n - 1 + step]
         assert row[token] >= row.max() - TOL, f"step {step}: token {token} is not the reference argmax"
     # Logits: the engine's own prefill and decode steps, fed the same tokens.
-    logits = [engine.llm.prefill(prompt.embeds)]
+    logits = [engine.llm.prefill(prompt.embeds, reuse_prefix=False)]
     logits += [engine.llm.decode(t) for t in answer.token_ids[:-1]]
     for step, row in enumerate(logits):
         np.testing.assert_allclose(row, ref[n - 1 + step], atol=TOL, rtol=0, err_msg=f"logits at step {step}")
