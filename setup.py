@@ -12,8 +12,8 @@ PACKAGE = "internvl_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=["internvl_engine", PACKAGE],
-    package_dir={"internvl_engine": "engine", PACKAGE: PACKAGE},
+    packages=["internvl_engine", "internvl_toy", PACKAGE],
+    package_dir={"internvl_engine": "engine", "internvl_toy": "toy", PACKAGE: PACKAGE},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -31,7 +31,10 @@ setup(
         "console_scripts": [
             "internvl-infer = internvl_engine.cli:main",
             "internvl-export = internvl_engine.export:main",
+            "internvl-bench = internvl_engine.bench:main",
             "internvl-make-tiny = internvl_engine.make_tiny:main",
+            "internvl-train-toy = internvl_toy.train:main",
+            "internvl-eval-toy = internvl_toy.evaluate:main",
             "internvl_node = internvl_ros.node:main",
             "internvl-make-bag = internvl_ros.bags:make_bag_main",
             "internvl-play-bag = internvl_ros.bags:play_bag_main",

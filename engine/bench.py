@@ -1,0 +1,292 @@
+"""``internvl-bench``: the seed's timing table for the engine and, with ``--compare transformers``,
+for transformers' InternVL on the same checkpoint, in the same run, with the ratios.
+
+Each runtime runs in its own child process (so peak RSS is its own), on the same prompts: the
+question plus 0, 1, 4 ... random 640x480 images, one tile each, as the seed's table. Per image
+count: warm-up runs, then ``--repeats`` measured runs; every figure is reported as the median
+with its spread (min and max), and the JSON holds every single measurement.
+
+Per decode step it also reports the host overhead (wall time minus the time inside backend calls)
+and the bytes handed to the backend, and per image count the TTFT of a second question about the
+same images with and without prefix reuse. The transformers side is fp32 eager attention, as the
+reference tests use it; it needs torch and transformers (``requirements/dev.txt``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+QUESTION = "Describe the images in detail."
+SECOND_QUESTION = "What colour dominates the images?"
+COLUMNS = ("vit_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s")
+
+
+def bench_images(count: int) -> list[np.ndarray]:
+    return [np.random.default_rng(i).integers(0, 256, (480, 640, 3), dtype=np.uint8) for i in range(count)]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def engine_runs(model_dir: str, hf_model: str | None, vit_model: str | None, backend: str, threads: int | None,
+                image_counts: list[int], decode_tokens: int, repeats: int, warmup: int) -> dict:
+    from .engine import Engine, Request
+
+    engine = Engine(model_dir, backend=backend, threads=threads, tokenizer_dir=hf_model, vit_model=vit_model)
+    llm = engine.llm
+    results = {}
+    for count in image_counts:
+        images = bench_images(count)
+        runs = []
+        for repeat in range(warmup + repeats):
+            prompt = engine.prepare(Request(QUESTION, images=images))
+            started = time.perf_counter()
+            token = int(np.argmax(llm.prefill(prompt.embeds, reuse_prefix=False)))
+            ttft = time.perf_counter() - started
+            steps, overhead, moved = [], [], []
+            for _ in range(decode_tokens):
+                busy, sent, started = llm.backend_seconds(), llm.bytes_moved(), time.perf_counter()
+                token = int(np.argmax(llm.decode(token)))
+                steps.append(time.perf_counter() - started)
+                overhead.append(steps[-1] - (llm.backend_seconds() - busy))
+                moved.append(llm.bytes_moved() - sent)
+            second = engine.prepare(Request(SECOND_QUESTION, images=images))
+            started = time.perf_counter()
+            llm.prefill(second.embeds, reuse_prefix=True)
+            ttft_reuse, reused = time.perf_counter() - started, llm.reused
+            started = time.perf_counter()
+            llm.prefill(second.embeds, reuse_prefix=False)
+            ttft_no_reuse = time.perf_counter() - started
+            if repeat < warmup:
+                continue
+            decode = statistics.median(steps)
+            runs.append({
+                "vit_ms": sum(prompt.vit_ms), "ttft_ms": ttft * 1e3, "prefill_tokens": len(prompt.token_ids),
+                "decode_ms_per_token": decode * 1e3, "tokens_per_s": 1 / decode,
+                "host_overhead_ms": statistics.median(overhead) * 1e3,
+                "host_overhead_pct": 100 * statistics.median(overhead) / decode,
+                "bytes_per_token": statistics.median(moved),
+                "second_question_ttft_ms": ttft_reuse * 1e3, "second_question_ttft_no_reuse_ms": ttft_no_reuse * 1e3,
+                "second_question_reused_tokens": reused, "second_question_tokens": len(second.token_ids),
+            })
+        results[count] = runs
+    return {"runs": results, "peak_rss_mb": peak_rss_mb(), "backend": engine.backend}
+
+
+def transformers_runs(hf_model: str, threads: int | None, image_counts: list[int], decode_tokens: int,
+                      repeats: int, warmup: int) -> dict:
+    import warnings
+
+    import torch
+
+    from .config import DEFAULT_SYSTEM_PROMPT, ModelSpec, read_hf_config
+    from .preprocess import normalize, tiles
+    from .prompt import IMG_CONTEXT, Tokenizer, chat_prompt, user_content
+    from .reference import load_reference
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values rename
+    if threads:
+        torch.set_num_threads(threads)
+    spec = ModelSpec.from_hf_config(read_hf_config(Path(hf_model)))
+    tok = Tokenizer(Path(hf_model))
+    model = load_reference(Path(hf_model), tok.ids[IMG_CONTEXT])
+    results = {}
+    with torch.no_grad():
+        for count in image_counts:
+            content = user_content(QUESTION, [1] * count, spec.num_image_token)
+            ids = torch.tensor([tok.encode_prompt(chat_prompt(DEFAULT_SYSTEM_PROMPT, content),
+                                                  count * spec.num_image_token)])
+            pixels = [torch.from_numpy(normalize(tiles(im, spec.image_size, 1))) for im in bench_images(count)]
+            runs = []
+            for repeat in range(warmup + repeats):
+                started = time.perf_counter()
+                features = [model.model.get_image_features(pixel_values=p, vision_feature_layer=-1,
+                                                           vision_feature_select_strategy="default").pooler_output
+                            for p in pixels]
+                vit = time.perf_counter() - started
+                embeds = model.get_input_embeddings()(ids)
+                if features:
+                    embeds[ids == tok.ids[IMG_CONTEXT]] = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+                started = time.perf_counter()
+                out = model(inputs_embeds=embeds, use_cache=True)
+                token = out.logits[0, -1].argmax()
+                ttft = time.perf_counter() - started
+                past, steps = out.past_key_values, []
+                for _ in range(decode_tokens):
+                    started = time.perf_counter()
+                    out = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[0, -1].argmax()
+                    steps.append(time.perf_counter() - started)
+                if repeat >= warmup:
+                    decode = statistics.median(steps)
+                    runs.append({"vit_ms": vit * 1e3, "ttft_ms": ttft * 1e3, "prefill_tokens": ids.shape[1],
+                                 "decode_ms_per_token": decode * 1e3, "tokens_per_s": 1 / decode})
+            results[count] = runs
+    return {"runs": results, "peak_rss_mb": peak_rss_mb(), "backend": f"torch {torch.__version__} fp32 eager"}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Median, min and max of every figure over the repeats."""
+    return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                "max": max(r[k] for r in runs)} for k in runs[0]}
+
+
+def cell(s: dict, key: str, digits: int = 1) -> str:
+    m = s[key]
+    spread = (m["max"] - m["min"]) / 2
+    return f"{m['median']:.{digits}f} ±{spread:.{digits}f}"
+
+
+def tables(report: dict) -> str:
+    out = []
+    for name, result in report["runtimes"].items():
+        out += [f"\n{name} ({result['backend']}, peak RSS {result['peak_rss_mb']:.0f} MB)", "",
+                "| Image num | ImageEncoder ms | Prefill TTFT ms (tokens) | Decoder ms/token | tokens/s |",
+                "|---|---|---|---|---|"]
+        for count, s in result["summary"].items():
+            out.append(f"| {count} | {cell(s, 'vit_ms')} | {cell(s, 'ttft_ms')} ({int(s['prefill_tokens']['median'])}) "
+                       f"| {cell(s, 'decode_ms_per_token', 2)} | {cell(s, 'tokens_per_s', 2)} |")
+        if "host_overhead_ms" in next(iter(result["summary"].values())):
+            out += ["", "| Image num | host overhead ms/step (%) | bytes to backend /step | 2nd question TTFT ms: "
+                    "reuse (tokens reused) | no reuse |", "|---|---|---|---|---|"]
+            for count, s in result["summary"].items():
+                out.append(f"| {count} | {cell(s, 'host_overhead_ms', 3)} ({s['host_overhead_pct']['median']:.2f} %) "
+                           f"| {s['bytes_per_token']['median']:.0f} | {cell(s, 'second_question_ttft_ms')} "
+                           f"({int(s['second_question_reused_tokens']['median'])}/"
+                           f"{int(s['second_question_tokens']['median'])}) | "
+                           f"{cell(s, 'second_question_ttft_no_reuse_ms')} |")
+    if "transformers" in report["runtimes"]:
+        for name, result in report["runtimes"].items():
+            if name == "transformers":
+                continue
+            out += ["", f"ratio {name} vs transformers (speed-up: transformers time / {name} time; tokens/s: "
+                    f"{name} / transformers)", "",
+                    "| Image num | ImageEncoder | Prefill TTFT | Decoder ms/token | tokens/s |", "|---|---|---|---|---|"]
+            for count, s in result["summary"].items():
+                r = report["ratios"][name][count]
+                x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+                out.append(f"| {count} | {x(r['vit_ms'])} | {x(r['ttft_ms'])} | {x(r['decode_ms_per_token'])} "
+                           f"| {x(r['tokens_per_s'])} |")
+    return "\n".join(out)
+
+
+def ratios(report: dict) -> dict:
+    base = report["runtimes"]["transformers"]["summary"]
+    out = {}
+    for name, result in report["runtimes"].items():
+        if name == "transformers":
+            continue
+        out[name] = {}
+        for count, s in result["summary"].items():
+            b = base[count]
+            speedup = lambda k: b[k]["median"] / s[k]["median"] if s[k]["median"] else None  # noqa: E731
+            out[name][count] = {"vit_ms": speedup("vit_ms"), "ttft_ms": speedup("ttft_ms"),
+                                "decode_ms_per_token": speedup("decode_ms_per_token"),
+                                "tokens_per_s": s["tokens_per_s"]["median"] / b["tokens_per_s"]["median"]}
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("internvl-bench: error: --plot needs matplotlib (requirements/dev.txt)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(report["runtimes"])
+    for name in names:
+        s = report["runtimes"][name]["summary"]
+        counts = [int(c) for c in s]
+        left.errorbar(counts, [s[c]["ttft_ms"]["median"] for c in s],
+                      yerr=[[s[c]["ttft_ms"]["median"] - s[c]["ttft_ms"]["min"] for c in s],
+                            [s[c]["ttft_ms"]["max"] - s[c]["ttft_ms"]["median"] for c in s]],
+                      marker="o", capsize=3, label=name)
+    left.set(xlabel="images (one tile each)", ylabel="prefill TTFT, ms", title="Time to first token",
+             xticks=sorted({int(c) for n in names for c in report["runtimes"][n]["summary"]}))
+    left.legend()
+    left.grid(alpha=0.3)
+    first = str(min(int(c) for c in report["runtimes"][names[0]]["summary"]))
+    rates = [report["runtimes"][n]["summary"][first]["tokens_per_s"]["median"] for n in names]
+    right.bar(names, rates, color=[f"C{i}" for i in range(len(names))])
+    for i, r in enumerate(rates):
+        right.text(i, r, f"{r:.1f}", ha="center", va="bottom")
+    right.set(ylabel="tokens/s", title=f"Decode speed ({first} images)")
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle(report["machine"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", "--model_dir", nargs="+", required=True, type=Path,
+                    help="model directories to time (several: e.g. an fp32 and an int8 export)")
+    ap.add_argument("--hf-model", "--hf_model", type=Path,
+                    help="original checkpoint: the transformers side, and config/tokenizer for seed directories")
+    ap.add_argument("--vit-model", "--vit_model", type=Path, help="ViT model file (seed directories)")
+    ap.add_argument("--images", nargs="+", type=int, default=[0, 1, 4], help="image counts (default 0 1 4)")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
+    ap.add_argument("--repeats", type=int, default=3, help="measured runs per image count (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
+    ap.add_argument("--compare", choices=["transformers"], help="also time transformers' InternVL")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    ap.add_argument("--plot", type=Path, help="write a PNG: TTFT against image count, decode tokens/s")
+    args = ap.parse_args(argv)
+    if args.compare and not args.hf_model:
+        ap.error("--compare transformers needs --hf-model")
+    if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0 or min(args.images) < 0:
+        ap.error("--decode-tokens and --repeats must be >= 1, --warmup and --images >= 0")
+    report = {"machine": machine(), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                                 if k not in ("json", "plot")}, "runtimes": {}}
+    report["settings"]["model_dir"] = [str(d) for d in args.model_dir]
+    common = (args.images, args.decode_tokens, args.repeats, args.warmup)
+    jobs = [(d.name if len(args.model_dir) > 1 else "engine", engine_runs,
+             (str(d), args.hf_model and str(args.hf_model), args.vit_model and str(args.vit_model), args.backend,
+              args.threads, *common)) for d in args.model_dir]
+    if args.compare:
+        jobs.append(("transformers", transformers_runs, (str(args.hf_model), args.threads, *common)))
+    for name, fn, fn_args in jobs:  # one at a time, each in a fresh process
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            try:
+                result = pool.submit(fn, *fn_args).result()
+            except Exception as e:
+                print(f"internvl-bench: error: {name}: {e}", file=sys.stderr)
+                return 2
+        result["summary"] = {str(c): summary(runs) for c, runs in result["runs"].items()}
+        result["runs"] = {str(c): runs for c, runs in result["runs"].items()}
+        report["runtimes"][name] = result
+        if not args.json:
+            print(f"{name}: done", file=sys.stderr, flush=True)
+    if args.compare:
+        report["ratios"] = ratios(report)
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report, indent=1) if args.json else f"{report['machine']}\n{tables(report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
