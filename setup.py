@@ -32,6 +32,7 @@ setup(
             "internvl-infer = internvl_engine.cli:main",
             "internvl-export = internvl_engine.export:main",
             "internvl-bench = internvl_engine.bench:main",
+            "internvl-fidelity = internvl_engine.fidelity:main",
             "internvl-make-tiny = internvl_engine.make_tiny:main",
             "internvl-train-toy = internvl_toy.train:main",
             "internvl-eval-toy = internvl_toy.evaluate:main",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -140,14 +141,32 @@ class Graph:
         return m
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save; weights go to an external file only when the protobuf would pass its 2 GB limit."""
+PRECISIONS = ("fp32", "int8")
+
+
+def save_model(model: onnx.ModelProto, path: Path, precision: str = "fp32") -> None:
+    """Save; weights go to an external file only when the protobuf would pass its 2 GB limit.
+    int8: onnxruntime's dynamic quantisation of the MatMuls (int8 weights, per-tensor; activations
+    quantised at run time), which cuts the weight bytes read per decode step by 4."""
     size = sum(np.prod(t.dims, dtype=np.int64) * 4 for t in model.graph.initializer)
-    if size > 1_800_000_000:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+    external = size > 1_800_000_000
+    target = path.with_name(path.stem + ".fp32.onnx") if precision == "int8" else path
+    if external:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=target.name + ".data")
     else:
-        onnx.save_model(model, str(path))
+        onnx.save_model(model, str(target))
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        logging.disable(logging.WARNING)  # quantize_dynamic advises shape pre-processing on every call
+        try:
+            quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        finally:
+            logging.disable(logging.NOTSET)
+        target.unlink()
+        if external:
+            target.with_name(target.name + ".data").unlink()
 
 
 def build_vit(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
@@ -300,7 +319,7 @@ CONTRACTS = ("dynamic", "axmodel")
 
 
 def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str = "dynamic",
-           log=print) -> Manifest:
+           precision: str = "fp32", log=print) -> Manifest:
     """``contract``: "dynamic" (one ONNX file per layer, any shapes) or "axmodel" (one ONNX file per
     fixed-shape group of each layer, exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H]
     post model and the bf16 embedding file), to run the board's driving logic on a CPU."""
@@ -309,6 +328,8 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
     if contract not in CONTRACTS:
         raise InternVLError(f"unknown contract {contract!r} (choose from {', '.join(CONTRACTS)})")
+    if precision not in PRECISIONS:
+        raise InternVLError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
@@ -318,20 +339,20 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    save_model(build_vit(ck, spec), out_dir / "vit.onnx")
+    save_model(build_vit(ck, spec), out_dir / "vit.onnx", precision)
     log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
     layers: list = []
     for i in range(spec.text.num_layers):
         if contract == "dynamic":
             layers.append(f"layer_{i}.onnx")
-            save_model(build_layer(ck, spec, i), out_dir / layers[-1])
+            save_model(build_layer(ck, spec, i), out_dir / layers[-1], precision)
             continue
         layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
         for name, group in zip(layers[-1], layer_groups(build)):
-            save_model(build_layer(ck, spec, i, group), out_dir / name)
+            save_model(build_layer(ck, spec, i, group), out_dir / name, precision)
     log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
                                                      if contract == "axmodel" else ""))
-    save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens"), out_dir / "post.onnx")
+    save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens"), out_dir / "post.onnx", precision)
     table = ck.get("language_model.model.embed_tokens.weight")
     if contract == "axmodel":
         embeddings = "model.embed_tokens.weight.bfloat16.bin"
@@ -345,7 +366,8 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     manifest = Manifest(
         spec=spec, build=build,
         files={"vit": "vit.onnx", "post": "post.onnx", "embeddings": embeddings, "layers": layers},
-        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract},
+        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract,
+                "precision": precision},
     )
     manifest.write(out_dir)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
@@ -363,10 +385,12 @@ def main(argv=None) -> int:
     ap.add_argument("--contract", choices=CONTRACTS, default="dynamic",
                     help="dynamic: one ONNX per layer (default); axmodel: one ONNX per fixed-shape group, as "
                          "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="fp32 (default) or int8: dynamically quantised MatMuls (CPU; check with internvl-fidelity)")
     args = ap.parse_args(argv)
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
-               args.contract)
+               args.contract, args.precision)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2
