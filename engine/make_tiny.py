@@ -146,15 +146,15 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tokenizer(out: Path, bpe_vocab_size: int) -> dict[str, int]:
-    """Train a small byte-level BPE and write Qwen2 tokenizer files; returns special-token ids."""
+def write_tokenizer(out: Path, bpe_vocab_size: int, text: list[str] = TOKENIZER_TEXT) -> dict[str, int]:
+    """Train a small byte-level BPE on ``text`` and write Qwen2 tokenizer files; returns special-token ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=bpe_vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TOKENIZER_TEXT * 4, trainer)
+    tok.train_from_iterator(text * 4, trainer)
     tok.model.save(str(out))  # vocab.json + merges.txt
     n = tok.get_vocab_size()
     special_ids = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}

@@ -1,0 +1,123 @@
+"""The trained toy checkpoint (models/internvl-toy): parity with transformers, accuracy through the
+engine on fresh scenes, and the node answering correctly about pictures and clips sent over DDS,
+so channel order, encodings, normalisation and frame order are checked by meaning (colour and
+motion, which the model knows; see its card for the question types it does not)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import rclpy
+from ros_harness import BIN, ROOT, compressed_msg, image_msg
+from test_node import deliver, running_node
+from test_parity import assert_matches_reference
+
+from internvl_engine import Engine, Request
+from internvl_engine.export import export
+from internvl_engine.reference import load_reference
+from internvl_ros.bags import write_bag
+from internvl_toy.evaluate import accuracy
+from internvl_toy.scenes import CLIP_FRAMES, Shape, moving_clip, render
+
+TOY = ROOT / "models" / "internvl-toy"
+CARD = json.loads((TOY / "accuracy.json").read_text())
+FRESH = 60  # questions per type here; the card used 200
+RED_CIRCLE = render([Shape("circle", "red", 0.5, 0.5, 0.25)], 320, 240)
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy_onnx")
+    export(TOY, out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_engine(toy_model):
+    return Engine(toy_model)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+def test_parity_with_transformers(toy_engine):
+    reference = load_reference(TOY, toy_engine.tokenizer.ids["<IMG_CONTEXT>"])
+    assert_matches_reference(toy_engine, reference, Request("What color is the shape?", images=[RED_CIRCLE]))
+    clip = moving_clip("square", "blue", "left")
+    assert_matches_reference(toy_engine, reference, Request("Which way does the square move?", video_frames=clip))
+
+
+def test_accuracy_on_fresh_scenes(toy_engine):
+    report = accuracy(toy_engine, per_task=FRESH, seed=20_000)
+    for task, result in report.items():
+        p = CARD[task]["accuracy"]
+        floor = p - 3 * math.sqrt(p * (1 - p) / FRESH) - 0.02  # three standard errors below the card
+        assert result["accuracy"] >= floor, f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
+
+
+def test_model_card_matches_the_checkpoint():
+    card = (TOY / "README.md").read_text()
+    for task, result in CARD.items():
+        assert f"| {task} | {100 * result['accuracy']:.1f} % | {result['n']} |" in card
+    # The properties the node tests rely on meet the issue's targets.
+    assert CARD["color"]["accuracy"] >= 0.95 and CARD["motion"]["accuracy"] >= 0.90
+
+
+def test_a_swapped_channel_order_changes_the_colour(toy_engine):
+    """What the node test below relies on: red read as BGR is blue to this model."""
+    ask = lambda image: toy_engine.answer(Request("What color is the shape?", images=[image])).text  # noqa: E731
+    assert ask(RED_CIRCLE) == "red" and ask(RED_CIRCLE[..., ::-1].copy()) == "blue"
+
+
+def test_node_sees_red_in_every_encoding(toy_model, tmp_path, ros):
+    with running_node(toy_model, tmp_path, max_new_tokens=6, max_images=1, max_frame_age_s=1.0,
+                      camera_qos="reliable", image_topics="[image_raw, image_raw/compressed]") as (_, client):
+        for encoding in ("rgb8", "bgr8", "rgba8"):
+            deliver(client, "/image_raw", image_msg(RED_CIRCLE, encoding))
+            assert client.ask_and_wait("What color is the shape?").strip() == "red", encoding
+        time.sleep(1.2)  # the raw camera goes stale; the JPEG one is used next
+        deliver(client, "/image_raw/compressed", compressed_msg(RED_CIRCLE, "jpeg"))
+        assert client.ask_and_wait("What color is the shape?").strip() == "red"
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
+    """The same clip of a circle moving right, played forwards and reversed."""
+    clip = moving_clip("circle", "green", "right", frames=2 * CLIP_FRAMES)
+    if direction == "left":
+        clip = clip[::-1]
+    question = "Which way does the circle move?"
+    bag = write_bag(tmp_path / "bag", [(0.1 * i, f) for i, f in enumerate(clip)], [(0.1 * len(clip) + 0.05, question)])
+    with running_node(toy_model, tmp_path, mode="video", max_new_tokens=6,
+                      **{"video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES}) as (_, client):
+        subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--restamp", "--wait-for-subscribers", "20"],
+                       check=True, capture_output=True, timeout=60)
+        client.wait_for(lambda: client.answers, 30, "the answer")
+        assert client.answers[0].strip() == direction
+
+
+def test_two_cameras_reach_the_model_in_topic_order(toy_model, toy_engine, tmp_path, ros):
+    """Two cameras in image mode. The model has not learnt "Which image has a ...?" (near chance,
+    see its card), but asked for the colour with two images it names the last image's colour, so
+    the answer shows which camera came last; it must match the engine given the frames in
+    ``image_topics`` order."""
+    blue = render([Shape("square", "blue", 0.5, 0.5, 0.25)], 320, 240)
+    yellow = render([Shape("triangle", "yellow", 0.5, 0.5, 0.25)], 320, 240)
+    q = "What color is the shape?"
+    with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable",
+                      image_topics="[front/image_raw, back/image_raw]") as (_, client):
+        answers = []
+        for front, back in ((blue, yellow), (yellow, blue)):
+            deliver(client, "/front/image_raw", image_msg(front, "rgb8"))
+            deliver(client, "/back/image_raw", image_msg(back, "rgb8"))
+            answers.append(client.ask_and_wait(q))
+            assert answers[-1] == toy_engine.answer(Request(q, images=[front, back])).text
+        assert answers == ["yellow", "blue"]

@@ -1,0 +1,159 @@
+"""``internvl-train-toy``: train the toy InternVL2.5 checkpoint on generated scenes (torch, CPU).
+
+The model is InternVL2.5's architecture at toy size: an InternViT-style encoder (112 px, 14 px
+patches, pixel shuffle 0.5, ``mlp1`` projector: 16 tokens per image) and a Qwen2 decoder, trained
+through transformers' ``InternVLForConditionalGeneration`` and written back in the original
+checkpoint layout (``config.json`` with ``llm_config``/``vision_config``, bf16 ``model.safetensors``
+with ``vision_model.*``, ``mlp1.*``, ``language_model.*`` keys, its own byte-level BPE tokenizer
+with the chat and image special tokens). Prompts are built with the engine's own tokenizer, chat
+template and preprocessing, so training sees exactly what inference sends. Seeds are fixed: the
+same command writes the same weights on the same torch build.
+
+Development only (needs torch and transformers). Usage::
+
+    internvl-train-toy --out models/internvl-toy
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
+from internvl_engine.make_tiny import TOKENIZER_TEXT, hf_config, write_tokenizer
+from internvl_engine.preprocess import normalize, tiles
+from internvl_engine.prompt import EOS, IM_END, IMG_CONTEXT, Tokenizer, chat_prompt, user_content
+from internvl_engine.reference import original_state_dict, reference_config
+
+from .scenes import TASKS, VIDEO_TASKS, Sample, corpus
+
+VISION = dict(image_size=112, patch_size=14, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+              intermediate_size=384)
+LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=4096)
+# How often each task is drawn: the ones that need several shapes or frames compared get more.
+TASK_WEIGHTS = {"color": 1.0, "shape": 1.0, "where": 1.5, "count": 1.5, "which_image": 1.5, "motion": 1.5,
+                "appear": 1.0}
+VIDEO_BATCHES = 0.35  # share of batches made of clips; a batch is all clips or all pictures (less padding)
+# Curriculum: the model first has to learn to read the image tokens at all, which single-shape colour
+# and shape questions teach fastest (from random init, mixed tasks sat at chance for 500+ steps here).
+FIRST_TASKS, FIRST_STEPS = ("color", "shape"), 300
+
+
+class Encoder:
+    """Samples -> token ids, labels and pixel values, as the engine would prompt the model."""
+
+    def __init__(self, model_dir: Path, image_size: int, tokens_per_image: int):
+        self.tok = Tokenizer(model_dir)
+        self.image_size, self.tokens_per_image = image_size, tokens_per_image
+        self.end = self.tok.ids[IM_END]
+        self.pad = self.tok._id(EOS)
+
+    def encode(self, sample: Sample) -> tuple[list[int], list[int], list[np.ndarray]]:
+        content = user_content(sample.question, [1] * len(sample.images), self.tokens_per_image, video=sample.video)
+        prompt = self.tok.encode_prompt(chat_prompt(DEFAULT_SYSTEM_PROMPT, content),
+                                        self.tokens_per_image * len(sample.images))
+        answer = self.tok.encode(sample.answer) + [self.end]
+        tile_list = [tiles(image, self.image_size, 1)[0] for image in sample.images]
+        return prompt + answer, [-100] * len(prompt) + answer, tile_list
+
+    def batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(s) for s in samples]
+        width = max(len(ids) for ids, _, _ in encoded)
+        ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(samples), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, (i, lab, _) in enumerate(encoded):
+            ids[row, :len(i)] = torch.tensor(i)
+            labels[row, :len(lab)] = torch.tensor(lab)
+            attention[row, :len(i)] = 1
+        pixels = normalize([t for _, _, tile_list in encoded for t in tile_list])
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention,
+                "pixel_values": torch.from_numpy(pixels)}
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample: 1 where every answer token (and the stop token) is the argmax (teacher-forced)."""
+    predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    scored = target != -100
+    return ((predicted == target) | ~scored).all(dim=1).float()
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=functools.partial(print, flush=True)) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    special = write_tokenizer(out, bpe_vocab_size=512, text=[DEFAULT_SYSTEM_PROMPT, *TOKENIZER_TEXT[1:8], *corpus()])
+    cfg = hf_config(VISION, {**LLM, "vocab_size": max(special.values()) + 1}, special)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]]}, indent=2) + "\n")
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration(reference_config(cfg, special[IMG_CONTEXT], "sdpa"))
+    tokens_per_image = int((VISION["image_size"] // VISION["patch_size"] * cfg["downsample_ratio"]) ** 2)
+    encoder = Encoder(out, VISION["image_size"], tokens_per_image)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup, decay = 50, int(steps * 0.75)  # linear warm-up, constant, cosine decay over the last quarter
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, s - decay) / max(1, steps - decay))))))
+    names = np.array(list(TASK_WEIGHTS))
+    buckets = [names[np.isin(names, VIDEO_TASKS, invert=not video)] for video in (False, True)]
+    first = np.array(FIRST_TASKS)
+    started = time.perf_counter()
+    history = []
+    model.train()
+    for step in range(1, steps + 1):
+        bucket = first if step <= FIRST_STEPS else buckets[int(rng.random() < VIDEO_BATCHES)]
+        weights = np.array([TASK_WEIGHTS[t] for t in bucket])
+        tasks = rng.choice(bucket, batch_size, p=weights / weights.sum())
+        samples = [TASKS[str(t)](rng) for t in tasks]
+        batch = encoder.batch(samples)
+        result = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps:
+            with torch.no_grad():
+                correct = answer_accuracy(result.logits, batch["labels"])
+            by_task = {t: float(correct[tasks == t].mean()) for t in names if (tasks == t).any()}
+            history.append({"step": step, "loss": result.loss.item(), "batch_accuracy": by_task})
+            log(f"step {step}/{steps} loss {result.loss.item():.4f} {time.perf_counter() - started:.0f}s "
+                + " ".join(f"{t}={a:.2f}" for t, a in by_task.items()))
+    minutes = (time.perf_counter() - started) / 60
+    weights_out = {k: v.detach().float().numpy().astype(ml_dtypes.bfloat16) for k, v in original_state_dict(model).items()}
+    save_file(weights_out, str(out / "model.safetensors"), metadata={"format": "pt"})
+    log(f"trained {steps} steps of {batch_size} in {minutes:.1f} min; wrote {out}")
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "minutes": round(minutes, 1),
+            "history": history}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-train-toy", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = train(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
