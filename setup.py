@@ -1,7 +1,8 @@
 """internvl_ros: ament_python package.
 
-Two Python packages are installed: ``internvl_engine`` (from the folder ``engine/``, the ROS-free
-runtime, exporter and tools) and ``internvl_ros`` (the ROS 2 node).
+Three Python packages are installed: ``internvl_engine`` (from the folder ``engine/``, the ROS-free
+runtime, exporter and tools), ``internvl_toy`` (from ``toy/``: the toy model's scenes, training and
+evaluation) and ``internvl_ros`` (the ROS 2 node).
 """
 from glob import glob
 
