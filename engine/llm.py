@@ -119,7 +119,6 @@ class LLM:
             raise BackendError(f"the manifest says {build}, the layer models' shape groups say {self.shapes.build()}")
         self.build = build or self.shapes.build()
         self.dtype = np.dtype(dtype)
-        self.kv_dim = kv_dim
         # Where the cache lives: in the sessions' buffers (new rows only per step), else here.
         self.resident = resident_kv and all(layer.attach_kv(self.build.kv_cache_len, kv_dim, self.dtype)
                                             for layer in self.layers)

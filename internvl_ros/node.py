@@ -155,7 +155,7 @@ class InternVLNode(Node):
             return
         t = answer.timings
         info.update(vit_ms=", ".join(f"{ms:.1f}" for ms in t.vit_ms), prefill_tokens=str(t.prefill_tokens),
-                    ttft_ms=f"{t.ttft_ms:.1f}", decode_tokens_per_s=f"{t.decode_tokens_per_s:.2f}",
+                    reused_tokens=str(t.reused_tokens), ttft_ms=f"{t.ttft_ms:.1f}", decode_tokens_per_s=f"{t.decode_tokens_per_s:.2f}",
                     decode_ms_per_token=f"{t.decode_ms_per_token:.2f}",
                     decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}", generated_tokens=str(len(answer.token_ids)),
                     finish_reason=answer.finish_reason)
