@@ -1,6 +1,6 @@
 """Node overhead figures (prints them; asserts nothing).
 
-    .venv/bin/python scripts/bench_node.py --model-dir .demo/tiny_onnx [--questions 20] [--idle-s 10]
+    .venv/bin/python scripts/bench_node.py --model-dir .demo/toy_onnx [--questions 20] [--idle-s 10]
 
 1. Question -> first streamed chunk, seen by a client over DDS, minus the engine's own TTFT and
    ViT time from the answer's diagnostics: what the node and DDS add (text and image mode).
