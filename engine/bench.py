@@ -91,7 +91,7 @@ def transformers_runs(hf_model: str, threads: int | None, image_counts: list[int
 
     from .config import DEFAULT_SYSTEM_PROMPT, ModelSpec, read_hf_config
     from .preprocess import normalize, tiles
-    from .prompt import IMG_CONTEXT, Tokenizer, chat_prompt, user_content
+    from .prompt import IMG_CONTEXT, Tokenizer
     from .reference import load_reference
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values rename
@@ -103,9 +103,7 @@ def transformers_runs(hf_model: str, threads: int | None, image_counts: list[int
     results = {}
     with torch.no_grad():
         for count in image_counts:
-            content = user_content(QUESTION, [1] * count, spec.num_image_token)
-            ids = torch.tensor([tok.encode_prompt(chat_prompt(DEFAULT_SYSTEM_PROMPT, content),
-                                                  count * spec.num_image_token)])
+            ids = torch.tensor([tok.encode_chat(DEFAULT_SYSTEM_PROMPT, QUESTION, [1] * count, spec.num_image_token)])
             pixels = [torch.from_numpy(normalize(tiles(im, spec.image_size, 1))) for im in bench_images(count)]
             runs = []
             for repeat in range(warmup + repeats):

@@ -110,10 +110,12 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_prompt(self, prompt: str, expected_image_tokens: int) -> list[int]:
-        ids = self.encode(prompt)
+    def encode_chat(self, system_prompt: str, question: str, image_tiles: list[int], tokens_per_tile: int,
+                    video: bool = False) -> list[int]:
+        """Token ids of the whole chat prompt: system turn, images (tiles per image) or frames, question."""
+        ids = self.encode(chat_prompt(system_prompt, user_content(question, image_tiles, tokens_per_tile, video)))
         found = sum(1 for i in ids if i == self.ids[IMG_CONTEXT])
-        if found != expected_image_tokens:
+        if found != tokens_per_tile * sum(image_tiles):
             raise InvalidRequestError("the question contains image markup tokens (<img>, <IMG_CONTEXT>); remove them")
         return ids
 

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
 from internvl_engine.make_tiny import TOKENIZER_TEXT, hf_config, write_tokenizer
 from internvl_engine.preprocess import normalize, tiles
-from internvl_engine.prompt import EOS, IM_END, IMG_CONTEXT, Tokenizer, chat_prompt, user_content
+from internvl_engine.prompt import EOS, IM_END, IMG_CONTEXT, Tokenizer
 from internvl_engine.reference import original_state_dict, reference_config
 
 from .scenes import TASKS, VIDEO_TASKS, Sample, corpus
@@ -59,9 +59,8 @@ class Encoder:
         self.pad = self.tok._id(EOS)
 
     def encode(self, sample: Sample) -> tuple[list[int], list[int], list[np.ndarray]]:
-        content = user_content(sample.question, [1] * len(sample.images), self.tokens_per_image, video=sample.video)
-        prompt = self.tok.encode_prompt(chat_prompt(DEFAULT_SYSTEM_PROMPT, content),
-                                        self.tokens_per_image * len(sample.images))
+        prompt = self.tok.encode_chat(DEFAULT_SYSTEM_PROMPT, sample.question, [1] * len(sample.images),
+                                      self.tokens_per_image, sample.video)
         answer = self.tok.encode(sample.answer) + [self.end]
         tile_list = [tiles(image, self.image_size, 1)[0] for image in sample.images]
         return prompt + answer, [-100] * len(prompt) + answer, tile_list
