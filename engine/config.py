@@ -209,10 +209,12 @@ class ModelLayout:
         if (model_dir / MANIFEST).is_file():
             m = Manifest.read(model_dir)
             layers = [[model_dir / g for g in f] if isinstance(f, list) else model_dir / f for f in m.files["layers"]]
-            vit = vit or model_dir / m.files["vit"]
-            if not vit.is_file():
-                raise ModelDirError(f"{model_dir}: missing model files: {vit.name}")
-            return cls(m.spec, m.build, vit, model_dir / m.files["post"], model_dir / m.files["embeddings"], layers)
+            layout = cls(m.spec, m.build, vit or model_dir / m.files["vit"], model_dir / m.files["post"],
+                         model_dir / m.files["embeddings"], layers)
+            files = (layout.vit, layout.post, layout.embeddings, *layout.layer_files())
+            if missing := [p.name for p in files if not p.is_file()]:
+                raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
+            return layout
         numbered = {int(m[1]): p for p in model_dir.glob("*.axmodel")
                     if (m := re.search(r"_l(\d+)_together\.axmodel$", p.name))}
         if not numbered:

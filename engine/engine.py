@@ -18,7 +18,7 @@ from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
 from .errors import InvalidRequestError, ModelDirError
 from .llm import LLM, load_embeddings
 from .preprocess import normalize, tiles
-from .prompt import IMG_CONTEXT, TextStream, Tokenizer, chat_prompt, user_content
+from .prompt import IMG_CONTEXT, TextStream, Tokenizer
 from .sampling import GenerationConfig, Sampler
 from .session import open_session, resolve_backend
 
@@ -81,8 +81,6 @@ class Engine:
         self.system_prompt = system_prompt
         self.prefix_reuse = prefix_reuse
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
-        if missing := [p.name for p in (layout.post, layout.embeddings, *layout.layer_files()) if not p.is_file()]:
-            raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
 
         def session(path):
             return open_session(self.backend, path, threads, provider)
@@ -106,10 +104,9 @@ class Engine:
         max_tiles = 1 if video else request.max_tiles
         per_image = [tiles(im, self.spec.image_size, max_tiles, self.spec.min_dynamic_patch, self.spec.use_thumbnail)
                      for im in (request.video_frames or request.images)]
-        n_ctx = self.spec.num_image_token
-        content = user_content(request.question.strip(), [len(t) for t in per_image], n_ctx, video=video)
         system = self.system_prompt if request.system_prompt is None else request.system_prompt
-        ids = self.tokenizer.encode_prompt(chat_prompt(system, content), n_ctx * sum(len(t) for t in per_image))
+        ids = self.tokenizer.encode_chat(system, request.question.strip(), [len(t) for t in per_image],
+                                         self.spec.num_image_token, video)
         self.llm.check_prompt_length(len(ids))  # before paying for the image encoder
 
         embeds = self.llm.embed(ids)
