@@ -17,7 +17,6 @@ import numpy as np
 
 from .engine import Engine, Request
 from .errors import InternVLError
-from .sampling import GenerationConfig
 
 
 def prompt_set() -> list[tuple[str, Request]]:
@@ -33,18 +32,28 @@ def prompt_set() -> list[tuple[str, Request]]:
     ]
 
 
+def greedy(engine: Engine, embeds: np.ndarray, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens (as ``Engine.answer`` with the default config) and the logits that chose them."""
+    logits, tokens = [engine.llm.prefill(embeds, reuse_prefix=False)], []
+    while (token := int(np.argmax(logits[-1]))) not in engine.tokenizer.stop_ids:
+        tokens.append(token)
+        if len(tokens) >= new_tokens:
+            break
+        logits.append(engine.llm.decode(token))
+    return tokens, logits
+
+
 def compare(reference: Engine, candidate: Engine, new_tokens: int = 16) -> dict:
     rows = []
     for name, request in prompt_set():
-        answer = reference.answer(request, GenerationConfig(max_new_tokens=new_tokens))
-        tokens = answer.token_ids
-        ref_logits = [reference.llm.prefill(reference.prepare(request).embeds, reuse_prefix=False)]
-        ref_logits += [reference.llm.decode(t) for t in tokens[:-1]]
-        cand_logits = [candidate.llm.prefill(candidate.prepare(request).embeds, reuse_prefix=False)]
+        candidate_embeds = candidate.prepare(request).embeds  # each engine encodes the images once
+        tokens, ref_logits = greedy(reference, reference.prepare(request).embeds, new_tokens)
+        ref_logits = ref_logits[:max(len(tokens), 1)]  # the steps that chose the tokens
+        cand_logits = [candidate.llm.prefill(candidate_embeds, reuse_prefix=False)]
         cand_logits += [candidate.llm.decode(t) for t in tokens[:-1]]
         cos = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ref_logits, cand_logits)]
         agree = [int(np.argmax(a) == np.argmax(b)) for a, b in zip(ref_logits, cand_logits)]
-        own = candidate.answer(request, GenerationConfig(max_new_tokens=new_tokens)).token_ids
+        own, _ = greedy(candidate, candidate_embeds, new_tokens)
         rows.append({"prompt": name, "steps": len(cos), "cosine_mean": float(np.mean(cos)),
                      "cosine_min": float(np.min(cos)), "greedy_agreement": float(np.mean(agree)),
                      "same_answer": own == tokens})
