@@ -104,10 +104,16 @@ def where_task(rng) -> Sample:
     return Sample("where", f"Where is the {colors[k]} shape?", str(positions[k]), [_picture(rng, shapes)])
 
 
-def count_task(rng) -> Sample:
-    n = int(rng.integers(1, 4))
+def scene(rng, n: int | None = None) -> tuple[list[Shape], np.ndarray]:
+    """``n`` (default: one to three) random shapes, each in its own column, and their picture."""
+    n = int(rng.integers(1, 4)) if n is None else n
     shapes = [_shape(rng, position=str(p)) for p in rng.choice(POSITIONS, n, replace=False)]
-    return Sample("count", "How many shapes are there?", COUNTS[n - 1], [_picture(rng, shapes)])
+    return shapes, _picture(rng, shapes)
+
+
+def count_task(rng) -> Sample:
+    shapes, picture = scene(rng)
+    return Sample("count", "How many shapes are there?", COUNTS[len(shapes) - 1], [picture])
 
 
 def which_image_task(rng) -> Sample:
