@@ -23,8 +23,8 @@ TOY = ROOT / "models" / "internvl-toy"
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
 FPS = 10.0
-# Questions the toy model answers reliably (its card lists the ones it does not).
-QUESTIONS = [("image", "What color is the shape?", "red"), ("video", "Which way does the circle move?", "right")]
+QUESTIONS = [("image", "What color is the shape?", "red"), ("image", "What shape is it?", "circle"),
+             ("image", "How many shapes are there?", "one"), ("video", "Which way does the circle move?", "right")]
 
 
 def show(cmd) -> list[str]:
@@ -47,7 +47,8 @@ def main() -> int:
     os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
     model, bag = WORK / "toy_onnx", WORK / "clip_bag"
-    if not (model / "manifest.json").is_file():
+    manifest = model / "manifest.json"
+    if not manifest.is_file() or manifest.stat().st_mtime < (TOY / "model.safetensors").stat().st_mtime:
         subprocess.run(show([BIN / "internvl-export", "--hf-model", TOY, "--out", model]), check=True)
     if not bag.exists():
         clip = moving_clip("circle", "red", "right", frames=24)

@@ -1,9 +1,10 @@
 """The trained toy checkpoint (models/internvl-toy): parity with transformers, accuracy through the
 engine on fresh scenes, and the node answering correctly about pictures and clips sent over DDS,
-so channel order, encodings, normalisation and frame order are checked by meaning (colour and
-motion, which the model knows; see its card for the question types it does not)."""
+so channel order, encodings, normalisation and frame order are checked by meaning (colour, shape
+and motion, which the model knows; see its card for the question types it does not)."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -21,7 +22,7 @@ from internvl_engine.export import export
 from internvl_engine.reference import load_reference
 from internvl_ros.bags import write_bag
 from internvl_toy.evaluate import accuracy
-from internvl_toy.scenes import CLIP_FRAMES, Shape, moving_clip, render
+from internvl_toy.scenes import CLIP_FRAMES, COLORS, SHAPES, VIDEO_TASKS, Shape, moving_clip, render
 
 TOY = ROOT / "models" / "internvl-toy"
 CARD = json.loads((TOY / "accuracy.json").read_text())
@@ -59,7 +60,8 @@ def test_accuracy_on_fresh_scenes(toy_engine):
     report = accuracy(toy_engine, per_task=FRESH, seed=20_000)
     for task, result in report.items():
         p = CARD[task]["accuracy"]
-        floor = p - 3 * math.sqrt(p * (1 - p) / FRESH) - 0.02  # three standard errors below the card
+        spread = math.sqrt(min(p, 0.99) * (1 - min(p, 0.99)) / FRESH)  # a card at 100 % may still miss one
+        floor = p - 3 * spread - 0.02  # three standard errors below the card
         assert result["accuracy"] >= floor, f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
 
 
@@ -67,8 +69,9 @@ def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     for task, result in CARD.items():
         assert f"| {task} | {100 * result['accuracy']:.1f} % | {result['n']} |" in card
-    # The properties the node tests rely on meet the issue's targets.
-    assert CARD["color"]["accuracy"] >= 0.95 and CARD["motion"]["accuracy"] >= 0.90
+    # The questions the node tests below rely on meet the issue's targets (95 % pictures, 90 % clips).
+    assert min(CARD[t]["accuracy"] for t in ("color", "shape", "count")) >= 0.95
+    assert min(CARD[t]["accuracy"] for t in VIDEO_TASKS) >= 0.90
 
 
 def test_a_swapped_channel_order_changes_the_colour(toy_engine):
@@ -77,15 +80,17 @@ def test_a_swapped_channel_order_changes_the_colour(toy_engine):
     assert ask(RED_CIRCLE) == "red" and ask(RED_CIRCLE[..., ::-1].copy()) == "blue"
 
 
-def test_node_sees_red_in_every_encoding(toy_model, tmp_path, ros):
+def test_node_sees_a_red_circle_in_every_encoding(toy_model, tmp_path, ros):
     with running_node(toy_model, tmp_path, max_new_tokens=6, max_images=1, max_frame_age_s=1.0,
                       camera_qos="reliable", image_topics="[image_raw, image_raw/compressed]") as (_, client):
         for encoding in ("rgb8", "bgr8", "rgba8"):
             deliver(client, "/image_raw", image_msg(RED_CIRCLE, encoding))
             assert client.ask_and_wait("What color is the shape?").strip() == "red", encoding
+            assert client.ask_and_wait("What shape is it?").strip() == "circle", encoding
         time.sleep(1.2)  # the raw camera goes stale; the JPEG one is used next
         deliver(client, "/image_raw/compressed", compressed_msg(RED_CIRCLE, "jpeg"))
         assert client.ask_and_wait("What color is the shape?").strip() == "red"
+        assert client.ask_and_wait("What shape is it?").strip() == "circle"
 
 
 @pytest.mark.parametrize("direction", ["right", "left"])
@@ -105,19 +110,19 @@ def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
 
 
 def test_two_cameras_reach_the_model_in_topic_order(toy_model, toy_engine, tmp_path, ros):
-    """Two cameras in image mode. The model has not learnt "Which image has a ...?" (near chance,
-    see its card), but asked for the colour with two images it names the last image's colour, so
-    the answer shows which camera came last; it must match the engine given the frames in
-    ``image_topics`` order."""
-    blue = render([Shape("square", "blue", 0.5, 0.5, 0.25)], 320, 240)
-    yellow = render([Shape("triangle", "yellow", 0.5, 0.5, 0.25)], 320, 240)
+    """Two cameras in image mode. The model has not learnt "Which image has a ...?" well enough to
+    rely on (52.5 %, see its card), so the truth cannot be asked; instead two pictures whose order
+    changes the engine's answer are chosen, and the node must give the engine's answer for the
+    frames in ``image_topics`` order, both ways round."""
     q = "What color is the shape?"
+    ask = lambda images: toy_engine.answer(Request(q, images=images)).text  # noqa: E731
+    pictures = [render([Shape(shape, color, 0.5, 0.5, 0.25)], 320, 240)
+                for color, shape in zip(COLORS, SHAPES * 2)]
+    pair = next(((a, b) for a, b in itertools.permutations(pictures, 2) if ask([a, b]) != ask([b, a])), None)
+    assert pair, "no two pictures whose order changes the answer: the test cannot see the order"
     with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable",
                       image_topics="[front/image_raw, back/image_raw]") as (_, client):
-        answers = []
-        for front, back in ((blue, yellow), (yellow, blue)):
+        for front, back in (pair, pair[::-1]):
             deliver(client, "/front/image_raw", image_msg(front, "rgb8"))
             deliver(client, "/back/image_raw", image_msg(back, "rgb8"))
-            answers.append(client.ask_and_wait(q))
-            assert answers[-1] == toy_engine.answer(Request(q, images=[front, back])).text
-        assert answers == ["yellow", "blue"]
+            assert client.ask_and_wait(q) == ask([front, back])
