@@ -118,8 +118,12 @@ def _message_class(msgtype: str):
 
 
 def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = False,
-             wait_for_subscribers_s: float = 0.0, remap: dict[str, str] | None = None, node=None) -> int:
-    """Publish a bag's messages with their recorded spacing (divided by ``rate``); returns the count."""
+             wait_for_subscribers_s: float = 0.0, remap: dict[str, str] | None = None, node=None,
+             subscribers: int = 1) -> int:
+    """Publish a bag's messages with their recorded spacing (divided by ``rate``); returns the count.
+
+    Before playing, waits up to ``wait_for_subscribers_s`` for every topic to have ``subscribers``
+    matched subscriptions (the node, and a recorder too if one listens)."""
     import rclpy
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
@@ -138,7 +142,8 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                 cls = _message_class(c.msgtype)
                 publishers[c.topic] = (node.create_publisher(cls, remap.get(c.topic, c.topic), qos), cls)
             deadline = time.monotonic() + wait_for_subscribers_s
-            while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p, _ in publishers.values()):
+            while time.monotonic() < deadline and any(p.get_subscription_count() < subscribers
+                                                          for p, _ in publishers.values()):
                 time.sleep(0.05)
             while True:
                 started, first = time.monotonic(), None
@@ -173,14 +178,19 @@ def play_bag_main(argv=None) -> int:
     ap.add_argument("--restamp", action="store_true",
                     help="set header stamps to the time of publishing (frames look live, not recorded)")
     ap.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SECONDS",
-                    help="wait up to SECONDS for every topic to have a subscriber before playing")
+                    help="wait up to SECONDS for every topic to have its subscribers before playing")
+    ap.add_argument("--subscribers", type=int, default=1, metavar="N",
+                    help="how many subscribers each topic waits for (with --wait-for-subscribers; default 1)")
     ap.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
     args = ap.parse_args(argv)
     if args.rate <= 0:
         ap.error("--rate must be > 0")
+    if args.subscribers < 1:
+        ap.error("--subscribers must be >= 1")
     remap = dict(r.split(":=", 1) for r in args.remap)
     try:
-        sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, remap)
+        sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, remap,
+                         subscribers=args.subscribers)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # rosbags raises its own errors for missing or unreadable bags

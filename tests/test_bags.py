@@ -58,22 +58,25 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
     bag = write_bag(tmp_path / "bag", [], questions, question_topic="question")
     rclpy.init()
     node = rclpy.create_node("bag_listener")
-    got, lock = [], threading.Lock()
+    got, recorded, lock = [], [], threading.Lock()
 
     def on_question(msg):
         with lock:
             got.append((time.monotonic(), msg.data))
 
-    node.create_subscription(String, "/remapped", on_question, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(String, "/remapped", on_question, reliable)
+    node.create_subscription(String, "/remapped", lambda msg: recorded.append(msg.data), reliable)  # a second listener
     stop = threading.Event()
     spinner = threading.Thread(target=lambda: [rclpy.spin_once(node, timeout_sec=0.05) for _ in iter(stop.is_set, True)])
     spinner.start()
     try:
         proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--rate", "2", "--remap", "question:=/remapped",
-                               "--wait-for-subscribers", "20"], capture_output=True, text=True, timeout=60)
+                               "--wait-for-subscribers", "20", "--subscribers", "2"],
+                              capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         deadline = time.monotonic() + 10
-        while len(got) < 3 and time.monotonic() < deadline:
+        while (len(got) < 3 or len(recorded) < 3) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         stop.set()
@@ -81,6 +84,7 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
         node.destroy_node()
         rclpy.shutdown()
     assert [text for _, text in got] == ["one", "two", "three"]
+    assert recorded == ["one", "two", "three"]  # the player waited for both subscribers
     span = got[-1][0] - got[0][0]
     assert 0.25 < span < 1.5  # 0.8 s of bag at rate 2 (loose: this is a functional check, not a benchmark)
     assert "played 3 messages" in proc.stdout
