@@ -69,6 +69,8 @@ def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     for task, result in CARD.items():
         assert f"| {task} | {100 * result['accuracy']:.1f} % | {result['n']} |" in card
+        for group, g in result.get("groups", {}).items():
+            assert f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |" in card
     # The questions the node tests below rely on meet the targets (95 % pictures, 90 % clips).
     assert min(CARD[t]["accuracy"] for t in ("color", "shape", "count")) >= 0.95
     assert min(CARD[t]["accuracy"] for t in VIDEO_TASKS) >= 0.90

@@ -1,6 +1,7 @@
 """``internvl-eval-toy``: the toy model's accuracy through the engine, per question type, on freshly
 generated scenes (seeds apart from training's). An answer counts when the engine's greedy text,
-stripped, equals the expected answer exactly."""
+stripped, equals the expected answer exactly. Where a question type has groups (shapes in the
+picture, images in the prompt), the accuracy of each group is reported too."""
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,16 @@ def request(sample: Sample) -> Request:
 def accuracy(engine: Engine, per_task: int, seed: int = HELD_OUT_SEED) -> dict[str, dict]:
     report = {}
     for k, task in enumerate(TASKS):
-        wrong = []
+        wrong, groups = [], {}
         for s in samples(task, per_task, seed + k):
             text = engine.answer(request(s), GenerationConfig(max_new_tokens=8)).text.strip()
             if text != s.answer:
                 wrong.append(f"{s.question} -> {text!r} (expected {s.answer!r})")
+            if s.group:
+                groups.setdefault(s.group, []).append(text == s.answer)
         report[task] = {"accuracy": 1 - len(wrong) / per_task, "n": per_task, "wrong": wrong[:5]}
+        if groups:
+            report[task]["groups"] = {g: {"accuracy": sum(r) / len(r), "n": len(r)} for g, r in sorted(groups.items())}
     return report
 
 
@@ -56,6 +61,10 @@ def main(argv=None) -> int:
         print("| question type | accuracy | n |\n|---|---|---|")
         for task, r in report.items():
             print(f"| {task} | {100 * r['accuracy']:.1f} % | {r['n']} |")
+        print("\n| question type | group | accuracy | n |\n|---|---|---|---|")
+        for task, r in report.items():
+            for group, g in r.get("groups", {}).items():
+                print(f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |")
     return 0
 
 
