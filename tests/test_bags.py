@@ -88,3 +88,11 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
     span = got[-1][0] - got[0][0]
     assert 0.25 < span < 1.5  # 0.8 s of bag at rate 2 (loose: this is a functional check, not a benchmark)
     assert "played 3 messages" in proc.stdout
+
+
+def test_play_bag_refuses_bad_input(tmp_path):
+    for args, message in [(["--rate", "0"], "--rate must be > 0"), (["--subscribers", "0"], "--subscribers must be >= 1")]:
+        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr
+    proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "none")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
