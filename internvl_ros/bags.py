@@ -118,8 +118,8 @@ def _message_class(msgtype: str):
 
 
 def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = False,
-             wait_for_subscribers_s: float = 0.0, remap: dict[str, str] | None = None, node=None,
-             subscribers: int = 1) -> int:
+             wait_for_subscribers_s: float = 0.0, subscribers: int = 1, remap: dict[str, str] | None = None,
+             node=None) -> int:
     """Publish a bag's messages with their recorded spacing (divided by ``rate``); returns the count.
 
     Before playing, waits up to ``wait_for_subscribers_s`` for every topic to have ``subscribers``
@@ -189,8 +189,8 @@ def play_bag_main(argv=None) -> int:
         ap.error("--subscribers must be >= 1")
     remap = dict(r.split(":=", 1) for r in args.remap)
     try:
-        sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, remap,
-                         subscribers=args.subscribers)
+        sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, args.subscribers,
+                        remap)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # rosbags raises its own errors for missing or unreadable bags

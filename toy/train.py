@@ -43,8 +43,9 @@ VISION = dict(image_size=112, patch_size=8, hidden_size=96, num_hidden_layers=4,
 LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=4096)
 # How often each task is drawn. The questions that match a word of the question against the image
-# tokens (where, which_image) are learnt last, so they are drawn most; colour is learnt first. (Drawing colour, shape, count and the
-# clips at a quarter to a half, with the decoder's rate doubled, lost shapes: 39 % instead of 99 %.)
+# tokens (where, which_image) are learnt last, so they are drawn most; colour is learnt first.
+# (Drawing colour, shape, count and the clips at a quarter to a half, with the decoder's rate
+# doubled, lost shapes: 39 % instead of 99 %.)
 TASK_WEIGHTS = {"color": 0.5, "shape": 1.0, "where": 2.0, "count": 1.5, "which_image": 2.0, "motion": 1.0,
                 "appear": 1.0}
 # Share of batches made of clips; a batch is all clips or all pictures (less padding). Clips cost 8
