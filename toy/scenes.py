@@ -38,6 +38,7 @@ class Sample:
     images: list[np.ndarray]
     video: bool = False
     group: str = ""  # what the evaluation breaks accuracy down by, if anything ("2 shapes", "3 images")
+    subject: str = ""  # the question's word that picks what to look at ("red" in "Where is the red shape?"), if any
 
 
 def render(shapes: list[Shape], width: int = 320, height: int = 240, background=(245, 245, 245),
@@ -103,7 +104,7 @@ def where_task(rng) -> Sample:
     shapes = [_shape(rng, color=str(c), position=str(p)) for c, p in zip(colors, positions)]
     k = int(rng.integers(n))
     return Sample("where", f"Where is the {colors[k]} shape?", str(positions[k]), [_picture(rng, shapes)],
-                  group=f"{n} shape" + "s" * (n > 1))
+                  group=f"{n} shape" + "s" * (n > 1), subject=str(colors[k]))
 
 
 def scene(rng, n: int | None = None) -> tuple[list[Shape], np.ndarray]:
@@ -124,7 +125,8 @@ def which_image_task(rng) -> Sample:
     others = [s for s in SHAPES if s != target]
     k = int(rng.integers(n))
     images = [_picture(rng, [_shape(rng, shape=target if i == k else str(rng.choice(others)))]) for i in range(n)]
-    return Sample("which_image", f"Which image has a {target}?", f"Image-{k + 1}", images, group=f"{n} images")
+    return Sample("which_image", f"Which image has a {target}?", f"Image-{k + 1}", images, group=f"{n} images",
+                  subject=target)
 
 
 def moving_clip(shape: str, color: str, direction: str, rng=None, frames: int = CLIP_FRAMES,
