@@ -1,10 +1,8 @@
 """The trained toy checkpoint (models/internvl-toy): parity with transformers, accuracy through the
 engine on fresh scenes, and the node answering correctly about pictures and clips sent over DDS,
-so channel order, encodings, normalisation and frame order are checked by meaning (colour, shape
-and motion, which the model knows; see its card for the question types it does not)."""
+so channel order, encodings, normalisation, image order and frame order are checked by meaning."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -22,7 +20,7 @@ from internvl_engine.export import export
 from internvl_engine.reference import load_reference
 from internvl_ros.bags import write_bag
 from internvl_toy.evaluate import accuracy
-from internvl_toy.scenes import CLIP_FRAMES, COLORS, SHAPES, VIDEO_TASKS, Shape, moving_clip, render
+from internvl_toy.scenes import CLIP_FRAMES, TASKS, VIDEO_TASKS, Shape, moving_clip, render
 
 TOY = ROOT / "models" / "internvl-toy"
 CARD = json.loads((TOY / "accuracy.json").read_text())
@@ -71,8 +69,8 @@ def test_model_card_matches_the_checkpoint():
         assert f"| {task} | {100 * result['accuracy']:.1f} % | {result['n']} |" in card
         for group, g in result.get("groups", {}).items():
             assert f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |" in card
-    # The questions the node tests below rely on meet the issue's targets (95 % pictures, 90 % clips).
-    assert min(CARD[t]["accuracy"] for t in ("color", "shape", "count")) >= 0.95
+    # The issue's targets (95 % pictures, 90 % clips), met by all but which_image (see the card).
+    assert min(CARD[t]["accuracy"] for t in TASKS if t not in (*VIDEO_TASKS, "which_image")) >= 0.95
     assert min(CARD[t]["accuracy"] for t in VIDEO_TASKS) >= 0.90
 
 
@@ -111,20 +109,14 @@ def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
         assert client.answers[0].strip() == direction
 
 
-def test_two_cameras_reach_the_model_in_topic_order(toy_model, toy_engine, tmp_path, ros):
-    """Two cameras in image mode. The model has not learnt "Which image has a ...?" well enough to
-    rely on (52.5 %, see its card), so the truth cannot be asked; instead two pictures whose order
-    changes the engine's answer are chosen, and the node must give the engine's answer for the
-    frames in ``image_topics`` order, both ways round."""
-    q = "What color is the shape?"
-    ask = lambda images: toy_engine.answer(Request(q, images=images)).text  # noqa: E731
-    pictures = [render([Shape(shape, color, 0.5, 0.5, 0.25)], 320, 240)
-                for color, shape in zip(COLORS, SHAPES * 2)]
-    pair = next(((a, b) for a, b in itertools.permutations(pictures, 2) if ask([a, b]) != ask([b, a])), None)
-    assert pair, "no two pictures whose order changes the answer: the test cannot see the order"
+def test_two_cameras_reach_the_model_in_topic_order(toy_model, tmp_path, ros):
+    """Two cameras in image mode: the node sends their latest frames as Image-1, Image-2 in
+    ``image_topics`` order, so the model names the camera that sees the triangle (which_image is
+    below target overall, see the card, but right about a lone triangle and circle both ways round)."""
+    triangle, circle = (render([Shape(shape, "blue", 0.5, 0.5, 0.25)], 320, 240) for shape in ("triangle", "circle"))
     with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable",
                       image_topics="[front/image_raw, back/image_raw]") as (_, client):
-        for front, back in (pair, pair[::-1]):
+        for front, back, answer in ((triangle, circle, "Image-1"), (circle, triangle, "Image-2")):
             deliver(client, "/front/image_raw", image_msg(front, "rgb8"))
             deliver(client, "/back/image_raw", image_msg(back, "rgb8"))
-            assert client.ask_and_wait(q) == ask([front, back])
+            assert client.ask_and_wait("Which image has a triangle?").strip() == answer
