@@ -112,8 +112,9 @@ class Hints(torch.nn.Module):
     exists, and the decoder trained from scratch sat at chance on two or three shapes or images (in
     runs of up to 2500 steps). These probes teach the two steps directly: the positions that predict
     answer tokens name the question's subject word, image tokens of multi-image prompts (clips
-    included) name their image's number. Both are learnt within 200 steps, and the matching follows
-    (where 66 % -> 98 %, which_image 52.5 % -> 78.5 % through the engine; see the model card). The probes are thrown away afterwards,
+    included) name their image's number. Both are learnt within 200 steps of the first such question,
+    and the matching follows (where 66 % -> 98 %, which_image 52.5 % -> 78.5 % through the engine; see
+    the model card). The probes are thrown away afterwards,
     like stage 1's; the checkpoint is the plain architecture.
     """
 
