@@ -114,8 +114,8 @@ class Hints(torch.nn.Module):
     answer tokens name the question's subject word, image tokens of multi-image prompts (clips
     included) name their image's number. Both are learnt within 200 steps of the first such question,
     and the matching follows (where 66 % -> 98 %, which_image 52.5 % -> 78.5 % through the engine; see
-    the model card). The probes are thrown away afterwards,
-    like stage 1's; the checkpoint is the plain architecture.
+    the model card). The probes are thrown away afterwards, like stage 1's; the checkpoint is the
+    plain architecture.
     """
 
     def __init__(self, hidden_size: int):
