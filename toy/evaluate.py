@@ -40,6 +40,14 @@ def accuracy(engine: Engine, per_task: int, seed: int = HELD_OUT_SEED) -> dict[s
     return report
 
 
+def table_rows(report: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """The Markdown rows of ``report`` (or of ``accuracy.json``): per question type, and per group."""
+    per_task = [f"| {task} | {100 * r['accuracy']:.1f} % | {r['n']} |" for task, r in report.items()]
+    per_group = [f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |"
+                 for task, r in report.items() for group, g in r.get("groups", {}).items()]
+    return per_task, per_group
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="internvl-eval-toy", description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="the toy checkpoint (exported to a temporary directory) or an export")
@@ -58,13 +66,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print("| question type | accuracy | n |\n|---|---|---|")
-        for task, r in report.items():
-            print(f"| {task} | {100 * r['accuracy']:.1f} % | {r['n']} |")
-        print("\n| question type | group | accuracy | n |\n|---|---|---|---|")
-        for task, r in report.items():
-            for group, g in r.get("groups", {}).items():
-                print(f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |")
+        task_rows, group_rows = table_rows(report)
+        print("| question type | accuracy | n |\n|---|---|---|", *task_rows, sep="\n")
+        print("\n| question type | group | accuracy | n |\n|---|---|---|---|", *group_rows, sep="\n")
     return 0
 
 
