@@ -141,6 +141,31 @@ class Hints(torch.nn.Module):
         return loss
 
 
+def step_gradients(model, hints: Hints, encoder: Encoder, samples: list[Sample]) -> tuple[float, float, torch.Tensor]:
+    """Accumulate one batch's gradients; return its answer loss, hint loss and per-sample accuracy.
+
+    Prompts with the same number of images have about the same length, so each such group runs as
+    its own pass and one-image prompts are not padded to the length of three-image ones (padding was
+    about a third of a mixed picture batch; its forward and backward took 0.42 s instead of 0.61 s).
+    Each group's losses count by its share of the batch's answer tokens, so the answer loss is the
+    one a single pass over the batch gives.
+    """
+    counts = np.array([len(s.images) for s in samples])
+    groups = [np.flatnonzero(counts == n) for n in np.unique(counts)]
+    batches = [encoder.batch([samples[i] for i in rows]) for rows in groups]
+    answer_tokens = [int((batch["labels"] != -100).sum()) for batch in batches]
+    loss = hint_loss = 0.0
+    correct = torch.empty(len(samples))
+    for rows, batch, tokens in zip(groups, batches, answer_tokens):
+        share = tokens / sum(answer_tokens)
+        result = model(**batch, output_hidden_states=True)
+        group_hint_loss = hints.loss(result.hidden_states[HINT_LAYER], batch, [samples[i] for i in rows], encoder)
+        (share * (result.loss + group_hint_loss)).backward()
+        loss, hint_loss = loss + share * result.loss.item(), hint_loss + share * group_hint_loss.item()
+        correct[rows] = answer_accuracy(result.logits.detach(), batch["labels"])
+    return loss, hint_loss, correct
+
+
 def pretrain_vision(model, rng, steps: int, batch_size: int, lr: float, image_size: int, log) -> None:
     """Stage 1: teach the vision encoder what a shape is and where, before it speaks through the decoder.
 
@@ -210,21 +235,15 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
         weights = np.array([TASK_WEIGHTS[t] for t in bucket])
         tasks = rng.choice(bucket, batch_size // 2 if video else batch_size, p=weights / weights.sum())
         samples = [TASKS[str(t)](rng) for t in tasks]
-        batch = encoder.batch(samples)
-        result = model(**batch, output_hidden_states=True)
-        hint_loss = hints.loss(result.hidden_states[HINT_LAYER], batch, samples, encoder)
         optimizer.zero_grad(set_to_none=True)
-        (result.loss + hint_loss).backward()
+        loss, hint_loss, correct = step_gradients(model, hints, encoder, samples)
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         if step % 25 == 0 or step == steps:
-            with torch.no_grad():
-                correct = answer_accuracy(result.logits, batch["labels"])
             by_task = {t: float(correct[tasks == t].mean()) for t in names if (tasks == t).any()}
-            history.append({"step": step, "loss": result.loss.item(), "hint_loss": hint_loss.item(),
-                            "batch_accuracy": by_task})
-            log(f"step {step}/{steps} loss {result.loss.item():.4f} hints {hint_loss.item():.4f} "
+            history.append({"step": step, "loss": loss, "hint_loss": hint_loss, "batch_accuracy": by_task})
+            log(f"step {step}/{steps} loss {loss:.4f} hints {hint_loss:.4f} "
                 f"{time.perf_counter() - started:.0f}s "
                 + " ".join(f"{t}={a:.2f}" for t, a in by_task.items()))
     minutes = (time.perf_counter() - started) / 60
