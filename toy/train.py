@@ -42,11 +42,12 @@ VISION = dict(image_size=112, patch_size=8, hidden_size=96, num_hidden_layers=4,
               intermediate_size=384)
 LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=4096)
-# How often each task is drawn. The questions that match a word of the question against the image
-# tokens (where, which_image) are learnt last, so they are drawn most; colour is learnt first.
-# (Drawing colour, shape, count and the clips at a quarter to a half, with the decoder's rate
-# doubled, lost shapes: 39 % instead of 99 %. Drawing which_image at 3 to 3.5 got it to 98.5-100 %
-# but left where at 69.5-91 %: within the budget the two compete; see the model card.)
+# How often each task is drawn, before its running error rate scales it (see ERROR_FLOOR). The
+# questions that match a word of the question against the image tokens (where, which_image) are
+# learnt last, so they weigh most; colour is learnt first. (With these weights fixed, drawing
+# which_image at 3 to 3.5 got it to 98.5-100 % but left where at 69.5-91 % in the 20 minutes: the
+# two competed for steps. Drawing colour, shape, count and the clips at a quarter to a half, with
+# the decoder's rate doubled, lost shapes: 39 % instead of 99 %.)
 TASK_WEIGHTS = {"color": 0.5, "shape": 1.0, "where": 2.0, "count": 1.5, "which_image": 2.0, "motion": 1.0,
                 "appear": 1.0}
 # Share of batches made of clips; a batch is all clips or all pictures (less padding). Clips cost 8
@@ -56,6 +57,10 @@ VISION_STEPS, VISION_LR = 800, 1e-3  # stage 1, see pretrain_vision: ~100 % of s
 # Curriculum: the decoder first has to learn to read the image tokens at all, which single-shape
 # colour and shape questions teach fastest (from random init, mixed tasks sat at chance for 500+ steps).
 FIRST_TASKS, FIRST_STEPS = ("color", "shape"), 200
+# Each task is drawn in proportion to its TASK_WEIGHTS times (its error rate on recent batches,
+# a running average at ERROR_RATE per batch, + ERROR_FLOOR): steps go to the questions not learnt
+# yet, whichever of where and which_image that is, and learnt ones are still rehearsed.
+ERROR_RATE, ERROR_FLOOR = 0.1, 0.1
 HINT_LAYER = 2  # stage 2's hints (see Hints) read the decoder's state after this many layers
 SUBJECTS = [*COLORS, *SHAPES]
 
@@ -228,11 +233,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
     names = np.array(list(TASK_WEIGHTS))
     buckets = [names[np.isin(names, VIDEO_TASKS, invert=not video)] for video in (False, True)]
     first = np.array(FIRST_TASKS)
+    errors = dict.fromkeys(TASK_WEIGHTS, 1.0)  # running share of wrong answers, per task (see ERROR_FLOOR)
     history = []
     for step in range(1, steps + 1):
         video = step > FIRST_STEPS and rng.random() < VIDEO_BATCHES
         bucket = buckets[1] if video else first if step <= FIRST_STEPS else buckets[0]
-        weights = np.array([TASK_WEIGHTS[t] for t in bucket])
+        weights = np.array([TASK_WEIGHTS[t] * (errors[t] + ERROR_FLOOR) for t in bucket])
         tasks = rng.choice(bucket, batch_size // 2 if video else batch_size, p=weights / weights.sum())
         samples = [TASKS[str(t)](rng) for t in tasks]
         optimizer.zero_grad(set_to_none=True)
@@ -240,12 +246,15 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
+        for t in set(tasks):
+            errors[t] += ERROR_RATE * (1 - float(correct[tasks == t].mean()) - errors[t])
         if step % 25 == 0 or step == steps:
             by_task = {t: float(correct[tasks == t].mean()) for t in names if (tasks == t).any()}
             history.append({"step": step, "loss": loss, "hint_loss": hint_loss, "batch_accuracy": by_task})
             log(f"step {step}/{steps} loss {loss:.4f} hints {hint_loss:.4f} "
                 f"{time.perf_counter() - started:.0f}s "
-                + " ".join(f"{t}={a:.2f}" for t, a in by_task.items()))
+                + " ".join(f"{t}={a:.2f}" for t, a in by_task.items())
+                + " errors " + " ".join(f"{e:.2f}" for e in errors.values()))
     minutes = (time.perf_counter() - started) / 60
     weights_out = {k: v.detach().float().numpy().astype(ml_dtypes.bfloat16) for k, v in original_state_dict(model).items()}
     save_file(weights_out, str(out / "model.safetensors"), metadata={"format": "pt"})
