@@ -254,7 +254,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
             log(f"step {step}/{steps} loss {loss:.4f} hints {hint_loss:.4f} "
                 f"{time.perf_counter() - started:.0f}s "
                 + " ".join(f"{t}={a:.2f}" for t, a in by_task.items())
-                + " errors " + " ".join(f"{e:.2f}" for e in errors.values()))
+                + " | error rates " + " ".join(f"{t}:{e:.2f}" for t, e in errors.items()))
     minutes = (time.perf_counter() - started) / 60
     weights_out = {k: v.detach().float().numpy().astype(ml_dtypes.bfloat16) for k, v in original_state_dict(model).items()}
     save_file(weights_out, str(out / "model.safetensors"), metadata={"format": "pt"})
