@@ -157,14 +157,15 @@ def step_gradients(model, hints: Hints, encoder: Encoder, samples: list[Sample])
     """
     counts = np.array([len(s.images) for s in samples])
     groups = [np.flatnonzero(counts == n) for n in np.unique(counts)]
-    batches = [encoder.batch([samples[i] for i in rows]) for rows in groups]
+    parts = [[samples[i] for i in rows] for rows in groups]
+    batches = [encoder.batch(part) for part in parts]
     answer_tokens = [int((batch["labels"] != -100).sum()) for batch in batches]
     loss = hint_loss = 0.0
     correct = torch.empty(len(samples))
-    for rows, batch, tokens in zip(groups, batches, answer_tokens):
+    for rows, part, batch, tokens in zip(groups, parts, batches, answer_tokens):
         share = tokens / sum(answer_tokens)
         result = model(**batch, output_hidden_states=True)
-        group_hint_loss = hints.loss(result.hidden_states[HINT_LAYER], batch, [samples[i] for i in rows], encoder)
+        group_hint_loss = hints.loss(result.hidden_states[HINT_LAYER], batch, part, encoder)
         (share * (result.loss + group_hint_loss)).backward()
         loss, hint_loss = loss + share * result.loss.item(), hint_loss + share * group_hint_loss.item()
         correct[rows] = answer_accuracy(result.logits.detach(), batch["labels"])
@@ -246,10 +247,10 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
-        for t in set(tasks):
-            errors[t] += ERROR_RATE * (1 - float(correct[tasks == t].mean()) - errors[t])
+        by_task = {t: float(correct[tasks == t].mean()) for t in names if (tasks == t).any()}
+        for t, accuracy in by_task.items():
+            errors[t] += ERROR_RATE * (1 - accuracy - errors[t])
         if step % 25 == 0 or step == steps:
-            by_task = {t: float(correct[tasks == t].mean()) for t in names if (tasks == t).any()}
             history.append({"step": step, "loss": loss, "hint_loss": hint_loss, "batch_accuracy": by_task})
             log(f"step {step}/{steps} loss {loss:.4f} hints {hint_loss:.4f} "
                 f"{time.perf_counter() - started:.0f}s "
