@@ -60,17 +60,16 @@ def main() -> int:
                                   "-p", "max_frame_age_s:=5.0"]))  # internvl-ask takes a moment to start
     answers = []
     try:
-        # Image mode: the camera loops the clip; any frame shows one red circle.
         # --wait-for-subscribers: frames published before the node has matched the player are lost.
-        camera = subprocess.Popen(show([BIN / "internvl-play-bag", bag, "--loop", "--restamp", "--wait-for-subscribers", "20"]),
-                                  stdout=subprocess.DEVNULL)
+        play = [BIN / "internvl-play-bag", bag, "--restamp", "--wait-for-subscribers", "20"]
+        # Image mode: the camera loops the clip; any frame shows one red circle.
+        camera = subprocess.Popen(show([*play, "--loop"]), stdout=subprocess.DEVNULL)
         answers += [ask(mode, q) for mode, q, _ in QUESTIONS if mode == "image"]
         camera.send_signal(2)
         camera.wait(20)
         # Video mode: the clip played once (a loop would jump back to the left), then asked at once.
         time.sleep(3.0)  # older frames leave the 3 s window
-        subprocess.run(show([BIN / "internvl-play-bag", bag, "--restamp", "--wait-for-subscribers", "20"]), check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(show(play), check=True, stdout=subprocess.DEVNULL)
         answers += [ask(mode, q) for mode, q, _ in QUESTIONS if mode == "video"]
     finally:
         node.send_signal(2)
