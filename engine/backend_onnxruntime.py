@@ -64,9 +64,8 @@ class OrtSession:
         self.bytes_moved += nbytes(feeds.values()) + nbytes(outputs)
         return outputs
 
-    def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> bool:
+    def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None:
         self._kv = HostKV(rows, kv_dim, dtype)
-        return True
 
     def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray:
         capacity = feeds["mask"].shape[2] - feeds["indices"].shape[1]

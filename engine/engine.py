@@ -70,7 +70,7 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
-                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: bool = True,
+                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: str = "auto",
                  prefix_reuse: bool = True):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():

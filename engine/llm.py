@@ -12,10 +12,12 @@ Layer models come in two kinds, told apart by their input shapes:
 builds the mask, positions and padded input the chosen group expects. The cache lives in the
 sessions' own buffers when every layer session supports it (``attach_kv``), so a decode step hands
 the backend only the new token's rows; otherwise, as the seed demo does, the engine keeps the cache
-and hands each run the full history.
+and hands each run the full history. ``resident_kv``: "auto" tries the first and falls back to the
+second with a logged warning, "on" requires the first, "off" takes the second without trying.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .errors import BackendError, ModelDirError, PromptTooLongError
 from .session import HostKV, Session
 
 MASK_BLOCKED = -65536.0  # additive mask value of the contract (exact in bf16)
+RESIDENT_KV = ("auto", "on", "off")
+log = logging.getLogger(__name__)
 
 
 def load_embeddings(path: Path, vocab_size: int, hidden_size: int) -> np.ndarray:
@@ -110,7 +114,7 @@ class LayerShapes:
 
 class LLM:
     def __init__(self, layers: Sequence[Session], post: Session, embeddings: np.ndarray, build: LayerBuild | None,
-                 kv_dim: int, dtype=np.float32, resident_kv: bool = True):
+                 kv_dim: int, dtype=np.float32, resident_kv: str = "auto"):
         self.layers, self.post, self.embeddings = list(layers), post, embeddings
         self.shapes = LayerShapes.read(self.layers[0])
         if self.shapes.dynamic and build is None:
@@ -120,12 +124,27 @@ class LLM:
         self.build = build or self.shapes.build()
         self.dtype = np.dtype(dtype)
         # Where the cache lives: in the sessions' buffers (new rows only per step), else here.
-        self.resident = resident_kv and all(layer.attach_kv(self.build.kv_cache_len, kv_dim, self.dtype)
-                                            for layer in self.layers)
+        self.resident = self._attach_kv(resident_kv, kv_dim)
         self.host_kv = [] if self.resident else [HostKV(self.build.kv_cache_len, kv_dim, self.dtype) for _ in layers]
         self.length = 0  # tokens held in the cache
         self.reused = 0  # prompt tokens the last prefill took from the cache
         self._prompt: np.ndarray | None = None  # the last prompt's embeddings, to find a shared prefix
+
+    def _attach_kv(self, mode: str, kv_dim: int) -> bool:
+        if mode not in RESIDENT_KV:
+            raise BackendError(f"resident_kv must be one of {', '.join(RESIDENT_KV)}, not {mode!r}")
+        if mode == "off":
+            return False
+        try:
+            for layer in self.layers:
+                layer.attach_kv(self.build.kv_cache_len, kv_dim, self.dtype)
+        except BackendError as e:
+            if mode == "on":
+                raise BackendError(f"resident_kv is on, but {e}") from e
+            log.warning("%s; the KV cache stays on the host and every run is handed the whole history "
+                        "(resident_kv=off skips this check)", e)
+            return False
+        return True
 
     def embed(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)

@@ -6,8 +6,8 @@ takes numpy arrays by input name and returns the outputs as a list in the model'
 mishandles output-name subsets, so outputs are always taken by position).
 
 Decoder-layer sessions can also keep the KV cache in their own input buffers, as pyaxengine does
-with its device buffers: ``attach_kv`` sizes them, ``run_resident`` runs a group on the rows already
-there and appends the new rows. ``bytes_moved`` counts what the engine hands to and takes from the
+with its device buffers: ``attach_kv`` sizes them (or raises BackendError saying why it cannot),
+``run_resident`` runs a group on the rows already there and appends the new rows. ``bytes_moved`` counts what the engine hands to and takes from the
 backend, so the timings can report host traffic per decode step.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Session(Protocol):
 
     def run(self, feeds: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]: ...
 
-    def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> bool: ...
+    def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None: ...
 
     def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray: ...
 

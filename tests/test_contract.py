@@ -94,7 +94,7 @@ def test_same_tokens_with_images(engine, contract_engine, count):
 
 
 def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_model, contract_engine):
-    seed_style = Engine(contract_model, resident_kv=False)
+    seed_style = Engine(contract_model, resident_kv="off")
     assert contract_engine.llm.resident and not seed_style.llm.resident
     ids = list(range(3, 203))
     moved = {}
