@@ -1,8 +1,13 @@
-"""Image and video preprocessing with numpy/OpenCV, following InternVL's own recipe.
+"""Image and video preprocessing, equal to InternVL's own (``load_image``, ``dynamic_preprocess``,
+``build_transform``).
 
-Images are RGB uint8 [H, W, 3]. Each image is split into 448x448 tiles by InternVL's dynamic
-tiling (closest aspect ratio, at most ``max_tiles`` tiles, plus a whole-image thumbnail when there
-is more than one tile), each tile resized bicubically and normalised with ImageNet statistics.
+Images are RGB uint8 [H, W, 3]. Each image is split into tiles of the model's image size (448 px
+for InternVL2.5-1B) by InternVL's dynamic tiling (closest aspect ratio, at most ``max_tiles``
+tiles, plus a whole-image thumbnail when there is more than one tile), resized with Pillow's
+bicubic filter as InternVL does (it widens with the scale factor, so a downscaled photo is smoothed
+first; OpenCV's INTER_CUBIC is not, and gives another picture), then scaled to [0, 1] and
+normalised with ImageNet statistics in torchvision's order of operations. Image files are read with
+Pillow too, as InternVL reads them (no EXIF rotation); video frames with OpenCV.
 """
 from __future__ import annotations
 
@@ -10,23 +15,24 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ImageError, VideoError
 
-_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
-_INV_STD = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255.0)
+_MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    if data is None:
+    """Read an image file as RGB uint8 (InternVL's ``Image.open(path).convert("RGB")``)."""
+    if not Path(path).is_file():
         raise ImageError(f"{path}: no such image file")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data: {e})") from None
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -58,26 +64,33 @@ def closest_grid(width: int, height: int, image_size: int, min_num: int, max_num
     return best
 
 
+def _resize(image: Image.Image, width: int, height: int) -> np.ndarray:
+    # Image.BICUBIC, not Image.Resampling.BICUBIC: Ubuntu 22.04's Pillow is 9.0, older than Resampling.
+    return np.asarray(image.resize((width, height), Image.BICUBIC))
+
+
 def tiles(image: np.ndarray, image_size: int, max_tiles: int = 1, min_tiles: int = 1,
           use_thumbnail: bool = True) -> list[np.ndarray]:
-    """InternVL's ``dynamic_preprocess``: RGB tiles of image_size x image_size."""
+    """InternVL's ``dynamic_preprocess``: RGB tiles of image_size x image_size, row by row."""
     image = as_rgb(image)
     h, w = image.shape[:2]
     if h == 0 or w == 0:
         raise ImageError("image has no pixels")
     cols, rows = closest_grid(w, h, image_size, min_tiles, max_tiles)
-    resized = cv2.resize(image, (cols * image_size, rows * image_size), interpolation=cv2.INTER_CUBIC)
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    resized = _resize(picture, cols * image_size, rows * image_size)
     out = [resized[r * image_size:(r + 1) * image_size, c * image_size:(c + 1) * image_size]
            for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(out) > 1:
-        out.append(cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_CUBIC))
+        out.append(_resize(picture, image_size, image_size))
     return out
 
 
 def normalize(tile_list: list[np.ndarray]) -> np.ndarray:
-    """RGB uint8 tiles -> float32 [N, 3, S, S] with ImageNet mean/std."""
-    x = (np.stack(tile_list).astype(np.float32) - _MEAN) * _INV_STD
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """RGB uint8 tiles -> float32 [N, 3, S, S]: torchvision's ToTensor (x / 255) then Normalize
+    ((x - mean) / std), in float32 and in that order, so the values are the same to the bit."""
+    x = np.stack(tile_list).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray((x - _MEAN) / _STD)
 
 
 def segment_centre_indices(num_frames: int, num_segments: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from images import numbered_frames, write_video
 
 from internvl_engine import ImageError, VideoError, load_image, load_video_frames
@@ -92,3 +93,71 @@ def test_unreadable_inputs_raise_specific_errors(tmp_path):
     cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
     with pytest.raises(VideoError):
         load_video_frames(empty)
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A textured, photo-like picture (gradients, edges, fine noise), JPEG-compressed as a camera's."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([127 + 100 * np.sin(x / (7 + c * 5) + y / (11 + c * 3)) for c in range(3)], axis=-1)
+    image = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    for _ in range(6):
+        cv2.circle(image, tuple(int(v) for v in rng.integers(0, [width, height])), int(rng.integers(5, 80)),
+                   tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> np.ndarray:
+    """InternVL2.5's own pipeline, step by step as its model card's load_image does it: PIL image,
+    dynamic_preprocess (closest grid among i x j <= max_num, bicubic resize, row-major crops,
+    thumbnail when split), then torchvision's ToTensor (/ 255) and Normalize ((x - mean) / std)."""
+    torch = pytest.importorskip("torch")
+    picture = Image.fromarray(image).convert("RGB")
+    width, height = picture.size
+    grids = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if 1 <= i * j <= max_num}, key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(width / height - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * input_size * input_size * cols * rows:
+            best = (cols, rows)
+    cols, rows = best
+    resized = picture.resize((input_size * cols, input_size * rows))  # Pillow's default filter: bicubic
+    crops = [resized.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
+             for r in range(rows) for c in range(cols)]
+    if len(crops) > 1:
+        crops.append(picture.resize((input_size, input_size)))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    tensors = [torch.from_numpy(np.array(c)).permute(2, 0, 1).float().div(255).sub_(mean).div_(std) for c in crops]
+    return torch.stack(tensors).numpy()
+
+
+@pytest.mark.parametrize("width, height", [(1920, 1080), (640, 480), (480, 640), (1000, 300), (448, 448), (97, 33)])
+@pytest.mark.parametrize("max_tiles", [1, 6, 12])
+def test_pixel_values_equal_internvl_preprocessing(width, height, max_tiles):
+    image = photo(width, height, seed=width + height)
+    ours = normalize(tiles(image, 448, max_tiles))
+    theirs = internvl_pixel_values(image, 448, max_tiles)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_opencv_bicubic_would_differ():
+    """What the test above guards against: OpenCV's bicubic does not smooth when it shrinks, so a
+    downscaled photo reaches the model as another picture."""
+    image = photo(1920, 1080, seed=1)
+    opencv = normalize([cv2.resize(image, (448, 448), interpolation=cv2.INTER_CUBIC)])
+    assert np.abs(opencv - normalize(tiles(image, 448, 1))).mean() > 0.1  # 0.19 standard deviations here
+
+
+def test_load_image_reads_as_internvl_does(tmp_path):
+    image = photo(320, 240, seed=7)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(image).save(path, quality=80)
+    np.testing.assert_array_equal(load_image(path), np.asarray(Image.open(path).convert("RGB")))
+    Image.fromarray(image).convert("L").save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").shape == (240, 320, 3)
