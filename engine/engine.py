@@ -6,6 +6,7 @@ one thread at a time; another thread may stop a generation between tokens throug
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
-from .errors import InvalidRequestError, ModelDirError
+from .errors import InvalidRequestError, ModelDirError, PromptTooLongError
 from .llm import LLM, load_embeddings
-from .preprocess import normalize, tiles
+from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IMG_CONTEXT, TextStream, Tokenizer
 from .sampling import GenerationConfig, Sampler
 from .session import open_session, resolve_backend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Timings:
     decode_ms_per_token: float = 0.0
     decode_tokens_per_s: float = 0.0
     decode_bytes_per_token: float = 0.0  # handed to and taken from the backend per decode step
+    frames_dropped: int = 0  # video frames left out so the prompt fits the model build (Answer.frames_used)
     total_ms: float = 0.0
 
 
@@ -52,6 +56,7 @@ class Answer:
     token_ids: list[int]  # generated, without the stop token
     timings: Timings
     finish_reason: str  # "stop" | "length" | "cancelled"
+    frames_used: list[int] = field(default_factory=list)  # indices of the request's images or frames in the prompt
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Prompt:
     embeds: np.ndarray  # [T, H] with image features spliced in
     vit_ms: list[float]
     pixel_values: np.ndarray | None  # [tiles, 3, S, S], kept for reference checks
+    frames_used: list[int]  # indices of the request's images or video frames in the prompt, in order
 
 
 class Engine:
@@ -93,7 +99,9 @@ class Engine:
                        resident_kv)
 
     def prepare(self, request: Request) -> Prompt:
-        """Tokens and input embeddings for a request, image features spliced in after each ``<img>``."""
+        """Tokens and input embeddings for a request, image features spliced in after each ``<img>``.
+        A video with more frames than the model build's prompt limit takes fewer frames, spread
+        over the clip (at least 2); images are never dropped."""
         if not request.question or not request.question.strip():
             raise InvalidRequestError("the question is empty")
         if request.images and request.video_frames:
@@ -101,31 +109,48 @@ class Engine:
         if request.max_tiles < 1:
             raise InvalidRequestError("max_tiles must be >= 1")
         video = bool(request.video_frames)
-        max_tiles = 1 if video else request.max_tiles
-        per_image = [tiles(im, self.spec.image_size, max_tiles, self.spec.min_dynamic_patch, self.spec.use_thumbnail)
-                     for im in (request.video_frames or request.images)]
+        pictures = list(request.video_frames or request.images)
+        per_image = [tiles(im, self.spec.image_size, 1 if video else request.max_tiles, self.spec.min_dynamic_patch,
+                           self.spec.use_thumbnail) for im in pictures]
         system = self.system_prompt if request.system_prompt is None else request.system_prompt
-        ids = self.tokenizer.encode_chat(system, request.question.strip(), [len(t) for t in per_image],
-                                         self.spec.num_image_token, video)
+        used = list(range(len(pictures)))
+
+        def encode(indices: list[int]) -> list[int]:
+            return self.tokenizer.encode_chat(system, request.question.strip(), [len(per_image[i]) for i in indices],
+                                              self.spec.num_image_token, video)
+
+        ids = encode(used)
+        limit = self.llm.build.max_prompt_tokens
+        if video and len(ids) > limit:
+            for count in range(len(pictures) - 1, 1, -1):
+                fewer = segment_centre_indices(len(pictures), count)
+                if len(ids := encode(fewer)) <= limit:
+                    log.warning("video: %d frames make a prompt over this model build's limit of %d tokens; "
+                                "using %d of them, spread over the clip", len(pictures), limit, count)
+                    used = fewer
+                    break
+            else:
+                raise PromptTooLongError(f"even 2 video frames make a prompt of {len(encode([0, 1]))} tokens; this "
+                                         f"model build accepts at most {limit}")
         self.llm.check_prompt_length(len(ids))  # before paying for the image encoder
 
         embeds = self.llm.embed(ids)
         vit_ms, features, pixel_values = [], [], None
-        if per_image and self.vit is None:
+        if used and self.vit is None:
             raise InvalidRequestError("this model directory has no image encoder: give the ViT model "
                                       "(--vit_model, or a *vit*.axmodel file in the directory)")
-        if per_image:
-            pixel_values = normalize([t for image_tiles in per_image for t in image_tiles])
+        if used:
+            pixel_values = normalize([t for i in used for t in per_image[i]])
             tile = 0
-            for image_tiles in per_image:
+            for i in used:
                 started = time.perf_counter()
-                for _ in image_tiles:
+                for _ in per_image[i]:
                     features.append(self.vit.run({"image": pixel_values[tile:tile + 1]})[0][0])
                     tile += 1
                 vit_ms.append((time.perf_counter() - started) * 1e3)
             positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.ids[IMG_CONTEXT])
             embeds[positions] = np.concatenate(features)
-        return Prompt(ids, embeds, vit_ms, pixel_values)
+        return Prompt(ids, embeds, vit_ms, pixel_values, used)
 
     def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Iterator[str | Answer]:
@@ -135,7 +160,8 @@ class Engine:
         text = TextStream(self.tokenizer)
         seen = list(prompt.token_ids)
         generated: list[int] = []
-        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids))
+        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
+                          frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)
 
         t0 = time.perf_counter()
         token = sampler(self.llm.prefill(prompt.embeds, self.prefix_reuse), seen)
@@ -167,7 +193,7 @@ class Engine:
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
             timings.decode_bytes_per_token = (self.llm.bytes_moved() - bytes_before) / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
-        yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason)
+        yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason, prompt.frames_used)
 
     def answer(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Answer:

@@ -140,7 +140,9 @@ class InternVLNode(Node):
                 frames = self.cameras.clip(now, s.max_frame_age_s, s.window_s, s.num_frames)
             else:
                 frames = []
-            info["frames"] = "; ".join(f"{f.topic}@{f.stamp:.3f} (age {now - f.stamp:.2f} s)" for f in frames)
+            describe = lambda chosen: "; ".join(f"{f.topic}@{f.stamp:.3f} (age {now - f.stamp:.2f} s)"  # noqa: E731
+                                                for f in chosen)
+            info["frames"] = describe(frames)
             images = [self._convert(f) for f in frames]
             request = Request(job.question, images=images if s.mode == "image" else (),
                               video_frames=images if s.mode == "video" else (), max_tiles=s.max_tiles,
@@ -163,6 +165,13 @@ class InternVLNode(Node):
             self._report_error(job, f"cancelled: {job.cancel_reason or 'stopped'}", info, level=WARN)
             return
         self._answer_pub.publish(String(data=answer.text))
+        if t.frames_dropped:  # the model build's prompt limit holds fewer frames than video.num_frames
+            info.update(frames=describe([frames[i] for i in answer.frames_used]), frames_dropped=str(t.frames_dropped))
+            message = (f"answered from {len(answer.frames_used)} of {len(frames)} frames: more do not fit the model "
+                       f"build's prompt limit (lower video.num_frames, or build for longer prompts)")
+            self.get_logger().warning(f"request {job.id}: {message}")
+            self._diagnose(job, WARN, message, info)
+            return
         self._diagnose(job, OK, "answered", info)
 
     def _convert(self, frame: Frame):

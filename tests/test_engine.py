@@ -187,3 +187,37 @@ def test_export_refuses_a_non_checkpoint(tmp_path):
     (hf / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ModelDirError, match="safetensors"):
         run_export(hf, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def short_prompt_engine(tiny_hf, tmp_path_factory):
+    """A build whose prompt limit (160 tokens) holds about three 16-token frames."""
+    from internvl_engine.config import LayerBuild
+
+    out = tmp_path_factory.mktemp("short_prompt")
+    export(tiny_hf, out, LayerBuild(prefill_chunk=16, kv_cache_len=255, max_prompt_tokens=160), log=lambda *_: None)
+    return Engine(out)
+
+
+def test_a_long_video_uses_the_frames_that_fit(short_prompt_engine, caplog):
+    frames = [noise_image(48, 64, seed=40 + i) for i in range(8)]
+    with caplog.at_level("WARNING", logger="internvl_engine.engine"):
+        answer = short_prompt_engine.answer(Request("Which way?", video_frames=frames), GenerationConfig(max_new_tokens=3))
+    used = answer.frames_used
+    assert 2 <= len(used) < 8 and used == sorted(used) and answer.timings.frames_dropped == 8 - len(used)
+    assert used[0] <= 1 and used[-1] >= 6  # spread over the clip, not its start
+    assert len(answer.timings.vit_ms) == len(used)
+    assert answer.timings.prefill_tokens <= 160
+    assert f"8 frames make a prompt over this model build's limit of 160 tokens; using {len(used)}" in caplog.text
+    only_those = short_prompt_engine.answer(Request("Which way?", video_frames=[frames[i] for i in used]),
+                                            GenerationConfig(max_new_tokens=3))
+    assert only_those.token_ids == answer.token_ids and only_those.timings.frames_dropped == 0
+    assert only_those.frames_used == list(range(len(used)))
+
+
+def test_a_video_refused_only_when_two_frames_do_not_fit(short_prompt_engine):
+    frames = [noise_image(48, 64, seed=i) for i in range(8)]
+    with pytest.raises(PromptTooLongError, match="even 2 video frames make a prompt of .* at most 160"):
+        short_prompt_engine.answer(Request("Which way? " * 12, video_frames=frames))
+    with pytest.raises(PromptTooLongError, match="at most 160"):  # images are never dropped
+        short_prompt_engine.answer(Request("Which one?", images=frames))
