@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "internvl-infer = internvl_engine.cli:main",
+            "internvl-doctor = internvl_engine.doctor:main",
             "internvl-export = internvl_engine.export:main",
             "internvl-bench = internvl_engine.bench:main",
             "internvl-fidelity = internvl_engine.fidelity:main",

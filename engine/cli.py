@@ -10,37 +10,60 @@ import argparse
 import dataclasses
 import itertools
 import json
+import logging
 import sys
 from pathlib import Path
 
+from .backend_axengine import PROVIDERS
 from .config import DEFAULT_SYSTEM_PROMPT
 from .engine import Answer, Engine, Request
 from .errors import InternVLError, ModelDirError
+from .llm import RESIDENT_KV
 from .preprocess import load_image, load_video_frames
 from .sampling import GenerationConfig
-from .backend_axengine import PROVIDERS
 from .session import BACKENDS
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """Where the model is and how to run it (the seed's flag names work too)."""
+    ap.add_argument("--model-dir", "--model_dir", type=Path,
+                    help="model directory: internvl-export output, or a Pulsar2 axmodel directory")
+    ap.add_argument("--axmodel-path", "--axmodel_path", type=Path, help="the seed's name for --model-dir")
+    ap.add_argument("--hf-model", "--hf_model", type=Path,
+                    help="original checkpoint whose config and tokenizer to use (needed for a Pulsar2 directory)")
+    ap.add_argument("--vit-model", "--vit_model", type=Path,
+                    help="ViT model file to use instead of the model directory's (for the same backend)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="auto (default): axengine for a directory of .axmodel files, else onnxruntime")
+    ap.add_argument("--provider", choices=PROVIDERS,
+                    help="axengine provider (default: the first available: on-board NPU, then PCIe card)")
+    ap.add_argument("--resident-kv", "--resident_kv", choices=RESIDENT_KV, default="auto",
+                    help="keep the KV cache in the backend's buffers: auto (default: if a trial run agrees with "
+                         "the plain path), on (required), off (hand every run the whole cache, as the seed does)")
+    ap.add_argument("--threads", type=int, help="CPU threads per session (default: all cores)")
+
+
+def open_engine(args, **engine_args) -> Engine:
+    model_dir = args.model_dir or args.axmodel_path
+    if model_dir is None:
+        raise ModelDirError("give --model-dir (or the seed's --axmodel_path): the model directory")
+    return Engine(model_dir, backend=args.backend, threads=args.threads, tokenizer_dir=args.hf_model,
+                  vit_model=args.vit_model, provider=args.provider, resident_kv=args.resident_kv, **engine_args)
+
+
+def log_to_stderr(prog: str) -> None:
+    """Warnings (a fallback, frames left out of a video) as one line each on stderr."""
+    logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="internvl-infer", description="Ask InternVL2.5 about images or a video.")
-    ap.add_argument("--model-dir", "--model_dir", type=Path,
-                    help="exported model directory (internvl-export output: manifest, models, tokenizer)")
-    ap.add_argument("--axmodel-path", "--axmodel_path", type=Path, help="seed name for the model directory")
-    ap.add_argument("--hf-model", "--hf_model", type=Path,
-                    help="original checkpoint whose tokenizer to use instead of the model directory's")
-    ap.add_argument("--vit-model", "--vit_model", type=Path,
-                    help="ViT model file to use instead of the model directory's (for the same backend)")
+    add_model_arguments(ap)
     ap.add_argument("-q", "--question", required=True, help="the question")
     ap.add_argument("-i", "--images", nargs="+", default=[], type=Path, help="image files")
     ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
     ap.add_argument("--segments", type=int, default=8, help="frames sampled from the video (default 8)")
     ap.add_argument("--max-tiles", "--max_tiles", type=int, default=1, help="dynamic tiles per image (default 1)")
-    ap.add_argument("--backend", choices=BACKENDS, default="auto",
-                    help="auto (default): axengine for a directory of .axmodel files, else onnxruntime")
-    ap.add_argument("--provider", choices=PROVIDERS,
-                    help="axengine provider (default: the first available: on-board NPU, then PCIe card)")
-    ap.add_argument("--threads", type=int, help="CPU threads per session (default: all cores)")
     ap.add_argument("--system-prompt", "--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
     g = GenerationConfig()
     ap.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=g.max_new_tokens)
@@ -65,17 +88,13 @@ def timing_table(answer: Answer) -> str:
 
 
 def run(args) -> int:
-    model_dir = args.model_dir or args.axmodel_path
-    if model_dir is None:
-        raise ModelDirError("give --model-dir (or the seed's --axmodel_path): the exported model directory")
     if args.video and args.images:
         raise InternVLError("give either --images or --video, not both")
     images = [load_image(p) for p in args.images]
     frames = load_video_frames(args.video, args.segments) if args.video else []
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    engine = Engine(model_dir, backend=args.backend, threads=args.threads, system_prompt=args.system_prompt,
-                    tokenizer_dir=args.hf_model, vit_model=args.vit_model, provider=args.provider)
+    engine = open_engine(args, system_prompt=args.system_prompt)
     request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
     if args.json:
         answer = engine.answer(request, config)
@@ -95,7 +114,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.segments < 1:
+        ap.error("--segments must be >= 1")
+    log_to_stderr(ap.prog)
     try:
         return run(args)
     except InternVLError as e:

@@ -122,6 +122,11 @@ class LLM:
         if not self.shapes.dynamic and build not in (None, self.shapes.build()):
             raise BackendError(f"the manifest says {build}, the layer models' shape groups say {self.shapes.build()}")
         self.build = build or self.shapes.build()
+        decode = self.layers[0].groups[self.shapes.decode.index]
+        for name, want in (("K_cache", kv_dim), ("V_cache", kv_dim), ("input", embeddings.shape[1])):
+            if decode[name][-1] != want:
+                raise ModelDirError(f"the layer models' {name} has {decode[name][-1]} columns, config.json says {want}: "
+                                    "config.json and the models are not of the same checkpoint")
         self.dtype = np.dtype(dtype)
         # Where the cache lives: in the sessions' buffers (new rows only per step), else here.
         self.resident = self._attach_kv(resident_kv, kv_dim)

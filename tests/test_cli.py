@@ -91,3 +91,22 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, a
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("internvl-infer: error: ") and message in lines[0]
+
+
+def test_segments_below_one_is_a_usage_error(tiny_model, tmp_path):
+    video = write_video(tmp_path / "clip.avi", numbered_frames(10))
+    proc = run(BIN / "internvl-infer", "--model-dir", tiny_model, "-q", "What?", "-v", video, "--segments", "0",
+               check=False)
+    assert proc.returncode == 2 and "--segments must be >= 1" in proc.stderr and "no frames" not in proc.stderr
+
+
+def test_doctor_on_a_cpu_export(tiny_model, tmp_path):
+    proc = run(BIN / "internvl-doctor", "--model-dir", tiny_model)
+    assert proc.stdout.splitlines()[-1].startswith("all ") and "backend onnxruntime" in proc.stdout
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in tiny_model.iterdir():
+        if p.name != "post.onnx":
+            (broken / p.name).write_bytes(p.read_bytes())
+    proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
+    assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and "post.onnx" in proc.stdout
