@@ -45,12 +45,12 @@ class InternVLNode(Node):
         super().__init__("internvl", **kwargs)
         params.declare(self)
         p = {name: self.get_parameter(name).value
-             for name in ("model_dir", "hf_model", "vit_model", "backend", "provider", "threads")}
+             for name in ("model_dir", "hf_model", "vit_model", "backend", "provider", "resident_kv", "threads")}
         if not p["model_dir"]:
             raise InternVLError("parameter model_dir is not set (the internvl-export output directory)")
         self.engine = Engine(p["model_dir"], backend=p["backend"], threads=p["threads"] or None,
                              tokenizer_dir=p["hf_model"] or None, vit_model=p["vit_model"] or None,
-                             provider=p["provider"] or None)
+                             provider=p["provider"] or None, resident_kv=p["resident_kv"])
 
         reliable = QoSProfile(depth=RELIABLE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._stream_pub = self.create_publisher(String, "answer/stream", reliable)

@@ -11,6 +11,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 
 from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InternVLError, InvalidRequestError
+from internvl_engine.llm import RESIDENT_KV
 from internvl_engine.session import BACKENDS
 
 MODES = ("image", "video", "text")
@@ -36,6 +37,9 @@ PARAMETERS = {
                 {"read_only": True}),
     "provider": ("", "axengine provider: AxEngineExecutionProvider (on-board NPU) or AXCLRTExecutionProvider "
                  "(PCIe card); empty: the first available.", {"read_only": True}),
+    "resident_kv": ("auto", "Keep the KV cache in the backend's buffers: auto (if a trial run at start-up agrees with "
+                    "the plain path), on (required), off (hand every run the whole cache, as the seed demo).",
+                    {"read_only": True}),
     "threads": (0, "CPU threads per model session (0: all cores).", {"read_only": True, **_int(0, 256)}),
     "image_topics": (["image_raw"], "Camera topics (relative names); one ending in /compressed is a "
                      "sensor_msgs/CompressedImage topic.", {"read_only": True}),
@@ -77,7 +81,8 @@ def declare(node: Node) -> None:
 
 def _validate(params) -> SetParametersResult:
     for p in params:
-        allowed = {"mode": MODES, "on_busy": BUSY_POLICIES, "camera_qos": CAMERA_QOS, "backend": BACKENDS}.get(p.name)
+        allowed = {"mode": MODES, "on_busy": BUSY_POLICIES, "camera_qos": CAMERA_QOS, "backend": BACKENDS,
+                   "resident_kv": RESIDENT_KV}.get(p.name)
         if allowed and p.value not in allowed:
             return SetParametersResult(successful=False, reason=f"{p.name} must be one of {', '.join(allowed)}")
         if p.name == "top_p" and p.value <= 0:
