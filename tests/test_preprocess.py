@@ -108,11 +108,20 @@ def photo(width: int, height: int, seed: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def to_tensor_normalize(crop: Image.Image) -> np.ndarray:
+    """torchvision's ToTensor then Normalize, elementwise in float32 as torch computes them (checked
+    against torch below): divide by 255, subtract the mean, divide by the std."""
+    x = np.asarray(crop).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    return (x - np.float32(IMAGENET_MEAN).reshape(3, 1, 1)) / np.float32(IMAGENET_STD).reshape(3, 1, 1)
+
+
 def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> np.ndarray:
     """InternVL2.5's own pipeline, step by step as its model card's load_image does it: PIL image,
     dynamic_preprocess (closest grid among i x j <= max_num, bicubic resize, row-major crops,
-    thumbnail when split), then torchvision's ToTensor (/ 255) and Normalize ((x - mean) / std)."""
-    torch = pytest.importorskip("torch")
+    thumbnail when split), then ToTensor and Normalize."""
     picture = Image.fromarray(image).convert("RGB")
     width, height = picture.size
     grids = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
@@ -130,10 +139,15 @@ def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> n
              for r in range(rows) for c in range(cols)]
     if len(crops) > 1:
         crops.append(picture.resize((input_size, input_size)))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    tensors = [torch.from_numpy(np.array(c)).permute(2, 0, 1).float().div(255).sub_(mean).div_(std) for c in crops]
-    return torch.stack(tensors).numpy()
+    return np.stack([to_tensor_normalize(c) for c in crops])
+
+
+def test_the_reference_arithmetic_is_torchvisions():
+    torch = pytest.importorskip("torch")
+    crop = Image.fromarray(photo(64, 48, seed=3))
+    tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
+    tensor = tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    np.testing.assert_array_equal(to_tensor_normalize(crop), tensor.numpy())
 
 
 @pytest.mark.parametrize("width, height", [(1920, 1080), (640, 480), (480, 640), (1000, 300), (448, 448), (97, 33)])
