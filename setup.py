@@ -14,7 +14,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=["internvl_engine", "internvl_toy", PACKAGE],
-    package_dir={"internvl_engine": "engine", "internvl_toy": "toy", PACKAGE: PACKAGE},
+    package_dir={"internvl_engine": "engine", "internvl_toy": "toy"},  # internvl_ros is where setuptools looks
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
