@@ -119,14 +119,17 @@ def _message_class(msgtype: str):
 
 def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = False,
              wait_for_subscribers_s: float = 0.0, subscribers: int = 1, remap: dict[str, str] | None = None,
-             node=None) -> int:
+             clock_hz: float = 0.0, node=None) -> int:
     """Publish a bag's messages with their recorded spacing (divided by ``rate``); returns the count.
 
     Before playing, waits up to ``wait_for_subscribers_s`` for every topic to have ``subscribers``
-    matched subscriptions (the node, and a recorder too if one listens)."""
+    matched subscriptions (the node, and a recorder too if one listens). With ``clock_hz``, the bag's
+    time is published on /clock at that rate (and with every message), as ``ros2 bag play --clock``
+    does, so nodes with use_sim_time take the recorded stamps as current."""
     import rclpy
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
+    from rosgraph_msgs.msg import Clock
 
     remap = remap or {}
     own = node is None
@@ -134,6 +137,8 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
         rclpy.init()
         node = rclpy.create_node("internvl_play_bag")
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)) \
+        if clock_hz > 0 else None
     sent = 0
     try:
         with Reader(path) as reader:
@@ -146,12 +151,26 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                                                           for p, _ in publishers.values()):
                 time.sleep(0.05)
             while True:
-                started, first = time.monotonic(), None
+                started, first = time.monotonic(), reader.start_time
+                next_tick = started
+
+                def publish_clock(ns: int) -> None:
+                    clock.publish(Clock(clock=_stamp_msg(ns)))
+
                 for connection, ns, raw in reader.messages():
-                    first = ns if first is None else first
-                    delay = started + (ns - first) * 1e-9 / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    while True:  # sleep until the message is due, ticking /clock on the way
+                        now = time.monotonic()
+                        due = started + (ns - first) * 1e-9 / rate
+                        if clock is not None and next_tick <= min(now, due):
+                            publish_clock(first + int((next_tick - started) * rate * 1e9))
+                            next_tick += 1 / clock_hz
+                            continue
+                        wake = min(due, next_tick) if clock is not None else due
+                        if now >= due:
+                            break
+                        time.sleep(max(0.0, wake - now))
+                    if clock is not None:
+                        publish_clock(ns)
                     publisher, cls = publishers[connection.topic]
                     if restamp and hasattr(cls, "header"):
                         msg = deserialize_message(bytes(raw), cls)
@@ -170,6 +189,12 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     return sent
 
 
+def _stamp_msg(ns: int):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
 def play_bag_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="internvl-play-bag", description="Replay a rosbag2 into live topics.")
     ap.add_argument("bag", type=Path)
@@ -182,15 +207,20 @@ def play_bag_main(argv=None) -> int:
     ap.add_argument("--subscribers", type=int, default=1, metavar="N",
                     help="how many subscribers each topic waits for (with --wait-for-subscribers; default 1)")
     ap.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
+    ap.add_argument("--clock", type=float, nargs="?", const=40.0, default=0.0, metavar="HZ",
+                    help="publish the bag's time on /clock (default 40 Hz), as ros2 bag play --clock does, for "
+                         "nodes that run with use_sim_time")
     args = ap.parse_args(argv)
     if args.rate <= 0:
         ap.error("--rate must be > 0")
     if args.subscribers < 1:
         ap.error("--subscribers must be >= 1")
+    if args.clock < 0:
+        ap.error("--clock must be > 0 Hz")
     remap = dict(r.split(":=", 1) for r in args.remap)
     try:
         sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, args.subscribers,
-                        remap)
+                        remap, args.clock)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # rosbags raises its own errors for missing or unreadable bags

@@ -6,6 +6,7 @@ the node keeps serving.
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import deque
@@ -247,6 +248,9 @@ def main(args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # ros2 launch without a TTY forwards a SIGINT the process group already got: a second one must
+        # not cut the clean-up short with a KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         node.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -1,7 +1,6 @@
 """Shared fixtures. Every test process keeps DDS on loopback and gets its own ROS domain."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -41,16 +40,20 @@ def engine(tiny_model):
     return Engine(tiny_model)
 
 
+def needs_torch():
+    """Skip a test that needs torch and transformers (requirements/dev.txt), where they are missing (a board)."""
+    pytest.importorskip("torch", reason="needs torch (requirements/dev.txt): transformers' InternVL is the reference")
+    pytest.importorskip("transformers", reason="needs transformers (requirements/dev.txt)")
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_hf, engine):
+    needs_torch()
     from internvl_engine.reference import load_reference
 
     return load_reference(tiny_hf, engine.tokenizer.ids["<IMG_CONTEXT>"])
 
 
-# tests/launch needs launch_testing and `ros2 bag` from a ROS 2 install (`colcon test`); they cannot
-# be installed from PyPI, so here that folder is left to a ROS 2 machine.
-collect_ignore = [] if importlib.util.find_spec("launch_testing") else ["launch"]
+# tests/launch holds launch_testing files, run by tests/test_launch.py with the launch_test command;
 # tests/axboard runs only under tests/test_board.py, once per pyaxengine version over the board stand-in.
-if not os.environ.get("AXSTANDIN_VERSION"):
-    collect_ignore.append("axboard")
+collect_ignore = ["launch"] + ([] if os.environ.get("AXSTANDIN_VERSION") else ["axboard"])

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from conftest import needs_torch
+
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
 ENGINE_FIGURES = FIGURES | {"host_overhead_ms", "host_overhead_pct", "bytes_per_token", "second_question_ttft_ms",
                             "second_question_ttft_no_reuse_ms", "second_question_reused_tokens",
@@ -17,6 +19,7 @@ def bench(*args):
 
 
 def test_json_has_every_figure_and_the_ratios(tiny_model, tiny_hf, tmp_path):
+    needs_torch()
     plot = tmp_path / "bench.png"
     run = bench("--model-dir", tiny_model, "--hf-model", tiny_hf, "--images", 0, 2, "--decode-tokens", 3,
                 "--repeats", 2, "--warmup", 1, "--compare", "transformers", "--json", "--plot", plot)

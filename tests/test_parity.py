@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from conftest import TEST_CHUNK
 from images import noise_image
-from internvl_engine.reference import reference_image_features, reference_logits
-
 from internvl_engine import GenerationConfig, Request
 
 TOL = 1e-3
@@ -16,6 +14,8 @@ NEW_TOKENS = 6
 
 
 def assert_matches_reference(engine, reference, request: Request):
+    from internvl_engine.reference import reference_logits  # torch: imported once a test has its reference
+
     answer = engine.answer(request, GenerationConfig(max_new_tokens=NEW_TOKENS))
     prompt = engine.prepare(request)
     assert prompt.token_ids == answer.prompt_token_ids
@@ -84,6 +84,8 @@ def test_prompt_spanning_several_chunks(engine, reference):
 
 
 def test_vit_features_equal_reference(engine, reference):
+    from internvl_engine.reference import reference_image_features
+
     prompt = engine.prepare(Request("?", images=[noise_image(112, 112, seed=3)]))
     features = engine.vit.run({"image": prompt.pixel_values})[0]
     np.testing.assert_allclose(features, reference_image_features(reference, prompt.pixel_values), atol=1e-4)

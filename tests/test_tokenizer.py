@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
+from conftest import needs_torch
 
 from internvl_engine import ModelDirError
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
@@ -21,6 +21,9 @@ TEXTS = [
 
 
 def test_tokenizer_matches_transformers(tiny_hf):
+    needs_torch()
+    from transformers import AutoTokenizer
+
     ours, theirs = Tokenizer(tiny_hf), AutoTokenizer.from_pretrained(str(tiny_hf))
     for text in TEXTS:
         ids = ours.encode(text)

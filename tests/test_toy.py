@@ -13,11 +13,11 @@ import pytest
 import rclpy
 from ros_harness import BIN, ROOT, compressed_msg, image_msg
 from test_node import deliver, running_node
+from conftest import needs_torch
 from test_parity import assert_matches_reference
 
 from internvl_engine import Engine, Request
 from internvl_engine.export import export
-from internvl_engine.reference import load_reference
 from internvl_ros.bags import write_bag
 from internvl_toy.evaluate import accuracy, table_rows
 from internvl_toy.scenes import CLIP_FRAMES, TASKS, VIDEO_TASKS, Shape, moving_clip, render
@@ -48,6 +48,9 @@ def ros():
 
 
 def test_parity_with_transformers(toy_engine):
+    needs_torch()
+    from internvl_engine.reference import load_reference
+
     reference = load_reference(TOY, toy_engine.tokenizer.ids["<IMG_CONTEXT>"])
     assert_matches_reference(toy_engine, reference, Request("What color is the shape?", images=[RED_CIRCLE]))
     clip = moving_clip("square", "blue", "left")
