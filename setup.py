@@ -22,6 +22,7 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
     ],
     install_requires=["setuptools"],
+    extras_require={"test": ["pytest"]},  # colcon test runs pytest (not unittest) for this
     zip_safe=True,
     maintainer="internvl_ros developers",
     maintainer_email="dev@internvl-ros.local",

@@ -20,6 +20,10 @@ class NoFreshFrameError(Exception):
     """No camera has a frame recent enough; the message says which are stale and by how much."""
 
 
+class NotEnoughFramesError(Exception):
+    """Video mode, but the camera's window holds fewer than 2 frames."""
+
+
 class Camera:
     def __init__(self, topic: str):
         self.topic = topic
@@ -69,16 +73,21 @@ class Cameras:
             raise NoFreshFrameError("no fresh camera frame: " + "; ".join(stale))
         return fresh[:max_images]
 
-    def clip(self, now: float, max_age_s: float, window_s: float, num_frames: int) -> list[Frame]:
-        """Video mode: ``num_frames`` frames sampled uniformly (segment centres) from the window of
-        the first camera whose latest frame is fresh, in time order."""
+    def clip(self, now: float, max_age_s: float, num_frames: int) -> list[Frame]:
+        """Video mode: ``num_frames`` frames sampled uniformly (segment centres), in time order, from
+        the buffered window (the last ``video.window_s`` seconds of frames) of the first camera whose
+        latest frame is fresh. A window of fewer than 2 frames is no video: that is an error."""
         with self._lock:
             stale = []
             for camera in self.cameras:
                 if why := camera.staleness(now, max_age_s):
                     stale.append(why)
                     continue
-                window = [f for f in camera.history if f.stamp >= now - window_s] or [camera.latest]
+                window = list(camera.history)
+                if len(window) < 2:
+                    raise NotEnoughFramesError(f"video mode needs at least 2 frames: the window of {camera.topic} "
+                                               f"holds {len(window)} (a camera that just started, or sends too "
+                                               "rarely for video.window_s)")
                 if len(window) <= num_frames:
                     return window
                 return [window[i] for i in segment_centre_indices(len(window), num_frames)]

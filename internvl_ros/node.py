@@ -24,7 +24,7 @@ from std_msgs.msg import Header, String
 from internvl_engine import Engine, InternVLError, InvalidRequestError, Request
 
 from . import params
-from .cameras import Cameras, Frame, NoFreshFrameError
+from .cameras import Cameras, Frame, NoFreshFrameError, NotEnoughFramesError
 from .image_msgs import ImageConversionError, to_rgb
 
 ERROR_PREFIX = "ERROR: "
@@ -138,7 +138,7 @@ class InternVLNode(Node):
             if s.mode == "image":
                 frames = self.cameras.latest_frames(now, s.max_frame_age_s, s.max_images)
             elif s.mode == "video":
-                frames = self.cameras.clip(now, s.max_frame_age_s, s.window_s, s.num_frames)
+                frames = self.cameras.clip(now, s.max_frame_age_s, s.num_frames)
             else:
                 frames = []
             describe = lambda chosen: "; ".join(f"{f.topic}@{f.stamp:.3f} (age {now - f.stamp:.2f} s)"  # noqa: E731
@@ -153,7 +153,7 @@ class InternVLNode(Node):
                     self._stream_pub.publish(String(data=item))
                 else:
                     answer = item
-        except (InternVLError, NoFreshFrameError, ImageConversionError, ValueError) as e:
+        except (InternVLError, NoFreshFrameError, NotEnoughFramesError, ImageConversionError, ValueError) as e:
             self._report_error(job, str(e), info)
             return
         t = answer.timings

@@ -1,6 +1,6 @@
 """The demo behind ``make demo``: the ROS 2 node on the trained toy checkpoint (models/internvl-toy),
-a generated clip of a red circle moving right played as a camera, questions in image mode and in
-video mode, streamed answers and diagnostics, and a check that the answers are right.
+a camera recording of a red circle and a clip of it moving right, played as a camera, questions in
+image mode and in video mode, streamed answers and diagnostics, and a check that the answers are right.
 
 No real InternVL weights exist here; the toy model is InternVL2.5's architecture at toy size,
 trained on generated scenes of coloured shapes, so its answers show that the whole path
@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from internvl_ros.bags import write_bag
-from internvl_toy.scenes import moving_clip
+from internvl_toy.scenes import Shape, moving_clip, render
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "models" / "internvl-toy"
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
 FPS = 10.0
+WINDOW_S = 3.0  # video.window_s: longer than the 2.4 s clip
 QUESTIONS = [("image", "What color is the shape?", "red"), ("image", "What shape is it?", "circle"),
              ("image", "How many shapes are there?", "one"), ("video", "Which way does the circle move?", "right")]
 
@@ -46,30 +47,35 @@ def main() -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-    model, bag = WORK / "toy_onnx", WORK / "clip_bag"
+    model, still_bag, clip_bag = WORK / "toy_onnx", WORK / "still_bag", WORK / "clip_bag"
     manifest = model / "manifest.json"
     if not manifest.is_file() or manifest.stat().st_mtime < (TOY / "model.safetensors").stat().st_mtime:
         subprocess.run(show([BIN / "internvl-export", "--hf-model", TOY, "--out", model]), check=True)
-    if not bag.exists():
+    if not still_bag.exists():
+        picture = render([Shape("circle", "red", 0.5, 0.5, 0.25)])
+        write_bag(still_bag, [(i / FPS, picture) for i in range(10)])
+        print(f"\nwrote a 1 s camera recording of a red circle to {still_bag}")
+    if not clip_bag.exists():
         clip = moving_clip("circle", "red", "right", frames=24)
-        write_bag(bag, [(i / FPS, frame) for i, frame in enumerate(clip)])
-        print(f"\nwrote a {len(clip) / FPS:.1f} s clip of a red circle moving right to {bag}")
+        write_bag(clip_bag, [(i / FPS, frame) for i, frame in enumerate(clip)])
+        print(f"wrote a {len(clip) / FPS:.1f} s clip of a red circle moving right to {clip_bag}")
 
     node = subprocess.Popen(show([BIN / "internvl_node", "--ros-args", "--params-file", ROOT / "config" / "internvl.yaml",
-                                  "-p", f"model_dir:={model}", "-p", "max_new_tokens:=8", "-p", "video.window_s:=3.0",
-                                  "-p", "max_frame_age_s:=5.0"]))  # internvl-ask takes a moment to start
+                                  "-p", f"model_dir:={model}", "-p", "max_new_tokens:=8",
+                                  "-p", f"video.window_s:={WINDOW_S}", "-p", "max_frame_age_s:=5.0"]))
     answers = []
     try:
         # --wait-for-subscribers: frames published before the node has matched the player are lost.
-        play = [BIN / "internvl-play-bag", bag, "--restamp", "--wait-for-subscribers", "20"]
-        # Image mode: the camera loops the clip; any frame shows one red circle.
-        camera = subprocess.Popen(show([*play, "--loop"]), stdout=subprocess.DEVNULL)
+        play = [BIN / "internvl-play-bag", "--restamp", "--wait-for-subscribers", "30"]
+        # Image mode: the camera keeps showing the red circle.
+        camera = subprocess.Popen(show([*play, still_bag, "--loop"]), stdout=subprocess.DEVNULL)
         answers += [ask(mode, q) for mode, q, _ in QUESTIONS if mode == "image"]
         camera.send_signal(2)
         camera.wait(20)
-        # Video mode: the clip played once (a loop would jump back to the left), then asked at once.
-        time.sleep(3.0)  # older frames leave the 3 s window
-        subprocess.run(show(play), check=True, stdout=subprocess.DEVNULL)
+        # Video mode: the clip played once; the node keeps the camera's last video.window_s seconds, so
+        # the question sees the whole clip as long as its last frame is fresh (max_frame_age_s).
+        time.sleep(WINDOW_S)  # the still picture leaves the window
+        subprocess.run(show([*play, clip_bag]), check=True, stdout=subprocess.DEVNULL)
         answers += [ask(mode, q) for mode, q, _ in QUESTIONS if mode == "video"]
     finally:
         node.send_signal(2)
