@@ -40,7 +40,7 @@ def peak_rss_mb() -> float:
 
 def engine_runs(model_dir: str, hf_model: str | None, vit_model: str | None, backend: str, threads: int | None,
                 image_counts: list[int], decode_tokens: int, repeats: int, warmup: int) -> dict:
-    from .engine import Engine, Request
+    from .engine import Engine, Request, argmax, generate_step
 
     engine = Engine(model_dir, backend=backend, threads=threads, tokenizer_dir=hf_model, vit_model=vit_model)
     llm = engine.llm
@@ -50,16 +50,13 @@ def engine_runs(model_dir: str, hf_model: str | None, vit_model: str | None, bac
         runs = []
         for repeat in range(warmup + repeats):
             prompt = engine.prepare(Request(QUESTION, images=images))
-            started = time.perf_counter()
-            token = int(np.argmax(llm.prefill(prompt.embeds, reuse_prefix=False)))
-            ttft = time.perf_counter() - started
-            steps, overhead, moved = [], [], []
-            for _ in range(decode_tokens):
-                busy, sent, started = llm.backend_seconds(), llm.bytes_moved(), time.perf_counter()
-                token = int(np.argmax(llm.decode(token)))
-                steps.append(time.perf_counter() - started)
-                overhead.append(steps[-1] - (llm.backend_seconds() - busy))
-                moved.append(llm.bytes_moved() - sent)
+            generation = generate_step(llm, prompt.embeds, argmax, reuse_prefix=False)
+            ttft = next(generation).seconds
+            decode = [next(generation) for _ in range(decode_tokens)]
+            generation.close()
+            steps = [s.seconds for s in decode]
+            overhead = [s.seconds - s.backend_seconds for s in decode]
+            moved = [s.bytes_moved for s in decode]
             second = engine.prepare(Request(SECOND_QUESTION, images=images))
             started = time.perf_counter()
             llm.prefill(second.embeds, reuse_prefix=True)

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
     ap.add_argument("--segments", type=int, default=8, help="frames sampled from the video (default 8)")
     ap.add_argument("--max-tiles", "--max_tiles", type=int, default=1, help="dynamic tiles per image (default 1)")
+    ap.add_argument("--choices", type=lambda text: text.split(","), default=[], metavar="A,B,...",
+                    help="answer with the most likely of these comma-separated choices, with their probabilities")
     ap.add_argument("--system-prompt", "--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
     g = GenerationConfig()
     ap.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=g.max_new_tokens)
@@ -95,12 +97,15 @@ def run(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     engine = open_engine(args, system_prompt=args.system_prompt)
-    request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles)
+    request = Request(args.question, images=images, video_frames=frames, max_tiles=args.max_tiles,
+                      choices=args.choices)
     if args.json:
         answer = engine.answer(request, config)
-        print(json.dumps({"text": answer.text, "prompt_token_ids": answer.prompt_token_ids,
-                          "token_ids": answer.token_ids, "timings": dataclasses.asdict(answer.timings)},
-                         ensure_ascii=False))
+        result = {"text": answer.text, "prompt_token_ids": answer.prompt_token_ids, "token_ids": answer.token_ids,
+                  "timings": dataclasses.asdict(answer.timings)}
+        if args.choices:
+            result |= {"choice_index": answer.choice_index, "choice_probabilities": answer.choice_probabilities}
+        print(json.dumps(result, ensure_ascii=False))
         return 0
     items = engine.stream(request, config)
     first = next(items)  # request errors surface here, before anything is printed
@@ -109,6 +114,8 @@ def run(args) -> int:
         if isinstance(item, str):
             print(item, end="", flush=True)
         else:
+            if args.choices:
+                print("\n" + "  ".join(f"{c}: {p:.3f}" for c, p in zip(args.choices, item.choice_probabilities)), end="")
             print(f"\n[{item.finish_reason}]\n\n{timing_table(item)}")
     return 0
 

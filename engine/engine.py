@@ -1,16 +1,21 @@
 """The engine: tokenize -> preprocess -> encode images -> prefill -> decode -> stream.
 
-``Engine.stream(request)`` is a generator of text chunks (``str``) that ends with one ``Answer``
-carrying the prompt and generated token ids, the full text and the timings. One engine is used by
-one thread at a time; another thread may stop a generation between tokens through ``cancel``.
+``generate_step`` is the one token-level loop: prefill, then one ``Step`` per token (its logits,
+the chosen token, the time and bytes of the model call), each token fed back. ``Engine.stream``
+builds on it: a generator of text chunks (``str``) that ends with one ``Answer`` carrying the prompt
+and generated token ids, the full text and the timings; the benchmark, the fidelity report and the
+tests build on it too. With ``Request.choices`` the answer is instead the choice the model finds
+most likely (``score_choices``). One engine is used by one thread at a time; another thread may
+stop a generation between tokens through ``cancel``.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,7 @@ from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
 from .errors import InvalidRequestError, ModelDirError, PromptTooLongError
 from .llm import LLM, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
-from .prompt import IMG_CONTEXT, TextStream, Tokenizer
+from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
 from .sampling import GenerationConfig, Sampler
 from .session import open_session, resolve_backend
 
@@ -33,6 +38,7 @@ class Request:
     video_frames: Sequence[np.ndarray] = ()  # RGB frames in time order, one tile each
     max_tiles: int = 1  # dynamic tiling limit per image (InternVL's max_num)
     system_prompt: str | None = None  # None: the engine's default
+    choices: Sequence[str] = ()  # answer with the most likely of these (empty: a free answer)
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Answer:
     timings: Timings
     finish_reason: str  # "stop" | "length" | "cancelled"
     frames_used: list[int] = field(default_factory=list)  # indices of the request's images or frames in the prompt
+    choice_index: int = -1  # with choices: the chosen one
+    choice_probabilities: list[float] = field(default_factory=list)  # with choices: one per choice, summing to 1
 
 
 @dataclass
@@ -66,6 +74,72 @@ class Prompt:
     vit_ms: list[float]
     pixel_values: np.ndarray | None  # [tiles, 3, S, S], kept for reference checks
     frames_used: list[int]  # indices of the request's images or video frames in the prompt, in order
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token of a generation: ``token`` was chosen from ``logits``, which the model gave after the
+    prompt and the tokens before it."""
+
+    token: int
+    logits: np.ndarray
+    seconds: float  # the model call that gave the logits (the prefill for the first token) and the choice
+    bytes_moved: int  # handed to and taken from the backend by that call
+    backend_seconds: float  # of ``seconds``, the time inside backend calls
+
+
+def generate_step(llm: LLM, embeds: np.ndarray, choose: Callable[[np.ndarray], int],
+                  reuse_prefix: bool = True) -> Iterator[Step]:
+    """Prefill the prompt ``embeds``, then decode: one Step per token, each chosen token (``choose``
+    maps logits to a token: a sampler, argmax, or a teacher's next token) fed back, until the
+    consumer stops or the KV cache is full."""
+    feed = None
+    while True:
+        started, moved, busy = time.perf_counter(), llm.bytes_moved(), llm.backend_seconds()
+        logits = llm.prefill(embeds, reuse_prefix) if feed is None else llm.decode(feed)
+        feed = choose(logits)
+        yield Step(feed, logits, time.perf_counter() - started, llm.bytes_moved() - moved,
+                   llm.backend_seconds() - busy)
+        if llm.full:
+            return
+
+
+def argmax(logits: np.ndarray) -> int:
+    """Greedy choice, for ``generate_step``."""
+    return int(np.argmax(logits))
+
+
+def greedy_tokens(llm: LLM, embeds: np.ndarray, count: int) -> list[int]:
+    """The first ``count`` greedy tokens after the prompt (stop tokens included, as chosen)."""
+    return [step.token for step in islice(generate_step(llm, embeds, argmax, reuse_prefix=False), count)]
+
+
+def forced_logits(llm: LLM, embeds: np.ndarray, tokens: Sequence[int]) -> list[np.ndarray]:
+    """Teacher forcing: the logits after the prompt and after each of ``tokens`` fed in turn."""
+    feed = iter(tokens)
+    steps = generate_step(llm, embeds, lambda _: next(feed, -1), reuse_prefix=False)
+    return [step.logits for step in islice(steps, len(tokens) + 1)]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.asarray(logits, np.float64) - np.max(logits)
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def score_choices(llm: LLM, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int) -> np.ndarray:
+    """Log-probability of each choice as the whole answer: its tokens, then ``end``, after the prompt
+    already in the cache (whose logits are ``prompt_logits``). The prompt's K/V are computed once and
+    kept; each choice overwrites only the rows after them."""
+    start = llm.length
+    scores = []
+    for tokens in choices:
+        llm.rewind(start)
+        logp = _log_softmax(prompt_logits)[tokens[0]]
+        for token, following in zip(tokens, [*tokens[1:], end]):
+            logp += _log_softmax(llm.decode(token))[following]
+        scores.append(logp)
+    llm.rewind(start)
+    return np.array(scores)
 
 
 class Engine:
@@ -155,45 +229,68 @@ class Engine:
     def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Iterator[str | Answer]:
         started = time.perf_counter()
+        if any(not c.strip() for c in request.choices):
+            raise InvalidRequestError("choices must not be empty strings")
+        choices = [self.tokenizer.encode(c.strip(), markup=False) for c in request.choices]
         prompt = self.prepare(request)
+        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
+                          frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)
+        if choices:
+            yield from self._choose(request, prompt, choices, timings, started)
+            return
         sampler = Sampler(config)
         text = TextStream(self.tokenizer)
         seen = list(prompt.token_ids)
         generated: list[int] = []
-        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
-                          frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)
-
-        t0 = time.perf_counter()
-        token = sampler(self.llm.prefill(prompt.embeds, self.prefix_reuse), seen)
-        timings.ttft_ms = (time.perf_counter() - t0) * 1e3
-        timings.reused_tokens = self.llm.reused
-        decode_s, bytes_before = 0.0, self.llm.bytes_moved()
-        while True:
-            if token in self.tokenizer.stop_ids:
+        decode_s, decode_bytes = 0.0, 0
+        reason = "length"  # if the KV cache fills
+        steps = generate_step(self.llm, prompt.embeds, lambda logits: sampler(logits, seen), self.prefix_reuse)
+        for index, step in enumerate(steps):
+            if index == 0:
+                timings.ttft_ms, timings.reused_tokens = step.seconds * 1e3, self.llm.reused
+            else:
+                decode_s, decode_bytes = decode_s + step.seconds, decode_bytes + step.bytes_moved
+                timings.decode_tokens += 1
+            if step.token in self.tokenizer.stop_ids:
                 reason = "stop"
                 break
-            generated.append(token)
-            seen.append(token)
-            if chunk := text.push(token):
+            generated.append(step.token)
+            seen.append(step.token)
+            if chunk := text.push(step.token):
                 yield chunk
-            if len(generated) >= config.max_new_tokens or self.llm.full:
-                reason = "length"
+            if len(generated) >= config.max_new_tokens:
                 break
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
-            t0 = time.perf_counter()
-            token = sampler(self.llm.decode(token), seen)
-            decode_s += time.perf_counter() - t0
-            timings.decode_tokens += 1
         if chunk := text.flush():
             yield chunk
         if timings.decode_tokens:
             timings.decode_ms_per_token = decode_s * 1e3 / timings.decode_tokens
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
-            timings.decode_bytes_per_token = (self.llm.bytes_moved() - bytes_before) / timings.decode_tokens
+            timings.decode_bytes_per_token = decode_bytes / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
         yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason, prompt.frames_used)
+
+    def _choose(self, request: Request, prompt: Prompt, choices: list[list[int]], timings: Timings,
+                started: float) -> Iterator[str | Answer]:
+        """The choice the model finds most likely as the whole answer, streamed as one chunk."""
+        t0 = time.perf_counter()
+        logits = self.llm.prefill(prompt.embeds, self.prefix_reuse)
+        timings.reused_tokens = self.llm.reused
+        if self.llm.length + max(len(c) for c in choices) + 1 > self.llm.build.kv_cache_len:
+            raise PromptTooLongError(f"the prompt and the longest choice exceed the KV cache of "
+                                     f"{self.llm.build.kv_cache_len} tokens")
+        scores = score_choices(self.llm, logits, choices, self.tokenizer.ids[IM_END])
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        best = int(np.argmax(scores))
+        timings.ttft_ms = (time.perf_counter() - t0) * 1e3  # to the answer: the prefill and the scoring
+        text = request.choices[best].strip()
+        yield text
+        timings.total_ms = (time.perf_counter() - started) * 1e3
+        yield Answer(text, prompt.token_ids, choices[best], timings, "stop", prompt.frames_used, best,
+                     [float(p) for p in probabilities])
 
     def answer(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Answer:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine, Request
+from .engine import Engine, Request, argmax, forced_logits, generate_step
 from .errors import InternVLError
 
 
@@ -34,12 +34,14 @@ def prompt_set() -> list[tuple[str, Request]]:
 
 def greedy(engine: Engine, embeds: np.ndarray, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens (as ``Engine.answer`` with the default config) and the logits that chose them."""
-    logits, tokens = [engine.llm.prefill(embeds, reuse_prefix=False)], []
-    while (token := int(np.argmax(logits[-1]))) not in engine.tokenizer.stop_ids:
-        tokens.append(token)
+    tokens, logits = [], []
+    for step in generate_step(engine.llm, embeds, argmax, reuse_prefix=False):
+        logits.append(step.logits)
+        if step.token in engine.tokenizer.stop_ids:
+            break
+        tokens.append(step.token)
         if len(tokens) >= new_tokens:
             break
-        logits.append(engine.llm.decode(token))
     return tokens, logits
 
 
@@ -49,8 +51,7 @@ def compare(reference: Engine, candidate: Engine, new_tokens: int = 16) -> dict:
         candidate_embeds = candidate.prepare(request).embeds  # each engine encodes the images once
         tokens, ref_logits = greedy(reference, reference.prepare(request).embeds, new_tokens)
         ref_logits = ref_logits[:max(len(tokens), 1)]  # the steps that chose the tokens
-        cand_logits = [candidate.llm.prefill(candidate_embeds, reuse_prefix=False)]
-        cand_logits += [candidate.llm.decode(t) for t in tokens[:-1]]
+        cand_logits = forced_logits(candidate.llm, candidate_embeds, tokens[:-1])
         cos = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ref_logits, cand_logits)]
         agree = [int(np.argmax(a) == np.argmax(b)) for a, b in zip(ref_logits, cand_logits)]
         own, _ = greedy(candidate, candidate_embeds, new_tokens)

@@ -197,6 +197,12 @@ class LLM:
         shared = m if same.all() else int(np.argmin(same))
         return shared if self.shapes.dynamic else min(shared, self.shapes.prefill[-1].capacity)
 
+    def rewind(self, length: int) -> None:
+        """Forget the cached tokens after the first ``length`` (their rows are overwritten next)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length} of {self.length} cached tokens")
+        self.length = length
+
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token at the next position; return its logits."""
         return self._logits(self._forward(self.embed([token_id])))

@@ -3,13 +3,18 @@
 Content layout follows InternVL's own chat code: images come before the question, one
 ``<image>`` placeholder per image (``Image-1: <image>`` when several), video frames as
 ``Frame1: <image>`` ...; each placeholder becomes ``<img>`` + tiles x N ``<IMG_CONTEXT>`` + ``</img>``.
+
+The question is text: chat or image markup typed in it (``<|im_end|>``, ``<img>``) is encoded as
+the characters it is, never as the special tokens the template uses, so whoever can ask a question
+cannot end the user turn or rewrite the system prompt (transformers calls this splitting special
+tokens).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import InvalidRequestError, ModelDirError
+from .errors import ModelDirError
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -19,21 +24,31 @@ def image_placeholder(tiles: int, tokens_per_tile: int) -> str:
     return IMG_START + IMG_CONTEXT * (tiles * tokens_per_tile) + IMG_END
 
 
-def user_content(question: str, image_tiles: list[int], tokens_per_tile: int, video: bool = False) -> str:
+def image_lines(image_tiles: list[int], tokens_per_tile: int, video: bool = False) -> str:
+    """One line per image (tiles per image) or video frame, placeholders expanded."""
     if video:
         labels = [f"Frame{i + 1}: " for i in range(len(image_tiles))]
     elif len(image_tiles) > 1:
         labels = [f"Image-{i + 1}: " for i in range(len(image_tiles))]
     else:
         labels = [""] * len(image_tiles)
-    images = "".join(f"{label}{image_placeholder(n, tokens_per_tile)}\n" for label, n in zip(labels, image_tiles))
-    return images + question
+    return "".join(f"{label}{image_placeholder(n, tokens_per_tile)}\n" for label, n in zip(labels, image_tiles))
+
+
+def user_content(question: str, image_tiles: list[int], tokens_per_tile: int, video: bool = False) -> str:
+    return image_lines(image_tiles, tokens_per_tile, video) + question
+
+
+def chat_turns(system_prompt: str) -> tuple[str, str]:
+    """The ``internvl2_5`` template (Qwen chat markup) around the user's content: what comes before
+    it and what comes after it, ready for the assistant's reply."""
+    system = f"{IM_START}system\n{system_prompt}{IM_END}\n" if system_prompt else ""
+    return f"{system}{IM_START}user\n", f"{IM_END}\n{IM_START}assistant\n"
 
 
 def chat_prompt(system_prompt: str, content: str) -> str:
-    """The ``internvl2_5`` template (Qwen chat markup), ready for the assistant's reply."""
-    system = f"{IM_START}system\n{system_prompt}{IM_END}\n" if system_prompt else ""
-    return f"{system}{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
+    before, after = chat_turns(system_prompt)
+    return before + content + after
 
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer uses the same expression).
@@ -104,20 +119,26 @@ class Tokenizer:
             raise ModelDirError(f"tokenizer lacks the special token {token!r}")
         return token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, markup: bool = True) -> list[int]:
+        """``markup``: special-token text (``<|im_end|>``) becomes the special token; False keeps it
+        as plain characters (for what a user typed)."""
+        self._tok.encode_special_tokens = not markup
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode_chat(self, system_prompt: str, question: str, image_tiles: list[int], tokens_per_tile: int,
                     video: bool = False) -> list[int]:
-        """Token ids of the whole chat prompt: system turn, images (tiles per image) or frames, question."""
-        ids = self.encode(chat_prompt(system_prompt, user_content(question, image_tiles, tokens_per_tile, video)))
-        found = sum(1 for i in ids if i == self.ids[IMG_CONTEXT])
-        if found != tokens_per_tile * sum(image_tiles):
-            raise InvalidRequestError("the question contains image markup tokens (<img>, <IMG_CONTEXT>); remove them")
-        return ids
+        """Token ids of the whole chat prompt: system turn, images (tiles per image) or frames, then
+        the question as plain text. The pieces meet where the pre-tokenizer splits anyway (after a
+        newline, before a special token), so the ids are those of the whole prompt string."""
+        before, after = chat_turns(system_prompt)
+        return (self.encode(before + image_lines(image_tiles, tokens_per_tile, video))
+                + self.encode(question, markup=False) + self.encode(after))
 
 
 class TextStream:

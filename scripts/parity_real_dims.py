@@ -20,6 +20,7 @@ from internvl_engine.reference import load_reference, reference_logits  # noqa: 
 
 from internvl_engine import Engine, GenerationConfig, Request  # noqa: E402
 from internvl_engine.cli import timing_table  # noqa: E402
+from internvl_engine.engine import forced_logits  # noqa: E402
 from internvl_engine.export import export  # noqa: E402
 from internvl_engine.make_tiny import make_tiny  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> int:
         prompt = engine.prepare(request)
         ref = reference_logits(reference, answer.prompt_token_ids + answer.token_ids, prompt.pixel_values)
         n = len(prompt.token_ids)
-        logits = [engine.llm.prefill(prompt.embeds, reuse_prefix=False)] + [engine.llm.decode(t) for t in answer.token_ids[:-1]]
+        logits = forced_logits(engine.llm, prompt.embeds, answer.token_ids[:-1])
         diffs = [float(np.abs(row - ref[n - 1 + i]).max()) for i, row in enumerate(logits)]
         argmax_ok = [bool(ref[n - 1 + i][t] >= ref[n - 1 + i].max() - 1e-3) for i, t in enumerate(answer.token_ids)]
         ok &= all(argmax_ok) and max(diffs) <= 1e-3

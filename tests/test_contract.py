@@ -14,6 +14,7 @@ from images import noise_image
 
 from internvl_engine import Engine, GenerationConfig, PromptTooLongError, Request
 from internvl_engine.config import LayerBuild, ModelLayout
+from internvl_engine.engine import forced_logits, greedy_tokens
 from internvl_engine.errors import BackendError, ModelDirError
 from internvl_engine.export import export, save_embeddings_bf16
 from internvl_engine.llm import load_embeddings
@@ -60,21 +61,13 @@ def test_groups_have_the_contract_shapes(contract_model, contract_engine, engine
     assert contract_engine.llm.shapes.build() == BUILD
 
 
-def teacher_forced(llm, embeds, tokens):
-    """Logits after the prompt and after each of ``tokens``."""
-    return [llm.prefill(embeds, reuse_prefix=False)] + [llm.decode(t) for t in tokens]
-
-
 @pytest.mark.parametrize("n", [127, 128, 129, 256])
 def test_same_logits_at_chunk_boundaries(engine, contract_engine, n):
     rng = np.random.default_rng(n)
     ids = rng.integers(0, 500, n).tolist()
-    dynamic = teacher_forced(engine.llm, engine.llm.embed(ids), [])
-    tokens = [int(np.argmax(dynamic[0]))]
-    for _ in range(5):  # greedy continuation on the dynamic path
-        tokens.append(int(np.argmax(engine.llm.decode(tokens[-1]))))
-    dynamic = teacher_forced(engine.llm, engine.llm.embed(ids), tokens[:-1])
-    fixed = teacher_forced(contract_engine.llm, contract_engine.llm.embed(ids), tokens[:-1])
+    tokens = greedy_tokens(engine.llm, engine.llm.embed(ids), 6)  # on the dynamic path
+    dynamic = forced_logits(engine.llm, engine.llm.embed(ids), tokens[:-1])
+    fixed = forced_logits(contract_engine.llm, contract_engine.llm.embed(ids), tokens[:-1])
     assert [int(np.argmax(row)) for row in fixed] == tokens
     for step, (a, b) in enumerate(zip(fixed, dynamic)):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=f"step {step}, prompt of {n} tokens")
@@ -86,8 +79,8 @@ def test_same_tokens_with_images(engine, contract_engine, count):
     answer = engine.answer(request, GenerationConfig(max_new_tokens=8))
     prompt = contract_engine.prepare(request)
     assert prompt.token_ids == answer.prompt_token_ids
-    fixed = teacher_forced(contract_engine.llm, prompt.embeds, answer.token_ids[:-1])
-    dynamic = teacher_forced(engine.llm, engine.prepare(request).embeds, answer.token_ids[:-1])
+    fixed = forced_logits(contract_engine.llm, prompt.embeds, answer.token_ids[:-1])
+    dynamic = forced_logits(engine.llm, engine.prepare(request).embeds, answer.token_ids[:-1])
     assert [int(np.argmax(row)) for row in fixed] == answer.token_ids
     np.testing.assert_allclose(np.array(fixed), np.array(dynamic), atol=TOL, rtol=0)
     assert contract_engine.answer(request, GenerationConfig(max_new_tokens=8)).token_ids == answer.token_ids

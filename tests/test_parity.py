@@ -8,6 +8,7 @@ import pytest
 from conftest import TEST_CHUNK
 from images import noise_image
 from internvl_engine import GenerationConfig, Request
+from internvl_engine.engine import forced_logits
 
 TOL = 1e-3
 NEW_TOKENS = 6
@@ -27,8 +28,7 @@ def assert_matches_reference(engine, reference, request: Request):
         row = ref[n - 1 + step]
         assert row[token] >= row.max() - TOL, f"step {step}: token {token} is not the reference argmax"
     # Logits: the engine's own prefill and decode steps, fed the same tokens.
-    logits = [engine.llm.prefill(prompt.embeds, reuse_prefix=False)]
-    logits += [engine.llm.decode(t) for t in answer.token_ids[:-1]]
+    logits = forced_logits(engine.llm, prompt.embeds, answer.token_ids[:-1])
     for step, row in enumerate(logits):
         np.testing.assert_allclose(row, ref[n - 1 + step], atol=TOL, rtol=0, err_msg=f"logits at step {step}")
     return answer

@@ -15,16 +15,12 @@ from images import noise_image
 
 from internvl_engine import BackendError, Engine, GenerationConfig, Request
 from internvl_engine import backend_axengine
+from internvl_engine.engine import forced_logits, greedy_tokens
 
 # Tolerance for bf16 I/O against fp32: the layers' hidden states, K/V and mask are bf16 on the NPU.
 # Measured on this checkpoint: at most 0.011 with logits up to 4.3, cosine >= 0.999995.
 ATOL, MIN_COSINE = 0.03, 0.9999
 TOKENS = 6
-
-
-def forced_logits(engine: Engine, embeds: np.ndarray, tokens: list[int]) -> list[np.ndarray]:
-    """Logits after the prompt and after each of ``tokens``."""
-    return [engine.llm.prefill(embeds, reuse_prefix=False)] + [engine.llm.decode(t) for t in tokens]
 
 
 def assert_close(board: list[np.ndarray], cpu: list[np.ndarray], what: str) -> None:
@@ -39,8 +35,8 @@ def assert_follows_cpu(board_engine: Engine, cpu_engine: Engine, request: Reques
     answer = cpu_engine.answer(request, GenerationConfig(max_new_tokens=TOKENS))
     prompt = board_engine.prepare(request)
     assert prompt.token_ids == answer.prompt_token_ids
-    assert_close(forced_logits(board_engine, prompt.embeds, answer.token_ids[:-1]),
-                 forced_logits(cpu_engine, cpu_engine.prepare(request).embeds, answer.token_ids[:-1]), repr(request.question))
+    assert_close(forced_logits(board_engine.llm, prompt.embeds, answer.token_ids[:-1]),
+                 forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, answer.token_ids[:-1]), repr(request.question))
 
 
 def test_the_stand_in_is_an_ax650_with_both_providers(board_engine):
@@ -65,11 +61,9 @@ def test_logits_follow_the_cpu(board_engine, cpu_engine, name, request_):
 @pytest.mark.parametrize("n", [127, 128, 129, 256])
 def test_logits_follow_the_cpu_at_chunk_boundaries(board_engine, cpu_engine, n):
     ids = np.random.default_rng(n).integers(0, 500, n).tolist()
-    tokens = [int(np.argmax(cpu_engine.llm.prefill(cpu_engine.llm.embed(ids), reuse_prefix=False)))]
-    for _ in range(TOKENS - 1):
-        tokens.append(int(np.argmax(cpu_engine.llm.decode(tokens[-1]))))
-    assert_close(forced_logits(board_engine, board_engine.llm.embed(ids), tokens),
-                 forced_logits(cpu_engine, cpu_engine.llm.embed(ids), tokens), f"{n}-token prompt")
+    tokens = greedy_tokens(cpu_engine.llm, cpu_engine.llm.embed(ids), TOKENS)
+    assert_close(forced_logits(board_engine.llm, board_engine.llm.embed(ids), tokens),
+                 forced_logits(cpu_engine.llm, cpu_engine.llm.embed(ids), tokens), f"{n}-token prompt")
 
 
 def test_every_image_keeps_its_own_features(board_engine, cpu_engine):
@@ -178,11 +172,11 @@ def test_the_stand_in_catches_what_the_board_would(board_model, tiny_hf, cpu_eng
     """Negative controls: each defect the issue names, put back, makes the answers wrong here."""
     request = Request("Describe the images.", images=[noise_image(64, 64, seed=30 + i) for i in range(4)])
     tokens = cpu_engine.answer(request, GenerationConfig(max_new_tokens=3)).token_ids
-    expected = forced_logits(cpu_engine, cpu_engine.prepare(request).embeds, tokens)
+    expected = forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, tokens)
 
     def first_logits(**engine_args):  # after the prompt and after each greedy token: prefill and decode
         engine = Engine(board_model, tokenizer_dir=tiny_hf, **engine_args)
-        return forced_logits(engine, engine.prepare(request).embeds, tokens)
+        return forced_logits(engine.llm, engine.prepare(request).embeds, tokens)
 
     with monkeypatch.context() as m:  # a flush range two bytes short, with nothing checking it first
         m.setattr(backend_axengine._BoardBuffers, "write", _flush_short)
