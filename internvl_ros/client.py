@@ -1,7 +1,14 @@
-"""Talking to the internvl node from Python or the shell (for machines without the ros2 CLI).
+"""Talking to the internvl node from Python or the shell.
 
-``internvl-ask -q "What is in front of me?" [--mode video]`` publishes a question, prints the
-streamed answer as it arrives, then the answer's /diagnostics status.
+``AskClient`` is what a behaviour tree or a nav2_simple_commander script calls: one blocking
+``ask(question, choices=..., timeout=...)`` through the node's ``ask`` action, returning the typed
+answer (the chosen choice and its probability, or the error code and why). ``Client`` speaks the
+plain topics (question in, answer and stream out, /diagnostics) and records everything the node
+says; the tests use it. Both spin their own node in a background thread, so a script needs no
+executor of its own.
+
+``internvl-ask -q "What is in front of me?" [--mode video] [--choices yes,no] [--action]`` asks
+from the shell and prints the streamed answer and its status.
 """
 from __future__ import annotations
 
@@ -9,41 +16,35 @@ import argparse
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import rclpy
+from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
+from internvl_msgs.action import Ask
+from internvl_msgs.msg import Answer as AnswerMsg
+from internvl_msgs.msg import AnswerChunk
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from .node import ERROR_PREFIX, RELIABLE_DEPTH
+from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS
 from .params import MODES
 
-RELIABLE = QoSProfile(depth=RELIABLE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+RELIABLE = ANSWER_QOS
+STATUS_NAMES = {GoalStatus.STATUS_SUCCEEDED: "succeeded", GoalStatus.STATUS_ABORTED: "aborted",
+                GoalStatus.STATUS_CANCELED: "canceled"}
+ERROR_NAMES = {getattr(AnswerMsg, n): n for n in dir(AnswerMsg) if n.isupper() and isinstance(getattr(AnswerMsg, n), int)}
 
 
-class Client:
-    """Asks questions, sends frames, sets parameters and records everything the node says
-    (answers, stream chunks, per-answer statuses, heartbeats), spinning in its own thread."""
+class _Spinner:
+    """A node of our own, spun in a background thread."""
 
-    def __init__(self, namespace: str = "", node_name: str = "internvl"):
-        self.node = rclpy.create_node("internvl_client", namespace=namespace or None)
-        self.lock = threading.RLock()  # predicates given to wait_for may take it again
-        self._changed = threading.Condition(self.lock)
-        self.answers: list[str] = []
-        self.chunks: list[str] = []
-        self.statuses: list = []  # per-answer DiagnosticStatus
-        self.heartbeats: list = []
-        self.node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), RELIABLE)
-        self.node.create_subscription(String, "answer/stream", lambda m: self._add(self.chunks, m.data), RELIABLE)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
-        self.questions = self.node.create_publisher(String, "question", RELIABLE)
-        self._image_pubs = {}
-        self.node_fqn = f"{namespace.rstrip('/')}/{node_name}" if namespace else f"/{node_name}"
-        self.set_params = self.node.create_client(SetParameters, f"{self.node_fqn}/set_parameters")
+    def __init__(self, name: str, namespace: str = ""):
+        self.node = rclpy.create_node(name, namespace=namespace or None)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._spinning = True
@@ -53,6 +54,135 @@ class Client:
     def _spin(self):
         while self._spinning:
             self.executor.spin_once(timeout_sec=0.05)
+
+    def close(self):
+        self._spinning = False
+        self._thread.join(5)
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+
+def wait_future(future, timeout: float):
+    """Block until an rclpy future (completed by the spinning thread) is done; None on timeout."""
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+    return future.result()
+
+
+@dataclass
+class AskResult:
+    """How a question asked through the action ended."""
+    status: str  # succeeded | aborted | canceled | rejected | timeout | unavailable
+    answer: AnswerMsg | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def text(self) -> str:
+        return self.answer.text if self.answer else ""
+
+    @property
+    def choice(self) -> str | None:
+        """The chosen choice (the answer's text), or None without choices or on error."""
+        return self.answer.text if self.answer and self.answer.choice_index >= 0 else None
+
+    @property
+    def probabilities(self) -> list[float]:
+        return list(self.answer.choice_probabilities) if self.answer else []
+
+    @property
+    def error(self) -> str:
+        """Why it did not succeed: the node's error code and message, or the client's view."""
+        if self.answer is not None and self.answer.error_code != AnswerMsg.NONE:
+            return f"{ERROR_NAMES.get(self.answer.error_code, self.answer.error_code)}: {self.answer.error_msg}"
+        return "" if self.ok else self.status
+
+
+class AskClient:
+    """Blocking questions through the node's ``ask`` action (internvl_msgs/action/Ask).
+
+        rclpy.init()
+        vision = AskClient(namespace="/robot")
+        result = vision.ask("Is the door open?", choices=["yes", "no"], timeout=30)
+        if result.ok and result.choice == "yes":
+            ...
+    """
+
+    def __init__(self, namespace: str = "", action: str = "ask"):
+        self._spinner = _Spinner("internvl_ask_client", namespace)
+        self.node = self._spinner.node
+        self._action = ActionClient(self.node, Ask, action)
+        self._goal = None
+
+    def wait_for_server(self, timeout: float = 30.0) -> bool:
+        return self._action.wait_for_server(timeout_sec=timeout)
+
+    def ask(self, question: str, *, choices=(), mode: str = "", cameras=(), max_new_tokens: int = 0,
+            timeout: float = 60.0, on_chunk=None) -> AskResult:
+        """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)`` sees
+        the answer's pieces as they stream."""
+        deadline = time.monotonic() + timeout
+        if not self._action.wait_for_server(timeout_sec=timeout):
+            return AskResult("unavailable")
+        goal = Ask.Goal(question=question, choices=list(choices), mode=mode, cameras=list(cameras),
+                        max_new_tokens=max_new_tokens)
+        feedback = (lambda msg: on_chunk(msg.feedback.text)) if on_chunk else None
+        handle = wait_future(self._action.send_goal_async(goal, feedback_callback=feedback),
+                             max(0.0, deadline - time.monotonic()))
+        if handle is None:
+            return AskResult("timeout")
+        if not handle.accepted:
+            return AskResult("rejected")
+        self._goal = handle
+        try:
+            result = wait_future(handle.get_result_async(), max(0.0, deadline - time.monotonic()))
+            if result is None:
+                wait_future(handle.cancel_goal_async(), 10.0)
+                result = wait_future(handle.get_result_async(), 10.0)
+                return AskResult("timeout", result.result.answer if result else None)
+            return AskResult(STATUS_NAMES.get(result.status, str(result.status)), result.result.answer)
+        finally:
+            self._goal = None
+
+    def cancel(self) -> None:
+        """Cancel the question being asked (from another thread); its ask() returns canceled."""
+        if self._goal is not None:
+            self._goal.cancel_goal_async()
+
+    def close(self):
+        self._action.destroy()
+        self._spinner.close()
+
+
+class Client:
+    """Asks questions on the ``question`` topic, sends frames, sets parameters, and records everything
+    the node says (answers, stream chunks, typed results and chunks, per-answer statuses, heartbeats)."""
+
+    def __init__(self, namespace: str = "", node_name: str = "internvl"):
+        self._spinner = _Spinner("internvl_client", namespace)
+        self.node = node = self._spinner.node
+        self.lock = threading.RLock()  # predicates given to wait_for may take it again
+        self._changed = threading.Condition(self.lock)
+        self.answers: list[str] = []
+        self.chunks: list[str] = []
+        self.results: list[AnswerMsg] = []
+        self.typed_chunks: list[AnswerChunk] = []
+        self.statuses: list = []  # per-answer DiagnosticStatus
+        self.heartbeats: list = []
+        node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), RELIABLE)
+        node.create_subscription(String, "answer/stream", lambda m: self._add(self.chunks, m.data), RELIABLE)
+        node.create_subscription(AnswerMsg, "answer/result", lambda m: self._add(self.results, m), RELIABLE)
+        node.create_subscription(AnswerChunk, "answer/chunks", lambda m: self._add(self.typed_chunks, m), RELIABLE)
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
+        self.questions = node.create_publisher(String, "question", QUESTION_QOS)
+        self._image_pubs = {}
+        self.node_fqn = f"{namespace.rstrip('/')}/{node_name}" if namespace else f"/{node_name}"
+        self.set_params = node.create_client(SetParameters, f"{self.node_fqn}/set_parameters")
 
     def _add(self, target, value):
         with self.lock:
@@ -74,8 +204,9 @@ class Client:
                 raise TimeoutError(f"timed out waiting for {what}; answers so far: {self.answers[-5:]}")
 
     def wait_ready(self, timeout: float = 60.0):
-        """The node is up when its heartbeat arrives and it subscribes to our questions."""
-        self.wait_for(lambda: self.heartbeats and self.questions.get_subscription_count() > 0, timeout, "the node")
+        """The node is up when it is active and subscribes to our questions."""
+        self.wait_for(lambda: self.heartbeats and self.status_values(self.heartbeats[-1]).get("state") == "active"
+                      and self.questions.get_subscription_count() > 0, timeout, "the node to be active")
 
     def ask(self, text: str) -> None:
         self.questions.publish(String(data=text))
@@ -111,33 +242,27 @@ class Client:
             pv.type, pv.double_value = ParameterType.PARAMETER_DOUBLE, value
         else:
             pv.type, pv.string_value = ParameterType.PARAMETER_STRING, value
-        future = self.set_params.call_async(SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
-        deadline = time.monotonic() + 30
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not future.done():
+        response = wait_future(self.set_params.call_async(
+            SetParameters.Request(parameters=[Parameter(name=name, value=pv)])), 30)
+        if response is None:
             raise TimeoutError(f"the node did not answer setting {name}")
-        return future.result().results[0].successful
+        self.last_set_reason = response.results[0].reason
+        return response.results[0].successful
 
     def status_values(self, status) -> dict:
         return {kv.key: kv.value for kv in status.values}
 
     def close(self):
-        self._spinning = False
-        self._thread.join(5)
-        self.executor.shutdown()
-        self.node.destroy_node()
+        self._spinner.close()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-ask", description="Ask the internvl node a question and stream the answer.")
-    ap.add_argument("-q", "--question", required=True)
-    ap.add_argument("--mode", choices=MODES, help="set the node's mode first")
-    ap.add_argument("--namespace", default="", help="the node's namespace")
-    ap.add_argument("--node-name", default="internvl")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
-    args = ap.parse_args(argv)
-    rclpy.init()
+def _print_status(values: dict) -> None:
+    print("\n/diagnostics:")
+    for key, value in values.items():
+        print(f"  {key}: {value}")
+
+
+def _ask_topic(args) -> int:
     client = Client(args.namespace, args.node_name)
     try:
         client.wait_ready(args.timeout)
@@ -169,13 +294,58 @@ def main(argv=None) -> int:
         answer, status = client.answers[-1], client.statuses[seen]
         if answer.startswith(ERROR_PREFIX):
             print(answer, end="")
-        print("\n/diagnostics:")
-        for key, value in client.status_values(status).items():
-            print(f"  {key}: {value}")
+        _print_status(client.status_values(status))
         return 1 if answer.startswith(ERROR_PREFIX) else 0
+    finally:
+        client.close()
+
+
+def _ask_action(args) -> int:
+    client = AskClient(args.namespace)
+    try:
+        print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
+        result = client.ask(args.question, choices=args.choices, mode=args.mode or "", timeout=args.timeout,
+                            on_chunk=lambda text: print(text, end="", flush=True))
+        if result.answer is None:
+            print(f"\ninternvl-ask: error: {result.status} (is the node running, and active?)", file=sys.stderr)
+            return 2
+        a = result.answer
+        values = {"status": result.status, "request_id": a.request_id, "finish_reason": a.finish_reason}
+        if a.choice_index >= 0:
+            values["choices"] = ", ".join(f"{c}: {p:.3f}" for c, p in zip(args.choices, a.choice_probabilities))
+        if not result.ok:
+            print(f"{ERROR_PREFIX}{a.error_msg}", end="")
+            values["error_code"] = ERROR_NAMES.get(a.error_code, a.error_code)
+        values["frames"] = "; ".join(f"{f.topic}@{f.stamp.sec + f.stamp.nanosec * 1e-9:.3f}" for f in a.frames)
+        values.update(prefill_tokens=a.timings.prefill_tokens, ttft_ms=f"{a.timings.ttft_ms:.1f}",
+                      decode_tokens_per_s=f"{a.timings.decode_tokens_per_s:.2f}")
+        _print_status(values)
+        return 0 if result.ok else 1
+    finally:
+        client.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="internvl-ask", description="Ask the internvl node a question and print the answer as it streams, "
+        "then its status.", epilog="Example: internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot")
+    ap.add_argument("-q", "--question", required=True, help="the question")
+    ap.add_argument("--mode", choices=MODES, help="image, video or text (topic: sets the node's mode parameter first; "
+                    "action: for this question only)")
+    ap.add_argument("--choices", type=lambda text: text.split(","), default=[], metavar="A,B,...",
+                    help="answer with the most likely of these comma-separated choices (uses the action)")
+    ap.add_argument("--action", action="store_true", help="ask through the ask action instead of the question topic")
+    ap.add_argument("--namespace", default="", help="the node's namespace")
+    ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
+    args = ap.parse_args(argv)
+    if any(not c.strip() for c in args.choices):
+        ap.error("--choices must not hold empty choices")
+    rclpy.init()
+    try:
+        return _ask_action(args) if args.action or args.choices else _ask_topic(args)
     except TimeoutError as e:
         print(f"internvl-ask: error: {e}", file=sys.stderr)
         return 2
     finally:
-        client.close()
         rclpy.try_shutdown()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from internvl_engine import InternVLError
+
 # encoding -> (bytes per channel, channels, OpenCV conversion to RGB or None)
 ENCODINGS = {
     "rgb8": (1, 3, None), "bgr8": (1, 3, cv2.COLOR_BGR2RGB), "rgba8": (1, 4, cv2.COLOR_RGBA2RGB),
@@ -16,7 +18,7 @@ ENCODINGS = {
 }
 
 
-class ImageConversionError(ValueError):
+class ImageConversionError(InternVLError):
     """A camera message cannot be turned into an image; the message says why."""
 
 

@@ -1,116 +1,300 @@
-"""The internvl node: camera and question topics in, streamed answers and /diagnostics out.
+"""The internvl node: camera topics, the question topic and the Ask action in; answers out.
 
-Callbacks only store frames or enqueue questions; one worker thread owns the engine. Errors a
-user must see go to ``answer`` prefixed with ``ERROR: ``, to /diagnostics at ERROR and to the log;
-the node keeps serving.
+A managed (lifecycle) node, so nav2's lifecycle_manager can bring it up and down with a navigation
+stack: configure loads the model, activate subscribes to the cameras and serves, deactivate stops
+serving and drops the camera subscriptions, cleanup frees the model. With ``autostart`` (the
+default) it configures and activates itself, as a plain node comes up.
+
+Questions (std_msgs/String on ``question``) and goals (internvl_msgs/action/Ask on ``ask``) share
+one queue and the ``on_busy`` policy. Callbacks only enqueue; one worker thread owns the engine.
+Every question gets exactly one answer, whatever happens to it: the text on ``answer`` (or one line
+starting ``ERROR: ``), an internvl_msgs/Answer on ``answer/result``, a status on /diagnostics and,
+for a goal, its result; pieces stream on ``answer/stream`` (text) and ``answer/chunks`` (with the
+request id, ending with a final one) and as the goal's feedback. A goal the node will not run (busy,
+inactive) is accepted and aborted at once with the error code and the reason, because a ROS 2 goal
+rejection carries no reason; a goal preempted by a newer question ends aborted with error_code
+CANCELLED (ROS 2 lets a goal end canceled only when its client asked).
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from internvl_msgs.action import Ask
+from internvl_msgs.msg import Answer as AnswerMsg
+from internvl_msgs.msg import AnswerChunk, Timings as TimingsMsg, UsedFrame
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
+from rclpy.time import Time
 from std_msgs.msg import Header, String
 
-from internvl_engine import Engine, InternVLError, InvalidRequestError, Request
+from internvl_engine import (BackendError, Engine, ImageError, InternVLError, InvalidRequestError, PromptTooLongError,
+                             Request, VideoError)
+from internvl_engine.preprocess import segment_centre_indices
 
 from . import params
-from .cameras import Cameras, Frame, NoFreshFrameError, NotEnoughFramesError
+from .cameras import CameraSubscriber, CameraView, Cameras, Frame, NoFreshFrameError, UnknownCameraError
 from .image_msgs import ImageConversionError, to_rgb
 
 ERROR_PREFIX = "ERROR: "
-RELIABLE_DEPTH = 100  # a burst of questions (or of error answers) must not overrun the DDS history
+# Questions keep every message until taken (a burst of 1000 reaches the node); answers, chunks and
+# statuses keep up to this many unacknowledged ones per reader.
+QUESTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+ANSWER_DEPTH = 1000
+ANSWER_QOS = QoSProfile(depth=ANSWER_DEPTH, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+
+
+class InactiveError(InternVLError):
+    """The node is not active, so it answers nothing."""
+
+
+class BusyError(InternVLError):
+    """The on_busy policy refused the question."""
+
+
+class CancelledError(InternVLError):
+    """The answer was stopped: preempted by a newer question, cancelled by its client, or the node stopped."""
+
+
+# What each error is called in internvl_msgs/Answer (the first matching class wins).
+ERROR_CODES = [(InactiveError, AnswerMsg.INACTIVE), (BusyError, AnswerMsg.BUSY),
+               (CancelledError, AnswerMsg.CANCELLED), (UnknownCameraError, AnswerMsg.UNKNOWN_CAMERA),
+               (NoFreshFrameError, AnswerMsg.NO_FRESH_FRAME), (PromptTooLongError, AnswerMsg.PROMPT_TOO_LONG),
+               (InvalidRequestError, AnswerMsg.INVALID_QUESTION), (ImageError, AnswerMsg.INVALID_QUESTION),
+               (VideoError, AnswerMsg.INVALID_QUESTION), (BackendError, AnswerMsg.BACKEND_FAILED)]
+
+
+def error_code(error: Exception) -> int:
+    return next((code for kind, code in ERROR_CODES if isinstance(error, kind)), AnswerMsg.UNKNOWN)
 
 
 @dataclass
 class Job:
+    """One question, from the topic or a goal, until its answer is out."""
     id: int
     question: str
     received: float  # time.monotonic()
+    mode: str = ""  # empty: the mode parameter
+    cameras: tuple[str, ...] = ()  # resolved camera topics (empty: all)
+    choices: tuple[str, ...] = ()
+    max_new_tokens: int = 0  # 0: the parameter
+    goal: object = None  # the goal's ServerGoalHandle, for a goal
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    result: Future = field(default_factory=Future)  # the AnswerMsg, when it is out
+    chunks: int = 0  # streamed so far
+    info: dict = field(default_factory=dict)  # what /diagnostics reports about it
 
 
-class InternVLNode(Node):
+class InternVLNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("internvl", **kwargs)
-        params.declare(self)
-        p = {name: self.get_parameter(name).value
-             for name in ("model_dir", "hf_model", "vit_model", "backend", "provider", "resident_kv", "threads")}
-        if not p["model_dir"]:
-            raise InternVLError("parameter model_dir is not set (the internvl-export output directory)")
-        self.engine = Engine(p["model_dir"], backend=p["backend"], threads=p["threads"] or None,
-                             tokenizer_dir=p["hf_model"] or None, vit_model=p["vit_model"] or None,
-                             provider=p["provider"] or None, resident_kv=p["resident_kv"])
-
-        reliable = QoSProfile(depth=RELIABLE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
-        self._stream_pub = self.create_publisher(String, "answer/stream", reliable)
-        self._answer_pub = self.create_publisher(String, "answer", reliable)
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
-        camera_qos = qos_profile_sensor_data if self.get_parameter("camera_qos").value == "sensor_data" else reliable
-        subs = [self.create_subscription(CompressedImage if t.endswith("/compressed") else Image, t,
-                                         partial(self._on_image, i), camera_qos)
-                for i, t in enumerate(self.get_parameter("image_topics").value)]
-        self.cameras = Cameras([s.topic_name for s in subs])
-        self.create_subscription(String, "question", self._on_question, reliable)
-
+        params.declare(self)  # ParameterError: main() prints it and exits 1
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.engine: Engine | None = None
+        self.cameras = Cameras([])
+        self._subscriber: CameraSubscriber | None = None
+        self._camera_check = None
         self._jobs: deque[Job] = deque()
         self._current: Job | None = None
+        self._active = False
         self._cv = threading.Condition()
         self._next_id = 1
         self._running = True
+        # Always there, so a question or goal in any state gets an answer, never silence.
+        self._answer_pub = self.create_publisher(String, "answer", ANSWER_QOS)
+        self._stream_pub = self.create_publisher(String, "answer/stream", ANSWER_QOS)
+        self._result_pub = self.create_publisher(AnswerMsg, "answer/result", ANSWER_QOS)
+        self._chunk_pub = self.create_publisher(AnswerChunk, "answer/chunks", ANSWER_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", ANSWER_QOS)
+        self.create_subscription(String, "question", self._on_question, QUESTION_QOS)
+        self._goals = ReentrantCallbackGroup()
+        self._action = ActionServer(self, Ask, "ask", execute_callback=self._execute_goal,
+                                    goal_callback=lambda _: GoalResponse.ACCEPT, cancel_callback=self._cancel_goal,
+                                    callback_group=self._goals)
+        self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
+        self._last_beat = (time.monotonic(), {})
+        self._heartbeat_timer = self.create_timer(self.get_parameter("heartbeat_period_s").value, self._heartbeat)
         self._worker = threading.Thread(target=self._work, name="internvl-worker", daemon=True)
         self._worker.start()
-        self._last_beat = (time.monotonic(), self.cameras.counts())
-        self.create_timer(self.get_parameter("heartbeat_period_s").value, self._heartbeat)
-        self.get_logger().info(f"model {p['model_dir']} loaded on {self.engine.backend}; cameras: "
-                               f"{', '.join(c.topic for c in self.cameras.cameras) or 'none'}")
 
-    # --- callbacks: store or enqueue, nothing else ---------------------------------------------
+    # --- lifecycle -----------------------------------------------------------------------------
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except InternVLError as e:
+            self.configure_error = str(e)
+            self.get_logger().error(f"cannot configure: {e}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        p = {name: self.get_parameter(name).value for name in params.PARAMETERS}
+        if not p["model_dir"]:
+            raise params.ParameterError("model_dir: not set (the internvl-export output, or a Pulsar2 directory)")
+        topics = []
+        for name in p["image_topics"]:
+            try:
+                topics.append(self.resolve_topic_name(name))
+            except Exception as e:  # rclpy raises its name validation errors and RCLError
+                raise params.ParameterError(f"image_topics: {name!r} is not a valid topic name ({e})") from e
+        self.engine = Engine(p["model_dir"], backend=p["backend"], threads=p["threads"] or None,
+                             tokenizer_dir=p["hf_model"] or None, vit_model=p["vit_model"] or None,
+                             provider=p["provider"] or None, resident_kv=p["resident_kv"])
+        self.cameras = Cameras(topics)
+        self._subscriber = CameraSubscriber(self, self.cameras, p["camera_qos"], self._on_image)
+        self.get_logger().info(f"model {p['model_dir']} loaded on {self.engine.backend}"
+                               f"{' (KV cache in the backend buffers)' if self.engine.llm.resident else ''}; "
+                               f"cameras: {', '.join(topics) or 'none'}")
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        self._subscriber.start()
+        self._camera_check = self.create_timer(1.0, self._check_cameras)
+        with self._cv:
+            self._active = True
+        self.get_logger().info("active: answering questions")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._stop_serving("the node was deactivated")
+        self.get_logger().info("inactive: questions are answered with an error until it is activated again")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self.engine, self._subscriber, self.cameras = None, None, Cameras([])
+        self.get_logger().info("model unloaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self._stop_serving("the node is shutting down")
+        self.engine = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        self._stop_serving("the node failed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_serving(self, reason: str) -> None:
+        """Inactive from now: the running answer is cancelled, waiting ones answered, cameras dropped."""
+        with self._cv:
+            was_active, self._active = self._active, False
+            waiting = list(self._jobs)
+            self._jobs.clear()
+            if self._current is not None:
+                self._current.cancel_reason = reason
+                self._current.cancel.set()
+            while self._current is not None:  # the worker finishes it between two tokens
+                self._cv.wait(0.1)
+        for job in waiting:
+            self._answer_error(job, CancelledError(f"cancelled: {reason}"))
+        if was_active and self._subscriber is not None:
+            self._subscriber.stop()
+        if self._camera_check is not None:
+            self.destroy_timer(self._camera_check)
+            self._camera_check = None
+
+    # --- callbacks: store or enqueue, nothing else -----------------------------------------------
     def _on_image(self, index: int, msg) -> None:
-        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9 or self._now()
+        stamp = Time.from_msg(msg.header.stamp).nanoseconds * 1e-9 or self._now()
         self.cameras.add(index, Frame(self.cameras.cameras[index].topic, stamp, msg),
                          self.get_parameter("video.window_s").value,
                          self.get_parameter("video.max_buffered_frames").value)
 
     def _on_question(self, msg: String) -> None:
+        self._submit(self._new_job(msg.data))
+
+    def _new_job(self, question: str, **goal) -> Job:
+        with self._cv:
+            job = Job(self._next_id, question, time.monotonic(), **goal)
+            self._next_id += 1
+        return job
+
+    def _submit(self, job: Job) -> None:
+        """Queue ``job`` under the on_busy policy, or answer it with why not."""
         policy = self.get_parameter("on_busy").value
         limit = self.get_parameter("queue_size").value
-        cancelled: list[Job] = []
+        preempted: list[Job] = []
         with self._cv:
-            job = Job(self._next_id, msg.data, time.monotonic())
-            self._next_id += 1
             busy = self._current is not None or bool(self._jobs)
-            refusal = None
-            if policy == "drop" and busy:
-                refusal = "busy: question dropped (on_busy=drop)"
+            if not self._active:
+                refusal = InactiveError(f"the node is not active ({self._state_name()}): nothing is answered until "
+                                        "it is activated")
+            elif policy == "drop" and busy:
+                refusal = BusyError("busy: question dropped (on_busy=drop)")
             elif policy == "queue" and len(self._jobs) >= limit:
-                refusal = f"queue full ({limit} waiting): question dropped"
-            elif policy == "preempt":
-                cancelled = list(self._jobs)
-                self._jobs.clear()
-                if self._current is not None:
-                    self._current.cancel_reason = "preempted by a newer question"
-                    self._current.cancel.set()
-            if refusal is None:
+                refusal = BusyError(f"queue full ({limit} waiting): question dropped")
+            else:
+                refusal = None
+                if policy == "preempt":
+                    preempted = list(self._jobs)
+                    self._jobs.clear()
+                    if self._current is not None:
+                        self._current.cancel_reason = "preempted by a newer question"
+                        self._current.cancel.set()
                 self._jobs.append(job)
                 self._cv.notify()
-        for old in cancelled:
-            self._report_error(old, "cancelled: preempted by a newer question", level=WARN)
+        for old in preempted:
+            self._answer_error(old, CancelledError("cancelled: preempted by a newer question"))
         if refusal is not None:
-            self._report_error(job, refusal)
+            self._answer_error(job, refusal)
 
-    # --- the worker ----------------------------------------------------------------------------
+    def _state_name(self) -> str:
+        return "not configured" if self.engine is None else "inactive"
+
+    # --- the Ask action -------------------------------------------------------------------------
+    async def _execute_goal(self, goal_handle):
+        goal = goal_handle.request
+        job = self._new_job(goal.question, mode=goal.mode, choices=tuple(goal.choices),
+                            max_new_tokens=goal.max_new_tokens, goal=goal_handle)
+        try:
+            if goal.mode and goal.mode not in params.MODES:
+                raise InvalidRequestError(f"mode {goal.mode!r} is not one of {', '.join(params.MODES)}")
+            job.cameras = tuple(self._resolve_camera(c) for c in goal.cameras)
+        except InternVLError as e:
+            self._answer_error(job, e)
+        else:
+            self._submit(job)
+        answer = await job.result
+        if goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif answer.error_code == AnswerMsg.NONE:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return Ask.Result(success=answer.error_code == AnswerMsg.NONE, answer=answer)
+
+    def _resolve_camera(self, name: str) -> str:
+        try:
+            return self.resolve_topic_name(name)
+        except Exception as e:  # rclpy raises its name validation errors and RCLError
+            raise UnknownCameraError(f"{name!r} is not a valid topic name ({e})") from e
+
+    def _cancel_goal(self, goal_handle) -> CancelResponse:
+        with self._cv:
+            job = next((j for j in (self._current, *self._jobs) if j is not None and j.goal is goal_handle), None)
+            if job is None:
+                return CancelResponse.REJECT  # already answered
+            if job is self._current:
+                job.cancel_reason = "cancelled by its client"
+                job.cancel.set()
+                return CancelResponse.ACCEPT
+            self._jobs.remove(job)
+        self._answer_error(job, CancelledError("cancelled by its client"))
+        return CancelResponse.ACCEPT
+
+    # --- the worker -----------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
             with self._cv:
@@ -121,118 +305,198 @@ class InternVLNode(Node):
                 job = self._current = self._jobs.popleft()
             try:
                 self._serve(job)
+            except InternVLError as e:
+                self._answer_error(job, e)
             except Exception as e:  # a backend or unforeseen failure must not stop the node
-                self._report_error(job, f"internal error: {type(e).__name__}: {e}")
+                self._answer_error(job, InternVLError(f"internal error: {type(e).__name__}: {e}"))
             finally:
                 with self._cv:
                     self._current = None
+                    self._cv.notify_all()
 
     def _serve(self, job: Job) -> None:
-        info = {"queue_wait_ms": f"{(time.monotonic() - job.received) * 1e3:.1f}"}
-        try:
-            s = params.Settings.read(self)
-            info["mode"] = s.mode
-            if not job.question.strip():
-                raise InvalidRequestError("the question is empty")
-            now = self._now()
-            if s.mode == "image":
-                frames = self.cameras.latest_frames(now, s.max_frame_age_s, s.max_images)
-            elif s.mode == "video":
-                frames = self.cameras.clip(now, s.max_frame_age_s, s.num_frames)
+        s = params.Settings.read(self).for_goal(job.mode, job.max_new_tokens)
+        info = job.info
+        info.update(mode=s.mode, queue_wait_ms=f"{(time.monotonic() - job.received) * 1e3:.1f}")
+        if not job.question.strip():
+            raise InvalidRequestError("the question is empty")
+        only = self.cameras.named(list(job.cameras)) if job.cameras else None
+        now = self._now()
+        frames, skipped = self._frames(s, now, only) if s.mode != "text" else ([], [])
+        info["frames"] = "; ".join(f"{f.topic}@{f.stamp:.3f} (age {now - f.stamp:.2f} s)" for f, _ in frames)
+        if skipped:
+            info["cameras_skipped"] = "; ".join(skipped)
+        images = [rgb for _, rgb in frames]
+        request = Request(job.question, images=images if s.mode == "image" else (),
+                          video_frames=images if s.mode == "video" else (), max_tiles=s.max_tiles,
+                          system_prompt=s.system_prompt, choices=job.choices)
+        for item in self.engine.stream(request, s.generation, job.cancel):
+            if isinstance(item, str):
+                self._publish_chunk(job, item)
             else:
-                frames = []
-            describe = lambda chosen: "; ".join(f"{f.topic}@{f.stamp:.3f} (age {now - f.stamp:.2f} s)"  # noqa: E731
-                                                for f in chosen)
-            info["frames"] = describe(frames)
-            images = [self._convert(f) for f in frames]
-            request = Request(job.question, images=images if s.mode == "image" else (),
-                              video_frames=images if s.mode == "video" else (), max_tiles=s.max_tiles,
-                              system_prompt=s.system_prompt)
-            for item in self.engine.stream(request, s.generation, job.cancel):
-                if isinstance(item, str):
-                    self._stream_pub.publish(String(data=item))
-                else:
-                    answer = item
-        except (InternVLError, NoFreshFrameError, NotEnoughFramesError, ImageConversionError, ValueError) as e:
-            self._report_error(job, str(e), info)
-            return
-        t = answer.timings
-        info.update(vit_ms=", ".join(f"{ms:.1f}" for ms in t.vit_ms), prefill_tokens=str(t.prefill_tokens),
-                    reused_tokens=str(t.reused_tokens), ttft_ms=f"{t.ttft_ms:.1f}", decode_tokens_per_s=f"{t.decode_tokens_per_s:.2f}",
-                    decode_ms_per_token=f"{t.decode_ms_per_token:.2f}",
-                    decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}", generated_tokens=str(len(answer.token_ids)),
-                    finish_reason=answer.finish_reason)
+                answer = item
+        used = [frames[i][0] for i in answer.frames_used]
         if answer.finish_reason == "cancelled":
-            self._report_error(job, f"cancelled: {job.cancel_reason or 'stopped'}", info, level=WARN)
+            self._answer(job, answer, used, CancelledError(f"cancelled: {job.cancel_reason or 'stopped'}"))
             return
-        self._answer_pub.publish(String(data=answer.text))
-        if t.frames_dropped:  # the model build's prompt limit holds fewer frames than video.num_frames
-            info.update(frames=describe([frames[i] for i in answer.frames_used]), frames_dropped=str(t.frames_dropped))
-            message = (f"answered from {len(answer.frames_used)} of {len(frames)} frames: more do not fit the model "
-                       f"build's prompt limit (lower video.num_frames, or build for longer prompts)")
-            self.get_logger().warning(f"request {job.id}: {message}")
-            self._diagnose(job, WARN, message, info)
-            return
-        self._diagnose(job, OK, "answered", info)
+        warnings = skipped[:]
+        if answer.timings.frames_dropped:
+            info["frames_dropped"] = str(answer.timings.frames_dropped)
+            warnings.append(f"answered from {len(used)} of {len(frames)} frames: more do not fit the model build's "
+                            "prompt limit (lower video.num_frames, or build for longer prompts)")
+        self._answer(job, answer, used, warnings=warnings)
 
-    def _convert(self, frame: Frame):
-        try:
-            return to_rgb(frame.msg)
-        except ImageConversionError as e:
-            raise ImageConversionError(f"{frame.topic}: {e}") from None
+    def _frames(self, s: params.Settings, now: float, only: list[int] | None) -> tuple[list, list[str]]:
+        """(frame, RGB image) pairs for the question, and the cameras skipped with why. Image mode: the
+        latest frame of each fresh camera; video mode: the clip of the first fresh camera whose window
+        holds at least 2 frames. A camera whose frame cannot be converted is skipped like a stale one."""
+        views, reasons = self.cameras.fresh(now, s.max_frame_age_s, s.max_frame_lead_s, only)
+        skipped = []
+        chosen = []
+        for view in views:
+            picked = self._pick(view, s) if s.mode == "video" else [view.latest]
+            if isinstance(picked, str):
+                skipped.append(picked)
+                continue
+            try:
+                converted = [(f, to_rgb(f.msg)) for f in picked]
+            except ImageConversionError as e:
+                skipped.append(f"{view.topic}: {e}")
+                continue
+            chosen += converted
+            if s.mode == "video" or len(chosen) >= s.max_images:
+                break
+        if not chosen:
+            raise NoFreshFrameError("no fresh camera frame: " + "; ".join(reasons + skipped))
+        return chosen, skipped
 
-    # --- reporting -----------------------------------------------------------------------------
-    def _report_error(self, job: Job, message: str, info: dict | None = None, level=ERROR) -> None:
-        line = f"request {job.id} ({job.question[:60]!r}): {message}"
-        if level == ERROR:  # rclpy ties a severity to each logging call site, so two calls
-            self.get_logger().error(line)
+    @staticmethod
+    def _pick(view: CameraView, s: params.Settings) -> list[Frame] | str:
+        """Video mode: ``num_frames`` frames spread over the camera's window (segment centres), in time
+        order; or why the window is no video."""
+        window = view.window
+        if len(window) < 2:
+            return (f"{view.topic}: video mode needs at least 2 frames; its window holds {len(window)} (a camera "
+                    "that just started, or sends too rarely for video.window_s)")
+        if len(window) <= s.num_frames:
+            return list(window)
+        return [window[i] for i in segment_centre_indices(len(window), s.num_frames)]
+
+    # --- answering: every question ends here exactly once ---------------------------------------
+    def _publish_chunk(self, job: Job, text: str) -> None:
+        self._stream_pub.publish(String(data=text))
+        self._chunk_pub.publish(AnswerChunk(request_id=job.id, index=job.chunks, text=text))
+        job.chunks += 1
+        if job.goal is not None:
+            job.goal.publish_feedback(Ask.Feedback(request_id=job.id, text=text))
+
+    def _answer_error(self, job: Job, error: Exception) -> None:
+        self._answer(job, None, [], error)
+
+    def _answer(self, job: Job, answer, frames: list[Frame], error: Exception | None = None,
+                warnings: list[str] = ()) -> None:
+        """Publish one question's answer everywhere it goes, and complete its goal."""
+        info = job.info
+        code = error_code(error) if error is not None else AnswerMsg.NONE
+        cancelled = isinstance(error, CancelledError)
+        msg = AnswerMsg(request_id=job.id, question=job.question, mode=info.get("mode", ""), choice_index=-1,
+                        error_code=code, error_msg=str(error) if error is not None else "",
+                        finish_reason="cancelled" if cancelled else "error" if error is not None else answer.finish_reason,
+                        frames=[UsedFrame(topic=f.topic, stamp=Time(nanoseconds=int(f.stamp * 1e9)).to_msg())
+                                for f in frames])
+        if answer is not None:
+            t = answer.timings
+            msg.text = answer.text if error is None or cancelled else ""
+            msg.choice_index, msg.choice_probabilities = answer.choice_index, answer.choice_probabilities
+            msg.timings = TimingsMsg(vit_ms=t.vit_ms, prefill_tokens=t.prefill_tokens, reused_tokens=t.reused_tokens,
+                                     ttft_ms=t.ttft_ms, generated_tokens=len(answer.token_ids),
+                                     decode_ms_per_token=t.decode_ms_per_token,
+                                     decode_tokens_per_s=t.decode_tokens_per_s,
+                                     decode_bytes_per_token=t.decode_bytes_per_token,
+                                     queue_wait_ms=float(info.get("queue_wait_ms", 0)), frames_dropped=t.frames_dropped)
+            if answer.choice_index >= 0:
+                info["choice_probabilities"] = ", ".join(f"{c}: {p:.3f}" for c, p in
+                                                         zip(job.choices, answer.choice_probabilities))
+            info.update(vit_ms=", ".join(f"{ms:.1f}" for ms in t.vit_ms), prefill_tokens=str(t.prefill_tokens),
+                        reused_tokens=str(t.reused_tokens), ttft_ms=f"{t.ttft_ms:.1f}",
+                        decode_tokens_per_s=f"{t.decode_tokens_per_s:.2f}",
+                        decode_ms_per_token=f"{t.decode_ms_per_token:.2f}",
+                        decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}",
+                        generated_tokens=str(len(answer.token_ids)), finish_reason=msg.finish_reason)
+        self._answer_pub.publish(String(data=msg.text if error is None else ERROR_PREFIX + msg.error_msg))
+        self._result_pub.publish(msg)
+        self._chunk_pub.publish(AnswerChunk(request_id=job.id, index=job.chunks, final=True,
+                                            finish_reason=msg.finish_reason))
+        if error is not None:
+            level, message = (WARN if cancelled else ERROR), str(error)
+        elif warnings:
+            level, message = WARN, "answered; " + "; ".join(warnings)
         else:
+            level, message = OK, "answered"
+        line = f"request {job.id} ({job.question[:60]!r}): {message}"
+        if level == ERROR:  # rclpy ties a severity to each logging call site, so one call each
+            self.get_logger().error(line)
+        elif level == WARN:
             self.get_logger().warning(line)
-        self._answer_pub.publish(String(data=ERROR_PREFIX + message))
-        self._diagnose(job, level, message, info or {})
+        self._diagnose(job, level, message, info)
+        job.result.set_result(msg)
+        self._wake.trigger()
 
     def _diagnose(self, job: Job, level, message: str, info: dict) -> None:
-        values = {"request_id": str(job.id), "question": job.question, "backend": self.engine.backend, **info}
-        self._publish_status(DiagnosticStatus(
-            level=level, name=f"{self.get_name()}: answer", message=message, hardware_id=self.get_fully_qualified_name(),
-            values=[KeyValue(key=k, value=v) for k, v in values.items()]))
+        values = {"request_id": str(job.id), "question": job.question, "source": "goal" if job.goal else "topic",
+                  "backend": self.engine.backend if self.engine else "", **info}
+        self._publish_status(level, "answer", message, values)
 
     def _heartbeat(self) -> None:
         now, counts = time.monotonic(), self.cameras.counts()
         then, before = self._last_beat
         self._last_beat = (now, counts)
         with self._cv:
-            queued, busy = len(self._jobs), self._current is not None
-        values = {"model_loaded": "true", "backend": self.engine.backend, "queue_length": str(queued),
+            queued, busy, active = len(self._jobs), self._current is not None, self._active
+        values = {"state": "active" if active else self._state_name(), "model_loaded": str(self.engine is not None).lower(),
+                  "backend": self.engine.backend if self.engine else "", "queue_length": str(queued),
                   "busy": str(busy).lower(), "mode": self.get_parameter("mode").value}
-        for topic, count in counts.items():
-            values[f"frames_received {topic}"] = str(count)
-            values[f"rate_hz {topic}"] = f"{(count - before.get(topic, 0)) / max(now - then, 1e-9):.2f}"
-        self._publish_status(DiagnosticStatus(
-            level=OK, name=f"{self.get_name()}: heartbeat", message="busy" if busy else "idle",
-            hardware_id=self.get_fully_qualified_name(), values=[KeyValue(key=k, value=v) for k, v in values.items()]))
+        problems = []
+        for camera in self.cameras.cameras:
+            values[f"frames_received {camera.topic}"] = str(counts[camera.topic])
+            rate = (counts[camera.topic] - before.get(camera.topic, 0)) / max(now - then, 1e-9)
+            values[f"rate_hz {camera.topic}"] = f"{rate:.2f}"
+            values[f"qos {camera.topic}"] = camera.reliability.replace("_", " ") or "not subscribed"
+            if problem := camera.type_problem():
+                problems.append(problem)
+        level = WARN if problems or not active else OK
+        message = "; ".join(problems) or ("busy" if busy else "idle" if active else values["state"])
+        self._publish_status(level, "heartbeat", message, values)
 
-    def _publish_status(self, status: DiagnosticStatus) -> None:
-        self._diag_pub.publish(DiagnosticArray(header=self._header(), status=[status]))
+    def _check_cameras(self) -> None:
+        for change in self._subscriber.check():
+            self.get_logger().warning(change) if "publishers of" in change else self.get_logger().info(change)
 
-    def _header(self) -> Header:
-        return Header(stamp=self.get_clock().now().to_msg())
+    def _publish_status(self, level, kind: str, message: str, values: dict) -> None:
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: {kind}", message=message,
+                                  hardware_id=self.get_fully_qualified_name(),
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def shutdown(self) -> None:
+    def _on_set_parameters(self, changes):
+        result = params.validate(changes)
+        if result.successful:
+            for p in changes:
+                if p.name == "heartbeat_period_s":  # takes effect now, not at the next beat
+                    self._heartbeat_timer.timer_period_ns = int(float(p.value) * 1e9)
+                    self._heartbeat_timer.reset()
+        return result
+
+    def close(self) -> None:
+        """Stop serving and the worker (after shutdown, or when the node could not start)."""
+        self._stop_serving("the node is shutting down")
         with self._cv:
             self._running = False
-            if self._current is not None:
-                self._current.cancel.set()
-            unanswered = list(self._jobs)
-            self._jobs.clear()
             self._cv.notify_all()
         self._worker.join(timeout=10)
-        if unanswered:  # the DDS context may be gone already, so the log is where these are reported
-            self.get_logger().warning(f"shutting down with {len(unanswered)} unanswered question(s): "
-                                      + "; ".join(repr(j.question[:60]) for j in unanswered))
 
 
 def main(args=None) -> int:
@@ -243,15 +507,28 @@ def main(args=None) -> int:
         rclpy.logging.get_logger("internvl").fatal(f"cannot start: {e}")
         rclpy.try_shutdown()
         return 1
+    code = 0
     try:
-        rclpy.spin(node)
+        if node.get_parameter("autostart").value:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal(f"cannot start: {getattr(node, 'configure_error', 'configure failed')}")
+                code = 1
+            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal("cannot start: activate failed")
+                code = 1
+        if code == 0:
+            rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         # ros2 launch without a TTY forwards a SIGINT the process group already got: a second one must
         # not cut the clean-up short with a KeyboardInterrupt traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        node.shutdown()
+        node.close()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

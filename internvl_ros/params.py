@@ -1,92 +1,143 @@
-"""Every parameter of the node, declared in one place with its description and range.
+"""Every parameter of the node, declared in one place with its description, limits and choices.
 
-``declare(node)`` declares them; ``Settings.read(node)`` takes a consistent snapshot that the
-worker uses for one question, so ``ros2 param set`` takes effect at the next question.
+``declare(node)`` declares them and checks the start-up values (a bad one raises ParameterError
+naming it); the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
+accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
+``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
+change takes effect at the next question; read-only ones need a restart (a new configure).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 
-from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InternVLError, InvalidRequestError
+from internvl_engine import DEFAULT_SYSTEM_PROMPT, GenerationConfig, InternVLError
 from internvl_engine.llm import RESIDENT_KV
 from internvl_engine.session import BACKENDS
 
 MODES = ("image", "video", "text")
 BUSY_POLICIES = ("queue", "drop", "preempt")
-CAMERA_QOS = ("sensor_data", "reliable")
+CAMERA_QOS = ("auto", "sensor_data", "reliable")
 
 
-def _int(lo, hi):
-    return {"integer_range": [IntegerRange(from_value=lo, to_value=hi, step=1)]}
+class ParameterError(InternVLError):
+    """A parameter value the node cannot start with; the message starts with the parameter's name."""
 
 
-def _float(lo, hi):
-    return {"floating_point_range": [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]}
+@dataclass(frozen=True)
+class Param:
+    default: object
+    description: str
+    read_only: bool = False  # takes effect at configure: change it, then deactivate, clean up, configure
+    limits: tuple | None = None  # (low, high), both allowed
+    choices: tuple[str, ...] = ()
+    low_open: bool = False  # the low limit itself is not allowed
 
 
-# name: (default, description, descriptor extras). read_only ones need a restart.
-PARAMETERS = {
-    "model_dir": ("", "Model directory: internvl-export output, or a Pulsar2 axmodel directory.", {"read_only": True}),
-    "hf_model": ("", "Original checkpoint directory: config and tokenizer when model_dir has none (axmodel "
-                 "directories).", {"read_only": True}),
-    "vit_model": ("", "ViT model file, when it is not in model_dir (axmodel directories).", {"read_only": True}),
-    "backend": ("auto", f"Inference backend: {', '.join(BACKENDS)} (auto: axengine for .axmodel files).",
-                {"read_only": True}),
-    "provider": ("", "axengine provider: AxEngineExecutionProvider (on-board NPU) or AXCLRTExecutionProvider "
-                 "(PCIe card); empty: the first available.", {"read_only": True}),
-    "resident_kv": ("auto", "Keep the KV cache in the backend's buffers: auto (if a trial run at start-up agrees with "
-                    "the plain path), on (required), off (hand every run the whole cache, as the seed demo).",
-                    {"read_only": True}),
-    "threads": (0, "CPU threads per model session (0: all cores).", {"read_only": True, **_int(0, 256)}),
-    "image_topics": (["image_raw"], "Camera topics (relative names); one ending in /compressed is a "
-                     "sensor_msgs/CompressedImage topic.", {"read_only": True}),
-    "camera_qos": ("sensor_data", "Camera subscription QoS: sensor_data (best effort; every camera connects) or "
-                   "reliable (only reliable cameras connect; large frames survive lossy transports).",
-                   {"read_only": True}),
-    "mode": ("image", f"What a question is asked about: {', '.join(MODES)}.", {}),
-    "max_images": (4, "Image mode: latest frames of at most this many cameras.", _int(1, 16)),
-    "max_frame_age_s": (2.0, "A camera whose latest frame is older than this (header stamp, or receive time "
-                        "when the stamp is zero) is not used: not its frame in image mode, not its clip in video "
-                        "mode (the clip itself spans video.window_s).", _float(0.0, 3600.0)),
-    "image.max_tiles": (1, "InternVL dynamic tiling: at most this many 448px tiles per image.", _int(1, 12)),
-    "video.window_s": (4.0, "Video mode: seconds of recent frames kept per camera.", _float(0.1, 600.0)),
-    "video.max_buffered_frames": (32, "Video mode: frames kept per camera, spread over the window "
-                                  "(bounds memory).", _int(1, 1024)),
-    "video.num_frames": (8, "Video mode: frames sampled uniformly from the window per question.", _int(1, 64)),
-    "on_busy": ("queue", f"A question while busy: {', '.join(BUSY_POLICIES)}.", {}),
-    "queue_size": (4, "Queue policy: questions waiting at most; more are answered with an error.", _int(1, 1000)),
-    "system_prompt": (DEFAULT_SYSTEM_PROMPT, "System prompt of the chat template.", {}),
-    "max_new_tokens": (128, "Longest answer in tokens.", _int(1, 4096)),
-    "temperature": (0.0, "Sampling temperature (0: greedy).", _float(0.0, 10.0)),
-    "top_k": (0, "Sample among the k most likely tokens (0: all).", _int(0, 1_000_000)),
-    "top_p": (1.0, "Nucleus sampling probability mass.", _float(0.0, 1.0)),
-    "repetition_penalty": (1.0, "Penalty for repeating tokens (1: off).", _float(0.01, 10.0)),
-    "seed": (-1, "Sampling seed (-1: a fresh seed per question).", _int(-1, 2**31 - 1)),
-    "heartbeat_period_s": (1.0, "Period of the heartbeat status on /diagnostics.", _float(0.05, 3600.0)),
+PARAMETERS: dict[str, Param] = {
+    "model_dir": Param("", "Model directory: internvl-export output, or a Pulsar2 axmodel directory.", read_only=True),
+    "hf_model": Param("", "Original checkpoint directory: config and tokenizer when model_dir has none (axmodel "
+                      "directories).", read_only=True),
+    "vit_model": Param("", "ViT model file, when it is not in model_dir (axmodel directories).", read_only=True),
+    "backend": Param("auto", "Inference backend (auto: axengine for .axmodel files, else onnxruntime).", read_only=True,
+                     choices=BACKENDS),
+    "provider": Param("", "axengine provider: AxEngineExecutionProvider (on-board NPU) or AXCLRTExecutionProvider "
+                      "(PCIe card); empty: the first available.", read_only=True),
+    "resident_kv": Param("auto", "Keep the KV cache in the backend's buffers: auto (if a trial run at configure "
+                         "agrees with the plain path), on (required), off (hand every run the whole cache, as the "
+                         "seed demo).", read_only=True, choices=RESIDENT_KV),
+    "threads": Param(0, "CPU threads per model session (0: all cores).", read_only=True, limits=(0, 256)),
+    "autostart": Param(True, "Configure and activate at start-up. Set false when a lifecycle manager (nav2's "
+                       "lifecycle_manager) brings the node up.", read_only=True),
+    "image_topics": Param(["image_raw"], "Camera topics (relative names); one ending in /compressed is a "
+                          "sensor_msgs/CompressedImage topic. Their order is the images' order in the prompt.",
+                          read_only=True),
+    "camera_qos": Param("auto", "Camera subscription reliability: auto (what the camera's publishers offer: reliable "
+                        "when all are, else best effort; re-checked as publishers come and go, as ros2 topic echo "
+                        "does), sensor_data (best effort: every camera connects, lost fragments lose frames) or "
+                        "reliable (only reliable cameras connect).", read_only=True, choices=CAMERA_QOS),
+    "mode": Param("image", "What a question is asked about: image (the latest frame of each camera), video (a "
+                  "recent clip of one camera) or text (no image).", choices=MODES),
+    "max_images": Param(4, "Image mode: latest frames of at most this many cameras.", limits=(1, 16)),
+    "max_frame_age_s": Param(2.0, "A camera whose latest frame is older than this (header stamp, or receive time "
+                             "when the stamp is zero) is not used: not its frame in image mode, not its clip in "
+                             "video mode.", limits=(0.0, 3600.0)),
+    "max_frame_lead_s": Param(0.5, "A frame stamped further ahead of this node's clock is not used (the camera's "
+                              "clock is ahead: clock skew between machines).", limits=(0.0, 3600.0)),
+    "image.max_tiles": Param(1, "InternVL dynamic tiling: at most this many tiles per image (the tile size is the "
+                             "model's: 448 px for InternVL2.5-1B).", limits=(1, 12)),
+    "video.window_s": Param(4.0, "Video mode: seconds of frames kept per camera, counted back from its newest frame.",
+                            limits=(0.1, 600.0)),
+    "video.max_buffered_frames": Param(32, "Video mode: frames kept per camera, spread over the window (bounds "
+                                       "memory).", limits=(2, 1024)),
+    "video.num_frames": Param(8, "Video mode: frames sampled uniformly from the window per question (fewer when "
+                              "the model build's prompt limit holds fewer).", limits=(2, 64)),
+    "on_busy": Param("queue", "A question while busy: queue (wait, at most queue_size), drop (refuse) or preempt "
+                     "(cancel the running answer).", choices=BUSY_POLICIES),
+    "queue_size": Param(4, "Queue policy: questions waiting at most; more are answered with an error.",
+                        limits=(1, 1000)),
+    "system_prompt": Param(DEFAULT_SYSTEM_PROMPT, "System prompt of the chat template."),
+    "max_new_tokens": Param(128, "Longest answer in tokens.", limits=(1, 4096)),
+    "temperature": Param(0.0, "Sampling temperature (0: greedy).", limits=(0.0, 10.0)),
+    "top_k": Param(0, "Sample among the k most likely tokens (0: all).", limits=(0, 1_000_000)),
+    "top_p": Param(1.0, "Nucleus sampling probability mass, in (0, 1].", limits=(0.0, 1.0), low_open=True),
+    "repetition_penalty": Param(1.0, "Penalty for repeating tokens (1: off).", limits=(0.01, 10.0)),
+    "seed": Param(-1, "Sampling seed (-1: a fresh seed per question).", limits=(-1, 2**31 - 1)),
+    "heartbeat_period_s": Param(1.0, "Period of the heartbeat status on /diagnostics.", limits=(0.05, 3600.0)),
 }
 
 
+def _descriptor(name: str, p: Param) -> ParameterDescriptor:
+    extras = {}
+    if p.limits and isinstance(p.default, float):
+        extras["floating_point_range"] = [FloatingPointRange(from_value=p.limits[0], to_value=p.limits[1], step=0.0)]
+    elif p.limits:
+        extras["integer_range"] = [IntegerRange(from_value=p.limits[0], to_value=p.limits[1], step=1)]
+    choices = f" One of: {', '.join(p.choices)}." if p.choices else ""
+    # dynamic typing lets an integer through to a float parameter; check() keeps the type honest.
+    return ParameterDescriptor(name=name, description=p.description + choices, read_only=p.read_only,
+                               dynamic_typing=isinstance(p.default, float), **extras)
+
+
+def check(name: str, value) -> str | None:
+    """Why ``value`` is not acceptable for parameter ``name``, or None."""
+    p = PARAMETERS[name]
+    if isinstance(p.default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, not {value!r}"
+    elif isinstance(p.default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"must be a list of strings, not {value!r}"
+    elif type(value) is not type(p.default):
+        return f"must be a {type(p.default).__name__}, not {value!r}"
+    if p.limits:
+        low, high = p.limits
+        if not (low < value if p.low_open else low <= value) or value > high:
+            return f"must be in {'(' if p.low_open else '['}{low:g}, {high:g}], not {value!r}"
+    if p.choices and value not in p.choices:
+        return f"must be one of {', '.join(p.choices)}, not {value!r}"
+    return None
+
+
 def declare(node: Node) -> None:
-    """Declare every parameter; the same checks apply to start-up values and to later changes."""
-    for name, (default, description, extras) in PARAMETERS.items():
-        node.declare_parameter(name, default, ParameterDescriptor(description=description, **extras))
-    result = _validate(node.get_parameters(list(PARAMETERS)))
-    if not result.successful:
-        raise InternVLError(f"invalid parameter: {result.reason}")
-    node.add_on_set_parameters_callback(_validate)
+    """Declare every parameter and check the values it starts with (ParameterError on the first bad one)."""
+    for name, p in PARAMETERS.items():
+        try:
+            value = node.declare_parameter(name, p.default, _descriptor(name, p)).value
+        except ParameterException as e:  # rclpy refuses a value of the wrong type or out of range
+            raise ParameterError(f"{name}: {e}") from e
+        if why := check(name, value):
+            raise ParameterError(f"{name}: {why}")
 
 
-def _validate(params) -> SetParametersResult:
+def validate(params) -> SetParametersResult:
+    """The ``ros2 param set`` check (an on-set-parameters callback)."""
     for p in params:
-        allowed = {"mode": MODES, "on_busy": BUSY_POLICIES, "camera_qos": CAMERA_QOS, "backend": BACKENDS,
-                   "resident_kv": RESIDENT_KV}.get(p.name)
-        if allowed and p.value not in allowed:
-            return SetParametersResult(successful=False, reason=f"{p.name} must be one of {', '.join(allowed)}")
-        if p.name == "top_p" and p.value <= 0:
-            return SetParametersResult(successful=False, reason="top_p must be > 0")
+        if p.name in PARAMETERS and (why := check(p.name, p.value)):
+            return SetParametersResult(successful=False, reason=f"{p.name}: {why}")
     return SetParametersResult(successful=True)
 
 
@@ -95,9 +146,8 @@ class Settings:
     mode: str
     max_images: int
     max_frame_age_s: float
+    max_frame_lead_s: float
     max_tiles: int
-    window_s: float
-    max_buffered_frames: int
     num_frames: int
     on_busy: str
     queue_size: int
@@ -107,15 +157,16 @@ class Settings:
     @classmethod
     def read(cls, node: Node) -> "Settings":
         v = {name: node.get_parameter(name).value for name in PARAMETERS}
-        try:
-            generation = GenerationConfig(
-                max_new_tokens=v["max_new_tokens"], temperature=v["temperature"], top_k=v["top_k"],
-                top_p=v["top_p"], repetition_penalty=v["repetition_penalty"],
-                seed=None if v["seed"] < 0 else v["seed"])
-        except InvalidRequestError as e:
-            raise ValueError(f"invalid generation parameters: {e}") from None
-        return cls(mode=v["mode"], max_images=v["max_images"], max_frame_age_s=v["max_frame_age_s"],
-                   max_tiles=v["image.max_tiles"], window_s=v["video.window_s"],
-                   max_buffered_frames=v["video.max_buffered_frames"], num_frames=v["video.num_frames"],
-                   on_busy=v["on_busy"], queue_size=v["queue_size"], system_prompt=v["system_prompt"],
-                   generation=generation)
+        generation = GenerationConfig(max_new_tokens=v["max_new_tokens"], temperature=float(v["temperature"]),
+                                      top_k=v["top_k"], top_p=float(v["top_p"]),
+                                      repetition_penalty=float(v["repetition_penalty"]),
+                                      seed=None if v["seed"] < 0 else v["seed"])
+        return cls(mode=v["mode"], max_images=v["max_images"], max_frame_age_s=float(v["max_frame_age_s"]),
+                   max_frame_lead_s=float(v["max_frame_lead_s"]), max_tiles=v["image.max_tiles"],
+                   num_frames=v["video.num_frames"], on_busy=v["on_busy"], queue_size=v["queue_size"],
+                   system_prompt=v["system_prompt"], generation=generation)
+
+    def for_goal(self, mode: str, max_new_tokens: int) -> "Settings":
+        """A goal's own mode and token limit (empty and 0: the parameters')."""
+        generation = replace(self.generation, max_new_tokens=max_new_tokens) if max_new_tokens else self.generation
+        return replace(self, mode=mode or self.mode, generation=generation)

@@ -216,7 +216,7 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
                 bad.encoding = "yuv422"
             deliver(client, "/image_raw", bad)
             answer = client.ask_and_wait(q)
-            assert answer.startswith(ERROR + "/image_raw: ") and message in answer
+            assert answer.startswith(ERROR + "no fresh camera frame: ") and f"/image_raw: {message}" in answer
         time.sleep(1.2)  # the raw camera goes stale; the compressed one is used next
         jpeg = compressed_msg(scene, "jpeg")
         deliver(client, "/image_raw/compressed", jpeg)
@@ -225,7 +225,8 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
         corrupt.data = bytes(corrupt.data)[:40]
         deliver(client, "/image_raw/compressed", corrupt)
         answer = client.ask_and_wait(q)
-        assert answer.startswith(ERROR + "/image_raw/compressed: cannot decode compressed image")
+        assert answer.startswith(ERROR + "no fresh camera frame: ")
+        assert "/image_raw/compressed: cannot decode compressed image" in answer
         big = cv2.resize(scene, (3840, 2160), interpolation=cv2.INTER_NEAREST)  # a 4K frame, 25 MB raw
         big_jpeg = compressed_msg(big, "jpeg")
         deliver(client, "/image_raw/compressed", big_jpeg)
@@ -257,8 +258,8 @@ def test_a_burst_of_100_questions_gets_100_answers_with_bounded_memory(tiny_mode
 
 @pytest.mark.parametrize("model, params, message", [
     ("missing", {}, "no such model directory"),
-    ("tiny", {"mode": "bogus"}, "invalid parameter: mode must be one of image, video, text"),
-    ("tiny", {"camera_qos": "fast"}, "invalid parameter: camera_qos must be one of sensor_data, reliable"),
+    ("tiny", {"mode": "bogus"}, "cannot start: mode: must be one of image, video, text, not 'bogus'"),
+    ("tiny", {"camera_qos": "fast"}, "cannot start: camera_qos: must be one of auto, sensor_data, reliable, not 'fast'"),
 ])
 def test_bad_start_up_stops_with_one_clear_message(tiny_model, tmp_path, model, params, message):
     proc = NodeProcess(tiny_model if model == "tiny" else tmp_path / "no_model", tmp_path / "node.log", params=params)
