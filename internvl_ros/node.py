@@ -110,6 +110,7 @@ class InternVLNode(LifecycleNode):
         self._jobs: deque[Job] = deque()
         self._current: Job | None = None
         self._active = False
+        self._state = "unconfigured"  # the lifecycle state, as ros2 lifecycle get names it
         self._cv = threading.Condition()
         self._next_id = 1
         self._running = True
@@ -138,6 +139,7 @@ class InternVLNode(LifecycleNode):
             self.configure_error = str(e)
             self.get_logger().error(f"cannot configure: {e}")
             return TransitionCallbackReturn.FAILURE
+        self._state = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
@@ -163,23 +165,25 @@ class InternVLNode(LifecycleNode):
         self._subscriber.start()
         self._camera_check = self.create_timer(1.0, self._check_cameras)
         with self._cv:
-            self._active = True
+            self._active, self._state = True, "active"
         self.get_logger().info("active: answering questions")
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
         self._stop_serving("the node was deactivated")
+        self._state = "inactive"
         self.get_logger().info("inactive: questions are answered with an error until it is activated again")
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         self.engine, self._subscriber, self.cameras = None, None, Cameras([])
+        self._state = "unconfigured"
         self.get_logger().info("model unloaded")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state) -> TransitionCallbackReturn:
         self._stop_serving("the node is shutting down")
-        self.engine = None
+        self.engine, self._state = None, "finalized"
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state) -> TransitionCallbackReturn:
@@ -229,8 +233,8 @@ class InternVLNode(LifecycleNode):
         with self._cv:
             busy = self._current is not None or bool(self._jobs)
             if not self._active:
-                refusal = InactiveError(f"the node is not active ({self._state_name()}): nothing is answered until "
-                                        "it is activated")
+                refusal = InactiveError(f"the node is not active (lifecycle state {self._state}): nothing is "
+                                        "answered until it is activated")
             elif policy == "drop" and busy:
                 refusal = BusyError("busy: question dropped (on_busy=drop)")
             elif policy == "queue" and len(self._jobs) >= limit:
@@ -249,9 +253,6 @@ class InternVLNode(LifecycleNode):
             self._answer_error(old, CancelledError("cancelled: preempted by a newer question"))
         if refusal is not None:
             self._answer_error(job, refusal)
-
-    def _state_name(self) -> str:
-        return "not configured" if self.engine is None else "inactive"
 
     # --- the Ask action -------------------------------------------------------------------------
     async def _execute_goal(self, goal_handle):
@@ -453,7 +454,7 @@ class InternVLNode(LifecycleNode):
         self._last_beat = (now, counts)
         with self._cv:
             queued, busy, active = len(self._jobs), self._current is not None, self._active
-        values = {"state": "active" if active else self._state_name(), "model_loaded": str(self.engine is not None).lower(),
+        values = {"state": self._state, "model_loaded": str(self.engine is not None).lower(),
                   "backend": self.engine.backend if self.engine else "", "queue_length": str(queued),
                   "busy": str(busy).lower(), "mode": self.get_parameter("mode").value}
         problems = []

@@ -13,6 +13,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (images.py, ros_harness.py)
 
 TEST_CHUNK = 16  # small prefill chunks so short prompts span several chunks
+TOY = Path(__file__).resolve().parent.parent / "models" / "internvl-toy"
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,16 @@ def engine(tiny_model):
     from internvl_engine import Engine
 
     return Engine(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> Path:
+    """The trained toy checkpoint (models/internvl-toy), exported."""
+    from internvl_engine.export import export
+
+    out = tmp_path_factory.mktemp("toy_onnx")
+    export(TOY, out, log=lambda *_: None)
+    return out
 
 
 def needs_torch():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -26,6 +27,17 @@ def needs_ros_tools(*commands: str) -> None:
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed: launch, launch_testing and the ros2 CLI are not on PyPI "
                     "(make test installs them from ../shared/vendor/ros2 when it exists; a ROS 2 install has them)")
+
+
+def shell(command: str, expect: str = "", tries: int = 5, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``command`` as typed, in bash. With ``expect``, run it again (as a user would) while the
+    output lacks it: the ros2 daemon that a first command starts may not have seen the whole graph
+    yet ("Node not found")."""
+    for attempt in range(tries):
+        run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout)
+        if expect in run.stdout or attempt == tries - 1:
+            return run
+        time.sleep(1)
 
 
 def stop_ros2_daemon() -> None:

@@ -3,7 +3,6 @@ pyaxengine version (../shared/vendor/pyaxengine), each in its own process over t
 (tests/axboard/standin.c), because pyaxengine picks its providers and libraries at import."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -32,12 +32,14 @@ def ros():
 
 
 @contextmanager
-def running_node(model_dir, tmp_path, namespace="", remaps=None, **params):
+def running_node(model_dir, tmp_path, namespace="", remaps=None, ready=True, **params):
+    """The node as its own process and a client; ``ready``: wait until the node is active."""
     params = {"heartbeat_period_s": 0.1, **params}
     proc = NodeProcess(model_dir, tmp_path / "node.log", params=params, namespace=namespace, remaps=remaps)
     client = Client(namespace)
     try:
-        client.wait_ready()
+        if ready:
+            client.wait_ready()
         yield proc, client
     finally:
         client.close()

@@ -13,16 +13,12 @@ import rclpy
 import yaml
 from images import noise_image
 from ros_harness import Client
-from ros_tools import needs_ros_tools, stop_ros2_daemon
+from ros_tools import needs_ros_tools, shell, stop_ros2_daemon
 
 from internvl_engine import GenerationConfig, Request
 from internvl_ros.bags import write_bag
 
 QUESTION = "What is in front of me?"
-
-
-def shell(command: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for_subscriber(topic: str, timeout: float = 30) -> None:
@@ -86,9 +82,10 @@ def test_readme_commands(launched, engine):
     assert answer == engine.answer(Request(QUESTION, images=[noise_image(60, 80, seed=7)]),
                                    GenerationConfig(max_new_tokens=128)).text
 
-    assert "Set parameter successful" in shell("ros2 param set /robot/internvl mode video").stdout
-    assert shell("ros2 param get /robot/internvl mode").stdout.strip() == "String value is: video"
-    info = shell("ros2 node info /robot/internvl").stdout
+    assert "Set parameter successful" in shell("ros2 param set /robot/internvl mode video",
+                                               expect="Set parameter successful").stdout
+    assert shell("ros2 param get /robot/internvl mode", expect="String").stdout.strip() == "String value is: video"
+    info = shell("ros2 node info /robot/internvl", expect="Subscribers").stdout
     for line in ("/robot/internvl", "/cam/image_raw: sensor_msgs/msg/Image", "/robot/question: std_msgs/msg/String",
                  "/robot/answer: std_msgs/msg/String", "/robot/answer/stream: std_msgs/msg/String",
                  "/diagnostics: diagnostic_msgs/msg/DiagnosticArray"):

@@ -7,32 +7,22 @@ import json
 import math
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import rclpy
-from ros_harness import BIN, ROOT, compressed_msg, image_msg
+from conftest import TOY, needs_torch
+from ros_harness import BIN, compressed_msg, image_msg
 from test_node import deliver, running_node
-from conftest import needs_torch
 from test_parity import assert_matches_reference
 
 from internvl_engine import Engine, Request
-from internvl_engine.export import export
 from internvl_ros.bags import write_bag
 from internvl_toy.evaluate import accuracy, table_rows
 from internvl_toy.scenes import CLIP_FRAMES, TASKS, VIDEO_TASKS, Shape, moving_clip, render
 
-TOY = ROOT / "models" / "internvl-toy"
 CARD = json.loads((TOY / "accuracy.json").read_text())
 FRESH = 60  # questions per type here; the card used 200
 RED_CIRCLE = render([Shape("circle", "red", 0.5, 0.5, 0.25)], 320, 240)
-
-
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("toy_onnx")
-    export(TOY, out, log=lambda *_: None)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,218 @@
+"""Navigation-stack integration over real DDS, the node as its own process: the Ask action (choices
+with probabilities, feedback, cancel, preemption, the on_busy policies, unknown cameras), the typed
+answer topics, and the managed lifecycle driven by a client and by ros2 lifecycle / ros2 action."""
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+import rclpy
+from images import noise_image
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from ros_harness import image_msg
+from ros_tools import needs_ros_tools, shell, stop_ros2_daemon
+from test_node import deliver, running_node
+
+from internvl_engine import GenerationConfig, Request
+from internvl_msgs.msg import Answer
+from internvl_ros.client import AskClient, wait_future
+from internvl_toy.scenes import COLORS, samples
+
+LONG = 600  # tokens: long enough that later questions arrive while the first is running
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ros():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.fixture
+def vision():
+    client = AskClient()
+    yield client
+    client.close()
+
+
+def test_choices_pick_the_colour_at_least_as_often_as_the_free_answer(toy_model, tmp_path, vision):
+    colours = list(COLORS)
+    free_right = chosen_right = 0
+    right_probabilities = []
+    scenes = samples("color", 30, seed=40_000)
+    with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable") as (_, client):
+        for sample in scenes:
+            deliver(client, "/image_raw", image_msg(sample.images[0], "rgb8"))
+            free = vision.ask("What color is the shape?", timeout=60)
+            chosen = vision.ask("What color is the shape?", choices=colours, timeout=60)
+            assert free.ok and chosen.ok, (free.error, chosen.error)
+            assert chosen.choice in colours and len(chosen.probabilities) == len(colours)
+            assert abs(sum(chosen.probabilities) - 1) < 1e-4
+            free_right += free.text.strip() == sample.answer
+            chosen_right += chosen.choice == sample.answer
+            right_probabilities.append(chosen.probabilities[colours.index(sample.answer)])
+    print(f"\ncolour on {len(scenes)} fresh scenes: free answer {free_right}, choices {chosen_right} right; "
+          f"mean probability of the right colour {np.mean(right_probabilities):.3f}")
+    assert chosen_right >= free_right and chosen_right >= len(scenes) - 1
+    assert np.mean(right_probabilities) > 0.9
+
+
+def test_a_goal_streams_and_its_answer_is_matched_on_the_topics(tiny_model, engine, tmp_path, vision):
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=12) as (_, client):
+        streamed = []
+        result = vision.ask("Tell me about the door.", on_chunk=streamed.append)
+        assert result.ok and result.status == "succeeded"
+        expected = engine.answer(Request("Tell me about the door."), GenerationConfig(max_new_tokens=12))
+        assert result.text == expected.text == "".join(streamed)
+        assert result.answer.timings.generated_tokens == len(expected.token_ids)
+        assert result.choice is None and result.answer.choice_index == -1
+        rid = result.answer.request_id
+        client.wait_for(lambda: any(c.request_id == rid and c.final for c in client.typed_chunks), 10, "final chunk")
+        mine = [c for c in client.typed_chunks if c.request_id == rid]
+        assert [c.index for c in mine] == list(range(len(mine))) and mine[-1].finish_reason == "length"
+        assert "".join(c.text for c in mine) == result.text
+        assert [r.text for r in client.results if r.request_id == rid] == [result.text]
+        status = next(s for s in client.statuses if client.status_values(s)["request_id"] == str(rid))
+        assert client.status_values(status)["source"] == "goal"
+
+
+def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision):
+    with running_node(tiny_model, tmp_path, image_topics="[front/image_raw]") as (_, client):
+        result = vision.ask("What is there?", cameras=["back/image_raw"])
+        assert result.status == "aborted" and result.answer.error_code == Answer.UNKNOWN_CAMERA
+        assert "unknown camera /back/image_raw (the node's cameras: /front/image_raw)" in result.answer.error_msg
+        deliver(client, "/front/image_raw", image_msg(noise_image(40, 40), "rgb8"))
+        assert vision.ask("What is there?", cameras=["front/image_raw"], max_new_tokens=2).ok
+        empty = vision.ask("Which?", choices=["yes", ""])
+        assert empty.status == "aborted" and empty.answer.error_code == Answer.INVALID_QUESTION
+
+
+def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=vision.ask(question, timeout=120, **kwargs)))
+    thread.start()
+    return thread, out
+
+
+def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=LONG, on_busy="preempt") as (_, client):
+        chunks = []
+        thread, out = _ask_in_background(vision, "Tell me a long story.", on_chunk=chunks.append)
+        client.wait_for(lambda: len(client.chunks) > 3, 30, "the answer to start")
+        vision.cancel()
+        thread.join(60)
+        cancelled = out["result"]
+        assert cancelled.status == "canceled" and cancelled.answer.error_code == Answer.CANCELLED
+        assert cancelled.answer.finish_reason == "cancelled" and cancelled.text  # with its partial text
+        assert cancelled.text == "".join(chunks) and cancelled.answer.error_msg == "cancelled: cancelled by its client"
+
+        thread, out = _ask_in_background(vision, "Tell me another long story.")
+        client.wait_for(lambda: len(client.chunks) > len(chunks) + 3, 30, "the second answer to start")
+        client.ask("And now?")
+        thread.join(60)
+        client.wait_for(lambda: any(r.question == "And now?" for r in client.results), 120, "the topic answer")
+        preempted = out["result"]
+        assert preempted.status == "aborted" and preempted.answer.error_code == Answer.CANCELLED
+        assert preempted.answer.error_msg == "cancelled: preempted by a newer question" and preempted.text
+        assert next(r for r in client.results if r.question == "And now?").error_code == Answer.NONE
+        finals = [c for c in client.typed_chunks if c.final]
+        assert [c.finish_reason for c in finals if c.request_id == preempted.answer.request_id] == ["cancelled"]
+
+
+@pytest.mark.parametrize("policy", ["queue", "drop", "preempt"])
+def test_goals_while_busy(tiny_model, tmp_path, policy):
+    first_client, second_client = AskClient(), AskClient()
+    try:
+        with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=LONG, on_busy=policy) as (_, client):
+            first, first_out = _ask_in_background(first_client, "Tell me a long story.")
+            client.wait_for(lambda: len(client.chunks) > 3, 30, "the first answer to start")
+            second = second_client.ask("Tell me a long story too.", timeout=120)
+            first.join(120)
+            earlier = first_out["result"]
+    finally:
+        first_client.close()
+        second_client.close()
+    if policy == "queue":  # the second waits its turn
+        assert earlier.ok and second.ok and second.answer.request_id > earlier.answer.request_id
+        assert second.answer.timings.queue_wait_ms > 0
+    elif policy == "drop":  # refused with the reason (a goal rejection could not say why)
+        assert earlier.ok and second.status == "aborted" and second.answer.error_code == Answer.BUSY
+        assert second.answer.error_msg == "busy: question dropped (on_busy=drop)"
+    else:
+        assert earlier.status == "aborted" and earlier.answer.error_code == Answer.CANCELLED and second.ok
+
+
+def change_state(node, transition: int) -> bool:
+    client = node.create_client(ChangeState, "/internvl/change_state")
+    assert client.wait_for_service(30)
+    return wait_future(client.call_async(ChangeState.Request(transition=Transition(id=transition))), 60).success
+
+
+def get_state(node) -> str:
+    client = node.create_client(GetState, "/internvl/get_state")
+    assert client.wait_for_service(30)
+    return wait_future(client.call_async(GetState.Request()), 30).current_state.label
+
+
+def test_lifecycle_from_a_client(tiny_model, tmp_path, vision):
+    """Deactivate stops serving and drops the cameras; cleanup frees the model; questions and goals
+    in between are answered with an error, never silence."""
+    frame = image_msg(noise_image(40, 40, seed=4), "rgb8")
+    with running_node(tiny_model, tmp_path, max_new_tokens=3) as (proc, client):
+        node = client.node
+        deliver(client, "/image_raw", frame)
+        assert not client.ask_and_wait("Anything?").startswith("ERROR")
+        assert get_state(node) == "active"
+        assert change_state(node, Transition.TRANSITION_DEACTIVATE) and get_state(node) == "inactive"
+        client.wait_for(lambda: node.count_subscribers("/image_raw") == 0, 10, "the camera subscription to go")
+        inactive = vision.ask("Anything?")
+        assert inactive.status == "aborted" and inactive.answer.error_code == Answer.INACTIVE
+        assert "not active (lifecycle state inactive)" in inactive.answer.error_msg
+        assert client.ask_and_wait("Anything?").startswith("ERROR: the node is not active (lifecycle state inactive)")
+        assert change_state(node, Transition.TRANSITION_CLEANUP) and get_state(node) == "unconfigured"
+        client.wait_for(lambda: client.status_values(client.heartbeats[-1])["model_loaded"] == "false", 10, "unload")
+        assert "lifecycle state unconfigured" in vision.ask("Anything?").answer.error_msg
+        assert change_state(node, Transition.TRANSITION_CONFIGURE) and change_state(node, Transition.TRANSITION_ACTIVATE)
+        deliver(client, "/image_raw", frame)
+        assert vision.ask("Anything?", max_new_tokens=3).ok
+        assert change_state(node, Transition.TRANSITION_ACTIVE_SHUTDOWN) and get_state(node) == "finalized"
+        assert "lifecycle state finalized" in vision.ask("Anything?").answer.error_msg
+    assert proc.proc.returncode == 0
+
+
+def test_without_autostart_a_lifecycle_manager_brings_it_up(tiny_model, tmp_path, vision):
+    with running_node(tiny_model, tmp_path, ready=False, autostart="false", mode="text",
+                      max_new_tokens=2) as (_, client):
+        client.wait_for(lambda: client.heartbeats, 60, "the node")
+        assert get_state(client.node) == "unconfigured"
+        assert vision.ask("Hi").answer.error_code == Answer.INACTIVE
+        assert change_state(client.node, Transition.TRANSITION_CONFIGURE)
+        assert change_state(client.node, Transition.TRANSITION_ACTIVATE)
+        assert vision.ask("Hi").ok
+
+
+def test_ros2_lifecycle_and_send_goal_as_docs_show(toy_model, tmp_path):
+    """docs/navigation.md's commands, typed in a shell."""
+    needs_ros_tools("ros2")
+    picture = samples("color", 1, seed=50_000)[0]
+    try:  # the ros2 CLI takes seconds to start: the frame must stay fresh meanwhile
+        with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable",
+                          max_frame_age_s=60.0) as (_, client):
+            deliver(client, "/image_raw", image_msg(picture.images[0], "rgb8"))
+            goal = shell("""ros2 action send_goal /ask internvl_msgs/action/Ask "{question: 'What color is the shape?', """
+                         """choices: [red, green, blue, yellow, purple]}" """)
+            assert "Goal finished with status: SUCCEEDED" in goal.stdout, goal.stdout + goal.stderr
+            assert re.search(rf"text: {picture.answer}\b", goal.stdout), goal.stdout
+            assert "Transitioning successful" in shell("ros2 lifecycle set /internvl deactivate",
+                                                       expect="Transitioning successful").stdout
+            assert shell("ros2 lifecycle get /internvl", expect="inactive").stdout.startswith("inactive")
+            refused = shell("""ros2 action send_goal /ask internvl_msgs/action/Ask "{question: 'What color?'}" """)
+            assert "Goal finished with status: ABORTED" in refused.stdout and "error_code: 8" in refused.stdout
+            assert "Transitioning successful" in shell("ros2 lifecycle set /internvl activate",
+                                                       expect="Transitioning successful").stdout
+    finally:
+        stop_ros2_daemon()
+
