@@ -22,7 +22,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from internvl_engine import InternVLError
 
 IMAGE_TYPES = {Image: "sensor_msgs/msg/Image", CompressedImage: "sensor_msgs/msg/CompressedImage"}
-RELIABLE_CAMERA = QoSProfile(depth=qos_profile_sensor_data.depth, reliability=ReliabilityPolicy.RELIABLE)
+RELIABLE_CAMERA = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
 
 
 class NoFreshFrameError(InternVLError):

@@ -100,7 +100,7 @@ def test_parameter_file_documents_every_declared_parameter():
                 yield f"{prefix}{key}", value
 
     documented = dict(flatten(body))
-    assert documented == {name: default for name, (default, _, _) in PARAMETERS.items()}
+    assert documented == {name: p.default for name, p in PARAMETERS.items()}
 
 
 def test_launch_file_is_valid_python_with_the_documented_arguments():
