@@ -1,0 +1,176 @@
+"""The node's parameters over real DDS, the node as its own process: bad start-up values stop it with
+one line naming the parameter, numbers are taken for float parameters, and every parameter that may
+change at run time is set and its effect observed (read-only ones are refused)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import rclpy
+from images import noise_image
+from ros_harness import ERROR, NodeProcess, image_msg
+from test_node import deliver, running_node
+
+from internvl_engine import GenerationConfig, Request
+from internvl_ros.params import PARAMETERS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ros():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.mark.parametrize("model, params, message", [
+    ("missing", {}, "no such model directory"),
+    ("tiny", {"mode": "bogus"}, "cannot start: mode: must be one of image, video, text, not 'bogus'"),
+    ("tiny", {"camera_qos": "fast"}, "cannot start: camera_qos: must be one of auto, sensor_data, reliable, not 'fast'"),
+    ("tiny", {"max_new_tokens": 0}, "cannot start: max_new_tokens: "),
+    ("tiny", {"temperature": -1.0}, "cannot start: temperature: "),
+    ("tiny", {"top_p": 0.0}, "cannot start: top_p: must be in (0, 1], not 0.0"),
+    ("tiny", {"image_topics": "['bad topic!']"}, "cannot start: image_topics: 'bad topic!' is not a valid topic name"),
+])
+def test_bad_start_up_stops_with_one_clear_line(tiny_model, tmp_path, model, params, message):
+    proc = NodeProcess(tiny_model if model == "tiny" else tmp_path / "no_model", tmp_path / "node.log", params=params)
+    try:
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if "cannot start: " in line]
+    assert len(lines) == 1 and message in lines[0], log
+
+
+def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=8, temperature=1, seed=3) as (_, client):
+        sampled = engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)).text
+        assert client.ask_and_wait("Hello") == sampled  # temperature:=1 was taken as 1.0
+        assert client.set_parameter("temperature", 0) is True
+        assert client.ask_and_wait("Hello") == engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=8)).text
+        assert client.set_parameter("temperature", "warm") is False
+        assert client.last_set_reason == "temperature: must be a number, not 'warm'"
+        assert client.set_parameter("temperature", 11) is False and "must be in [0, 10]" in client.last_set_reason
+        assert client.set_parameter("model_dir", "/elsewhere") is False  # read-only: needs a restart
+
+
+# Every parameter that may change at run time, and the test below that observes its effect.
+WRITABLE = {"mode", "max_images", "max_frame_age_s", "max_frame_lead_s", "image.max_tiles", "video.window_s",
+            "video.max_buffered_frames", "video.num_frames", "on_busy", "queue_size", "system_prompt",
+            "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "heartbeat_period_s"}
+
+
+def test_every_writable_parameter_has_a_test():
+    assert WRITABLE == {name for name, p in PARAMETERS.items() if not p.read_only}
+    # on_busy and queue_size are set at run time in test_node.py::test_busy_policies
+
+
+def asked(client, question: str) -> dict:
+    """Ask on the topic; the /diagnostics values of its answer."""
+    with client.lock:
+        before = len(client.statuses)
+    client.ask(question)
+    client.wait_for(lambda: len(client.statuses) > before, 60, f"the status of {question!r}")
+    with client.lock:
+        return client.status_values(client.statuses[before])
+
+
+def test_camera_and_image_parameters_take_effect(tiny_model, tmp_path):
+    wide = noise_image(100, 400, seed=1)
+    with running_node(tiny_model, tmp_path, max_new_tokens=2, camera_qos="reliable",
+                      image_topics="[front/image_raw, back/image_raw]") as (_, client):
+        for topic in ("/front/image_raw", "/back/image_raw"):
+            deliver(client, topic, image_msg(wide, "rgb8"))
+        both = asked(client, "What?")
+        assert both["frames"].count("@") == 2
+        assert client.set_parameter("max_images", 1)
+        one = asked(client, "What?")
+        assert one["frames"].count("@") == 1 and one["frames"].startswith("/front/image_raw@")
+        assert client.set_parameter("image.max_tiles", 4)
+        tiled = asked(client, "What?")
+        assert int(tiled["prefill_tokens"]) > int(one["prefill_tokens"])  # 4 tiles and a thumbnail
+        assert client.set_parameter("max_frame_age_s", 0.2)
+        time.sleep(0.5)
+        assert "last frame" in client.ask_and_wait("What?") and "(max_frame_age_s 0.2)" in client.answers[-1]
+        assert client.set_parameter("max_frame_age_s", 30.0)
+        assert not client.ask_and_wait("What?").startswith(ERROR)
+        ahead = image_msg(wide, "rgb8")
+        ahead.header.stamp.sec, ahead.header.stamp.nanosec = divmod(client.node.get_clock().now().nanoseconds
+                                                                    + 10**9, 10**9)
+        deliver(client, "/front/image_raw", ahead, stamp=False)
+        assert client.set_parameter("max_images", 2)
+        assert asked(client, "What?")["frames"].startswith("/back/image_raw@")  # the front frame is 1 s ahead
+        assert client.set_parameter("max_frame_lead_s", 2.0)
+        assert asked(client, "What?")["frames"].startswith("/front/image_raw@")
+
+
+def stamps(values: dict) -> list[float]:
+    return [float(entry.split("@")[1].split(" ")[0]) for entry in values["frames"].split("; ")]
+
+
+def test_video_parameters_take_effect(tiny_model, tmp_path):
+    with running_node(tiny_model, tmp_path, mode="video", max_new_tokens=2, camera_qos="reliable",
+                      max_frame_age_s=30.0, **{"video.window_s": 2.0}) as (_, client):
+        def film(seconds: float):
+            for i in range(int(seconds * 20)):  # a 20 Hz camera
+                client.send_image("/image_raw", image_msg(noise_image(32, 32, seed=i), "rgb8"))
+                time.sleep(0.05)
+
+        film(2.5)
+        default = stamps(asked(client, "Which way?"))
+        assert len(default) == 8 and default[-1] - default[0] <= 2.0
+        assert client.set_parameter("video.num_frames", 4)
+        assert len(stamps(asked(client, "Which way?"))) == 4
+        assert client.set_parameter("video.max_buffered_frames", 3)
+        film(1.0)  # the window is thinned to 3 frames as new ones come
+        assert len(stamps(asked(client, "Which way?"))) == 3
+        assert client.set_parameter("video.max_buffered_frames", 32) and client.set_parameter("video.window_s", 0.5)
+        film(1.5)
+        short = stamps(asked(client, "Which way?"))
+        assert short[-1] - short[0] <= 0.5 + 1e-6
+
+
+def test_question_and_generation_parameters_take_effect(tiny_model, engine, tmp_path):
+    question = "Tell me about the door."
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=12) as (_, client):
+        def answer(**config):
+            return engine.answer(Request(question), GenerationConfig(**{"max_new_tokens": 12, **config})).text
+
+        assert client.ask_and_wait(question) == answer()
+        assert client.set_parameter("max_new_tokens", 3)
+        assert client.ask_and_wait(question) == answer(max_new_tokens=3)
+        assert client.set_parameter("max_new_tokens", 12)
+        for name, value in (("temperature", 1.5), ("seed", 11), ("top_k", 5), ("top_p", 0.5),
+                            ("repetition_penalty", 1.8)):
+            assert client.set_parameter(name, value), name
+        configured = dict(temperature=1.5, seed=11, top_k=5, top_p=0.5, repetition_penalty=1.8)
+        assert client.ask_and_wait(question) == answer(**configured)
+        for name in ("top_k", "top_p", "repetition_penalty", "seed"):  # each back to its default changes it
+            default = PARAMETERS[name].default
+            assert client.set_parameter(name, default), name
+            configured[name] = None if name == "seed" else default
+            if name == "seed":
+                continue  # a fresh seed per question: not comparable
+            assert client.ask_and_wait(question) == answer(**configured), name
+        assert client.set_parameter("system_prompt", "You are a robot. Answer briefly.")
+        short_system = int(asked(client, question)["prefill_tokens"])
+        assert short_system == len(engine.prepare(Request(question, system_prompt="You are a robot. Answer briefly."))
+                                   .token_ids)
+        assert client.set_parameter("mode", "image") and "no fresh camera frame" in client.ask_and_wait(question)
+
+
+def test_heartbeat_period_takes_effect_at_once(tiny_model, tmp_path):
+    with running_node(tiny_model, tmp_path, heartbeat_period_s=1.0) as (_, client):
+        with client.lock:
+            first = len(client.heartbeats)
+        time.sleep(2.2)
+        with client.lock:
+            slow = len(client.heartbeats) - first
+        assert client.set_parameter("heartbeat_period_s", 0.1)
+        with client.lock:
+            first = len(client.heartbeats)
+        time.sleep(2.2)
+        with client.lock:
+            fast = len(client.heartbeats) - first
+        assert slow <= 3 and fast >= 15, (slow, fast)
