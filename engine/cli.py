@@ -57,7 +57,15 @@ def log_to_stderr(prog: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="internvl-infer", description="Ask InternVL2.5 about images or a video.")
+    ap = argparse.ArgumentParser(
+        prog="internvl-infer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask InternVL2.5 a question about images, a video or nothing, and print the answer as it\n"
+                    "streams, then the seed's timing table (or one JSON object with --json). The seed demo's\n"
+                    "flags work too (--hf_model, --axmodel_path, --vit_model).",
+        epilog="Examples:\n"
+               "  internvl-infer --model-dir model -q 'What is in front of me?' -i photo.jpg\n"
+               "  internvl-infer --model-dir model -q 'What happens?' -v clip.mp4 --segments 8\n"
+               "  internvl-infer --model-dir model -q 'Is the door open?' -i door.jpg --choices yes,no")
     add_model_arguments(ap)
     ap.add_argument("-q", "--question", required=True, help="the question")
     ap.add_argument("-i", "--images", nargs="+", default=[], type=Path, help="image files")

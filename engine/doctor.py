@@ -224,8 +224,14 @@ def diagnose(args, report: Report) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-doctor", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="internvl-doctor", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check a model directory and the runtime it will run on, then run it once: what a board\n"
+                    "user runs first. One line per check, starting ok or PROBLEM; a problem says what is wrong\n"
+                    "and what to do. Exit status 0 when every check passes, 1 when one does not.",
+        epilog="Example (on an AX650N board):\n"
+               "  internvl-doctor --hf_model InternVL2_5-1B-MPO/ --axmodel_path InternVL2_5-1B-MPO_axmodel/ \\\n"
+               "      --vit_model vit_axmodel/internvl2_5_1b_vit.axmodel")
     add_model_arguments(ap)
     args = ap.parse_args(argv)
     report = Report()

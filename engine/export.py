@@ -10,8 +10,9 @@ torch, no ``trust_remote_code``), following the AX650N layer contract:
   [1, T, kv_dim] (K after RoPE), ``output`` [1, T, H]. C and T are dynamic.
 - ``post.onnx``: ``input`` [1, T, H] -> ``output`` [1, T, vocab] (final RMSNorm + lm_head).
 - ``embed_tokens.npy``: the float32 embedding table, looked up on the host.
-- ``manifest.json``: sizes, build limits, dtypes, file names, source checkpoint; plus the
-  tokenizer files and ``config.json`` copied over so the directory is self-contained.
+- ``manifest.json``: sizes, build limits, file names, source checkpoint (path, sha256, contract,
+  precision); plus the tokenizer files and ``config.json`` copied over so the directory is
+  self-contained.
 """
 from __future__ import annotations
 
@@ -375,7 +376,15 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-export", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="internvl-export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Turn an original InternVL2.5 checkpoint (safetensors in the OpenGVLab layout) into the\n"
+                    "model directory the engine runs: the ViT, one model per decoder layer, the post model,\n"
+                    "the embedding table, the tokenizer and a manifest. No torch is needed.",
+        epilog="Examples:\n"
+               "  internvl-export --hf-model InternVL2_5-1B-MPO --out model\n"
+               "  internvl-export --hf-model InternVL2_5-1B-MPO --out model-int8 --precision int8\n"
+               "  internvl-export --hf-model ckpt --out contract --contract axmodel   # the board's shape groups")
     ap.add_argument("--hf-model", "--hf_model", required=True, type=Path, help="original InternVL2.5 checkpoint")
     ap.add_argument("--out", required=True, type=Path, help="directory to write the models to")
     d = LayerBuild()

@@ -80,7 +80,12 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-fidelity", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="internvl-fidelity", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure how closely one model directory (an int8 export, say) follows another (the fp32\n"
+                    "export of the same checkpoint) on a fixed set of prompts: the cosine of their logits,\n"
+                    "how often their greedy choices agree, and whether their greedy answers are the same.",
+        epilog="Example:\n  internvl-fidelity --reference model --candidate model-int8")
     ap.add_argument("--reference", required=True, type=Path, help="model directory to follow (e.g. fp32 export)")
     ap.add_argument("--candidate", required=True, type=Path, help="model directory to check (e.g. int8 export)")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")

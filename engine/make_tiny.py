@@ -186,7 +186,12 @@ def make_tiny(out: Path, seed: int = 0, real_dims: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-make-tiny", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="internvl-make-tiny", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a random-weight InternVL2.5 checkpoint in the original layout (config.json,\n"
+                    "model.safetensors, Qwen2 tokenizer files), tiny for tests or at InternVL2.5-1B's sizes for\n"
+                    "benchmarks. Its weights are random: it answers gibberish.",
+        epilog="Examples:\n  internvl-make-tiny --out ckpt\n  internvl-make-tiny --out ckpt-1b --real-dims")
     ap.add_argument("--out", required=True, type=Path, help="directory to write the checkpoint to")
     ap.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     ap.add_argument("--real-dims", action="store_true", help="InternVL2.5-1B sizes (about 2 GB) instead of tiny")

@@ -11,6 +11,9 @@ Pillow too, as InternVL reads them (no EXIF rotation); video frames with OpenCV.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -101,10 +104,31 @@ def segment_centre_indices(num_frames: int, num_segments: int) -> list[int]:
     return [int(seg / 2 + np.round(seg * i)) for i in range(num_segments)]
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """FFmpeg, inside OpenCV, prints its complaints straight to file descriptor 2 ("moov atom not
+    found"); the engine says what is wrong in its own words instead. (Any thread's stderr is off for
+    that moment: the tools that read video files are single-threaded.)"""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_video_frames(path: str | Path, num_segments: int | None = 8) -> list[np.ndarray]:
     """Uniformly sampled RGB frames of a video file (read with OpenCV); every frame for None."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: no such video file")
+    with _native_stderr_silenced():
+        return _read_video(path, num_segments)
+
+
+def _read_video(path: str | Path, num_segments: int | None) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():

@@ -53,6 +53,12 @@ def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions:
     """Write frames (seconds from start, RGB) and questions (seconds from start, text) to a rosbag2."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    compressed = encoding in ("jpeg", "png")
+    if compressed != image_topic.endswith("/compressed"):
+        raise ValueError(f"{encoding} frames are sensor_msgs/{'CompressedImage' if compressed else 'Image'}, which the "
+                         f"node takes from a topic {'ending' if compressed else 'not ending'} in /compressed, not "
+                         f"from {image_topic!r}: use --topic "
+                         f"{image_topic + '/compressed' if compressed else image_topic.rsplit('/compressed', 1)[0]}")
     start_ns = time.time_ns() if start_ns is None else start_ns
     records = []
     for t, rgb in frames:
@@ -81,7 +87,14 @@ def _timed_question(text: str) -> tuple[float, str]:
 
 
 def make_bag_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-make-bag", description="Write a camera clip and timed questions to a rosbag2.")
+    ap = argparse.ArgumentParser(
+        prog="internvl-make-bag", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a camera clip (a video file or images) and timed questions to a rosbag2, with rosbags\n"
+                    "(no rosbag2 install needed). JPEG and PNG frames are sensor_msgs/CompressedImage and go on a\n"
+                    "topic ending in /compressed; the others are sensor_msgs/Image.",
+        epilog="Examples:\n"
+               "  internvl-make-bag --video clip.mp4 --out clip_bag --question '2.0:What is moving?'\n"
+               "  internvl-make-bag --images a.jpg b.jpg --out jpeg_bag --encoding jpeg --topic image_raw/compressed")
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--video", type=Path, help="video file; every frame is written")
     source.add_argument("--images", type=Path, nargs="+", help="image files, one frame each, in order")
@@ -196,8 +209,15 @@ def _stamp_msg(ns: int):
 
 
 def play_bag_main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-play-bag", description="Replay a rosbag2 into live topics.")
-    ap.add_argument("bag", type=Path)
+    ap = argparse.ArgumentParser(
+        prog="internvl-play-bag", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a rosbag2 into live topics with its recorded timing, in place of ros2 bag play where\n"
+                    "rosbag2 is not installed. Recorded stamps are old when played: use --restamp, or --clock with\n"
+                    "a node on use_sim_time.",
+        epilog="Examples:\n"
+               "  internvl-play-bag clip_bag --restamp --wait-for-subscribers 20\n"
+               "  internvl-play-bag clip_bag --clock --remap image_raw:=/camera/image_raw")
+    ap.add_argument("bag", type=Path, help="the bag directory")
     ap.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
     ap.add_argument("--loop", action="store_true", help="play again from the start at the end")
     ap.add_argument("--restamp", action="store_true",

@@ -21,9 +21,6 @@ from dataclasses import dataclass
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
-from internvl_msgs.action import Ask
-from internvl_msgs.msg import Answer as AnswerMsg
-from internvl_msgs.msg import AnswerChunk
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
@@ -31,8 +28,12 @@ from rclpy.executors import SingleThreadedExecutor
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS
+from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS  # first: it says how to get internvl_msgs if missing
 from .params import MODES
+
+from internvl_msgs.action import Ask  # noqa: I100
+from internvl_msgs.msg import Answer as AnswerMsg
+from internvl_msgs.msg import AnswerChunk
 
 RELIABLE = ANSWER_QOS
 STATUS_NAMES = {GoalStatus.STATUS_SUCCEEDED: "succeeded", GoalStatus.STATUS_ABORTED: "aborted",

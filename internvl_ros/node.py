@@ -26,9 +26,14 @@ from dataclasses import dataclass, field
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from internvl_msgs.action import Ask
-from internvl_msgs.msg import Answer as AnswerMsg
-from internvl_msgs.msg import AnswerChunk, Timings as TimingsMsg, UsedFrame
+
+try:
+    from internvl_msgs.action import Ask
+    from internvl_msgs.msg import Answer as AnswerMsg
+    from internvl_msgs.msg import AnswerChunk, Timings as TimingsMsg, UsedFrame
+except ImportError as e:
+    raise ImportError(f"{e}: the node needs the internvl_msgs interface package: build the workspace (make ws, or "
+                      "colcon build in ros2_ws) and source its install/setup.bash") from e
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException
@@ -500,7 +505,24 @@ class InternVLNode(LifecycleNode):
         self._worker.join(timeout=10)
 
 
+def usage() -> str:
+    lines = ["usage: internvl_node --ros-args [--params-file FILE] [-p NAME:=VALUE ...] [-r FROM:=TO ...]", "",
+             "The internvl node: answers questions (the question topic, the ask action) about what the cameras",
+             "see. Every parameter, with its default (* needs a restart):", ""]
+    for name, p in params.PARAMETERS.items():
+        lines.append(f"  {name}{' *' if p.read_only else ''} = {p.default!r}")
+        lines.append(f"      {p.description}" + (f" One of: {', '.join(p.choices)}." if p.choices else ""))
+    lines += ["", "Example:", "  internvl_node --ros-args --params-file config/internvl.yaml -p model_dir:=model",
+              "  (or: ros2 launch internvl_ros internvl.launch.py model_dir:=model)"]
+    return "\n".join(lines)
+
+
 def main(args=None) -> int:
+    argv = sys.argv[1:] if args is None else list(args)
+    own = argv[:argv.index("--ros-args")] if "--ros-args" in argv else argv
+    if "-h" in own or "--help" in own:
+        print(usage())
+        return 0
     rclpy.init(args=args)
     try:
         node = InternVLNode()

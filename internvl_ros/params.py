@@ -83,7 +83,7 @@ PARAMETERS: dict[str, Param] = {
     "max_new_tokens": Param(128, "Longest answer in tokens.", limits=(1, 4096)),
     "temperature": Param(0.0, "Sampling temperature (0: greedy).", limits=(0.0, 10.0)),
     "top_k": Param(0, "Sample among the k most likely tokens (0: all).", limits=(0, 1_000_000)),
-    "top_p": Param(1.0, "Nucleus sampling probability mass, in (0, 1].", limits=(0.0, 1.0), low_open=True),
+    "top_p": Param(1.0, "Nucleus sampling probability mass: above 0, at most 1.", limits=(0.0, 1.0), low_open=True),
     "repetition_penalty": Param(1.0, "Penalty for repeating tokens (1: off).", limits=(0.01, 10.0)),
     "seed": Param(-1, "Sampling seed (-1: a fresh seed per question).", limits=(-1, 2**31 - 1)),
     "heartbeat_period_s": Param(1.0, "Period of the heartbeat status on /diagnostics.", limits=(0.05, 3600.0)),

@@ -1,11 +1,14 @@
-"""Node overhead figures (prints them; asserts nothing).
+"""Node overhead figures (prints them, with the CPU; asserts nothing). With the workspace sourced:
 
-    .venv/bin/python scripts/bench_node.py --model-dir .demo/toy_onnx [--questions 20] [--idle-s 10]
+    source ros2_ws/install/setup.bash
+    .venv/bin/internvl-make-tiny --out /tmp/tiny && .venv/bin/internvl-export --hf-model /tmp/tiny --out /tmp/tiny_onnx
+    .venv/bin/python scripts/bench_node.py --model-dir /tmp/tiny_onnx [--questions 20] [--idle-s 10]
 
 1. Question -> first streamed chunk, seen by a client over DDS, minus the engine's own TTFT and
    ViT time from the answer's diagnostics: what the node and DDS add (text and image mode).
 2. Node CPU while idle: with no camera, and with a 30 Hz camera of 1080p rgb8 frames (measured
    from /proc/<pid>/stat over --idle-s seconds; the publisher runs in this process, not the node's).
+   The camera publishes reliable, so the node's camera_qos (auto by default) subscribes reliable.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import numpy as np
 import rclpy
 from sensor_msgs.msg import Image
 
+from internvl_engine.bench import machine
 from internvl_ros.client import RELIABLE, Client
+from internvl_ros.params import CAMERA_QOS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -54,8 +59,7 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--idle-s", type=float, default=10.0)
-    ap.add_argument("--camera-qos", choices=("sensor_data", "reliable"), default="reliable",
-                    help="the node's camera_qos (best effort loses 1080p frames on lossy transports)")
+    ap.add_argument("--camera-qos", choices=CAMERA_QOS, default="auto", help="the node's camera_qos")
     args = ap.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
@@ -65,6 +69,7 @@ def main() -> int:
                              "-p", "max_frame_age_s:=5.0", "-p", f"camera_qos:={args.camera_qos}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rclpy.init()
     client = Client()
+    print(machine())
     try:
         client.wait_ready()
         assert client.set_parameter("mode", "text")

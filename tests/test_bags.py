@@ -5,6 +5,7 @@ import subprocess
 import threading
 import time
 
+import cv2
 import pytest
 import rclpy
 from images import numbered_frames, write_video
@@ -49,6 +50,13 @@ def test_make_bag_refuses_bad_input(tmp_path):
     proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", "b", "--question", "soon"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "expected SECONDS:QUESTION" in proc.stderr
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), numbered_frames(1)[0])
+    for encoding, topic, hint in (("jpeg", "image_raw", "use --topic image_raw/compressed"),
+                                  ("rgb8", "cam/compressed", "use --topic cam")):
+        proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", str(image), "--out", str(tmp_path / encoding),
+                               "--encoding", encoding, "--topic", topic], capture_output=True, text=True)
+        assert proc.returncode == 2 and hint in proc.stderr and not (tmp_path / encoding).exists(), proc.stderr
 
 
 def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):

@@ -80,10 +80,12 @@ def test_seed_flags_and_video(tiny_model, tmp_path):
     (["--model-dir", "{model}", "-q", "  "], "the question is empty"),
     (["--model-dir", "{model}", "-q", "hi", "-i", "{tmp}/bad.jpg"], "not a readable image"),
     (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/empty.avi"], "video"),
+    (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/garbage.mp4"], "cannot open video"),  # no FFmpeg noise
     (["--model-dir", "{model}", "-q", "~" * 1300], "accepts at most"),
 ])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     cv2.VideoWriter(str(tmp_path / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
     argv = [a.format(tmp=tmp_path, model=tiny_model) for a in args]
     proc = run(BIN / "internvl-infer", *argv, check=False)

@@ -49,7 +49,12 @@ def table_rows(report: dict[str, dict]) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-eval-toy", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="internvl-eval-toy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure the toy model's accuracy through the engine, per question type, on freshly\n"
+                    "generated scenes (seeds apart from training's). An answer counts when it equals the\n"
+                    "expected one exactly.",
+        epilog="Example:\n  internvl-eval-toy models/internvl-toy --per-task 200")
     ap.add_argument("model", type=Path, help="the toy checkpoint (exported to a temporary directory) or an export")
     ap.add_argument("--per-task", type=int, default=200, help="questions per type (default 200)")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)

@@ -265,7 +265,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="internvl-train-toy", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="internvl-train-toy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the toy InternVL2.5 checkpoint on generated scenes of coloured shapes, with torch on\n"
+                    "the CPU (requirements/dev.txt): the encoder first, then the decoder on every question type.\n"
+                    "About 18 minutes on a 2-core machine.",
+        epilog="Example:\n  internvl-train-toy --out models/internvl-toy")
     ap.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=1600, help="decoder steps, after the encoder's")
     ap.add_argument("--batch-size", type=int, default=32)
