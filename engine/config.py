@@ -148,8 +148,8 @@ class LayerBuild:
 class Manifest:
     spec: ModelSpec
     build: LayerBuild
-    files: dict = field(default_factory=dict)  # role -> file name (vit, post, embeddings; layers: a name, or
-    # one name per fixed-shape group, per layer)
+    files: dict = field(default_factory=dict)  # role -> file name (vit, embeddings; decoder: the fused graph;
+    # or post and layers: per layer a name, or one name per fixed-shape group)
     source: dict = field(default_factory=dict)  # where the weights came from
 
     def write(self, out_dir: Path) -> None:
@@ -193,9 +193,10 @@ class ModelLayout:
     spec: ModelSpec
     build: LayerBuild | None  # None: read from the layer models' shape groups
     vit: Path | None  # None: text only
-    post: Path
+    post: Path | None  # None with a fused decoder
     embeddings: Path
-    layers: list  # per layer, a file or one file per shape group
+    layers: list  # per layer, a file or one file per shape group; empty with a fused decoder
+    decoder: Path | None = None  # the fused decoder graph (internvl-export --contract fused)
 
     def layer_files(self) -> list[Path]:
         return [p for layer in self.layers for p in (layer if isinstance(layer, list) else [layer])]
@@ -208,10 +209,14 @@ class ModelLayout:
             raise ModelDirError(f"{vit}: no such ViT model file")
         if (model_dir / MANIFEST).is_file():
             m = Manifest.read(model_dir)
-            layers = [[model_dir / g for g in f] if isinstance(f, list) else model_dir / f for f in m.files["layers"]]
-            layout = cls(m.spec, m.build, vit or model_dir / m.files["vit"], model_dir / m.files["post"],
-                         model_dir / m.files["embeddings"], layers)
-            files = (layout.vit, layout.post, layout.embeddings, *layout.layer_files())
+            named = lambda role: model_dir / m.files[role] if role in m.files else None  # noqa: E731
+            layers = [[model_dir / g for g in f] if isinstance(f, list) else model_dir / f
+                      for f in m.files.get("layers", [])]
+            layout = cls(m.spec, m.build, vit or named("vit"), named("post"), named("embeddings"), layers,
+                         named("decoder"))
+            if (layout.decoder is None) == (layout.post is None):
+                raise ModelDirError(f"{model_dir}/{MANIFEST}: needs either a decoder or a post model and layers")
+            files = (layout.vit, layout.post or layout.decoder, layout.embeddings, *layout.layer_files())
             if missing := [p.name for p in files if not p.is_file()]:
                 raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
             return layout

@@ -24,7 +24,7 @@ import numpy as np
 from .cli import add_model_arguments, open_engine
 from .engine import Engine
 from .errors import BackendError, InternVLError, ModelDirError
-from .llm import MASK_BLOCKED
+from .llm import LLM, MASK_BLOCKED
 from .prompt import IMG_CONTEXT
 from .session import resolve_backend
 
@@ -78,7 +78,25 @@ def _io(specs) -> str:
 
 def check_models(report: Report, engine: Engine) -> None:
     """Every layer's groups equal layer 0's and follow the contract; post, ViT and embeddings fit config.json."""
-    text, spec, shapes = engine.spec.text, engine.spec, engine.llm.shapes
+    spec = engine.spec
+    if isinstance(engine.llm, LLM):
+        check_layers(report, engine)
+    else:
+        table = engine.llm.embeddings
+        report.ok(f"decoder: {spec.text.num_layers} layers and the lm_head in one graph ({engine.llm.path.name}), the "
+                  f"KV cache in place; embedding table {table.shape[0]} x {table.shape[1]} {table.dtype}")
+    if engine.vit is None:
+        report.problem("no ViT model: questions with images or video will be refused",
+                       "give --vit_model (or put one *vit*.axmodel file in the model directory)")
+    elif (got := engine.vit.groups[0]["image"]) != (1, 3, spec.image_size, spec.image_size):
+        report.problem(f"the ViT takes {list(got)}, config.json's image size is {spec.image_size}",
+                       "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
+    else:
+        report.ok(f"ViT: input {list(got)}, {spec.num_image_token} tokens per tile")
+
+
+def check_layers(report: Report, engine: Engine) -> None:
+    text, shapes = engine.spec.text, engine.llm.shapes
     first = engine.llm.layers[0]
     if shapes.dynamic:
         report.ok(f"{len(engine.llm.layers)} decoder layers with dynamic shapes (an onnxruntime export)")
@@ -111,14 +129,6 @@ def check_models(report: Report, engine: Engine) -> None:
                        "compile the post model from this checkpoint")
     else:
         report.ok(f"post model: input {list(post)}; embedding table {table.shape[0]} x {table.shape[1]} {table.dtype}")
-    if engine.vit is None:
-        report.problem("no ViT model: questions with images or video will be refused",
-                       "give --vit_model (or put one *vit*.axmodel file in the model directory)")
-    elif (got := engine.vit.groups[0]["image"]) != (1, 3, spec.image_size, spec.image_size):
-        report.problem(f"the ViT takes {list(got)}, config.json's image size is {spec.image_size}",
-                       "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
-    else:
-        report.ok(f"ViT: input {list(got)}, {spec.num_image_token} tokens per tile")
 
 
 def check_limits(report: Report, engine: Engine) -> None:

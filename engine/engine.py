@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
-from .errors import InvalidRequestError, ModelDirError, PromptTooLongError
-from .llm import LLM, load_embeddings
+from .errors import BackendError, InvalidRequestError, ModelDirError, PromptTooLongError
+from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
 from .sampling import GenerationConfig, Sampler
@@ -88,7 +88,7 @@ class Step:
     backend_seconds: float  # of ``seconds``, the time inside backend calls
 
 
-def generate_step(llm: LLM, embeds: np.ndarray, choose: Callable[[np.ndarray], int],
+def generate_step(llm: Decoder, embeds: np.ndarray, choose: Callable[[np.ndarray], int],
                   reuse_prefix: bool = True) -> Iterator[Step]:
     """Prefill the prompt ``embeds``, then decode: one Step per token, each chosen token (``choose``
     maps logits to a token: a sampler, argmax, or a teacher's next token) fed back, until the
@@ -109,12 +109,12 @@ def argmax(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def greedy_tokens(llm: LLM, embeds: np.ndarray, count: int) -> list[int]:
+def greedy_tokens(llm: Decoder, embeds: np.ndarray, count: int) -> list[int]:
     """The first ``count`` greedy tokens after the prompt (stop tokens included, as chosen)."""
     return [step.token for step in islice(generate_step(llm, embeds, argmax, reuse_prefix=False), count)]
 
 
-def forced_logits(llm: LLM, embeds: np.ndarray, tokens: Sequence[int]) -> list[np.ndarray]:
+def forced_logits(llm: Decoder, embeds: np.ndarray, tokens: Sequence[int]) -> list[np.ndarray]:
     """Teacher forcing: the logits after the prompt and after each of ``tokens`` fed in turn."""
     feed = iter(tokens)
     steps = generate_step(llm, embeds, lambda _: next(feed, -1), reuse_prefix=False)
@@ -126,7 +126,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def score_choices(llm: LLM, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int) -> np.ndarray:
+def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int) -> np.ndarray:
     """Log-probability of each choice as the whole answer: its tokens, then ``end``, after the prompt
     already in the cache (whose logits are ``prompt_logits``). The prompt's K/V are computed once and
     kept; each choice overwrites only the rows after them."""
@@ -166,11 +166,21 @@ class Engine:
             return open_session(self.backend, path, threads, provider)
 
         self.vit = session(layout.vit) if layout.vit else None
-        layers = [session(p) for p in layout.layers]
-        dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
-        embeddings = load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
-        self.llm = LLM(layers, session(layout.post), embeddings, layout.build, self.spec.text.kv_dim, dtype,
-                       resident_kv)
+        self.llm: Decoder
+        if layout.decoder is not None:  # one graph for the whole decoder: onnxruntime only
+            if self.backend != "onnxruntime":
+                raise BackendError(f"{layout.decoder.name} is a fused decoder for onnxruntime, not for {self.backend}")
+            from .fused import FusedLLM
+
+            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, threads)
+        else:
+            layers = [session(p) for p in layout.layers]
+            dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
+            self.llm = LLM(layers, session(layout.post), self._embeddings(layout), layout.build, self.spec.text.kv_dim,
+                           dtype, resident_kv)
+
+    def _embeddings(self, layout: ModelLayout) -> np.ndarray:
+        return load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
 
     def prepare(self, request: Request) -> Prompt:
         """Tokens and input embeddings for a request, image features spliced in after each ``<img>``.

@@ -1,28 +1,39 @@
-"""``internvl-export``: turn an original InternVL2.5 checkpoint into the per-layer model directory.
+"""``internvl-export``: turn an original InternVL2.5 checkpoint into the model directory the engine runs.
 
 The graphs are written directly with ``onnx.helper`` from the safetensors weights (numpy only, no
-torch, no ``trust_remote_code``), following the AX650N layer contract:
+torch, no ``trust_remote_code``). Three layouts (``--contract``):
 
-- ``vit.onnx``: ``image`` [1, 3, S, S] -> ``output`` [1, N, H] (InternViT, drop CLS, pixel
-  shuffle, ``mlp1``).
-- ``layer_{i}.onnx``: ``K_cache``, ``V_cache`` [1, C, kv_dim], ``indices`` [1, T] (uint32 absolute
-  positions), ``input`` [1, T, H], ``mask`` [1, T, C + T] (additive) -> new K rows, new V rows
-  [1, T, kv_dim] (K after RoPE), ``output`` [1, T, H]. C and T are dynamic.
-- ``post.onnx``: ``input`` [1, T, H] -> ``output`` [1, T, vocab] (final RMSNorm + lm_head).
-- ``embed_tokens.npy``: the float32 embedding table, looked up on the host.
-- ``manifest.json``: sizes, build limits, file names, source checkpoint (path, sha256, contract,
-  precision); plus the tokenizer files and ``config.json`` copied over so the directory is
-  self-contained.
+- ``fused`` (default, the CPU's): ``decoder.onnx``, every decoder layer and the lm_head in one
+  graph: ``inputs_embeds`` [1, T, H], ``seqlens_k`` (int32 [1], the last position), ``total_sequence_length``
+  and per layer ``past_key_{i}``/``past_value_{i}`` [1, kv_heads, M, head_dim] -> ``logits`` of the
+  last row [1, 1, vocab] and ``present_key_{i}``/``present_value_{i}``. onnxruntime's
+  GroupQueryAttention (rotary inside) reads and writes the cache in place when past and present are
+  bound to one buffer; SkipSimplifiedLayerNormalization fuses each residual add with its RMSNorm;
+  Q/K/V and gate/up are one matmul each.
+- ``dynamic``: the AX650N layer contract with dynamic shapes, one ``layer_{i}.onnx`` per layer:
+  ``K_cache``, ``V_cache`` [1, C, kv_dim], ``indices`` [1, T] (uint32 absolute positions), ``input``
+  [1, T, H], ``mask`` [1, T, C + T] (additive) -> new K rows, new V rows [1, T, kv_dim] (K after
+  RoPE), ``output`` [1, T, H]; and ``post.onnx``: ``input`` [1, T, H] -> ``output`` [1, T, vocab].
+- ``axmodel``: the same contract with exactly the shape groups Pulsar2 ``llm_build`` compiles.
+
+Beside them: ``vit.onnx`` (``image`` [1, 3, S, S] -> ``output`` [1, N, H]: InternViT, drop CLS,
+pixel shuffle, ``mlp1``), the embedding table (looked up on the host), the tokenizer files,
+``config.json`` and ``manifest.json`` (sizes, build limits, file names, source checkpoint with its
+sha256, contract and precision), so the directory is self-contained.
+
+``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
+onnxruntime's MatMulNBits: ``--block-size`` weights share a scale and zero point, and
+``--accuracy-level 4`` multiplies in int8 on the CPU.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +48,40 @@ IR_VERSION = 8  # readable by older onnxruntime releases on boards
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.json", "generation_config.json", "config.json")
 _ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint32): TensorProto.UINT32,
-               np.dtype(np.int64): TensorProto.INT64}
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
+MS = "com.microsoft"  # onnxruntime's contrib operators
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Block-wise weight quantisation for MatMulNBits (asymmetric: a scale and zero point per block)."""
+
+    bits: int  # 8 or 4
+    block_size: int = 32
+    accuracy_level: int = 4  # 4: int8 compute (CPU, AVX-512 VNNI / AVX2); 0: float
+
+
+def quantize_blocks(weight: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """weight [N, K] (out, in) -> MatMulNBits' B [N, blocks, block_size * bits / 8] (uint8, 4-bit
+    values two to a byte, low nibble first), scales [N * blocks] and zero points (packed the same
+    way). Each block's range includes 0, so zero weights stay exactly zero."""
+    n, k = weight.shape
+    blocks = -(-k // q.block_size)
+    padded = np.zeros((n, blocks * q.block_size), np.float32)
+    padded[:, :k] = weight
+    padded = padded.reshape(n, blocks, q.block_size)
+    low, high = np.minimum(padded.min(-1), 0), np.maximum(padded.max(-1), 0)
+    top = 2 ** q.bits - 1
+    scale = (high - low) / top
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-low / scale), 0, top)
+    values = np.clip(np.round(padded / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    zero = zero.astype(np.uint8)
+    if q.bits == 4:
+        values = values[..., 0::2] | (values[..., 1::2] << 4)
+        zero = np.pad(zero, ((0, 0), (0, blocks % 2)))
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return np.ascontiguousarray(values), scale.astype(np.float32).reshape(-1), np.ascontiguousarray(zero).reshape(-1)
 
 
 class Checkpoint:
@@ -84,10 +128,11 @@ class Checkpoint:
 
 
 class Graph:
-    """Just enough of a graph builder: named values are strings, constants become initializers."""
+    """Just enough of a graph builder: named values are strings, constants become initializers.
+    With ``quant``, ``linear`` layers keep their weights block-wise quantised (MatMulNBits)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, quant: Quantization | None = None):
+        self.name, self.quant = name, quant
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._count = 0
 
@@ -100,7 +145,9 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, dtype, shape) -> None:
-        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        """``value`` as graph output ``name``: written there directly when ``value`` is that name."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, _ONNX_DTYPE[np.dtype(dtype)], shape))
 
     def const(self, array, hint: str = "c") -> str:
@@ -108,14 +155,22 @@ class Graph:
         self.inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
-        names = [self._fresh(op_type.lower()) for _ in range(outputs)]
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, **attrs):
+        """A node; ``outputs``: how many (fresh names), or their names. ``domain=MS`` for contrib ops."""
+        names = outputs if isinstance(outputs, list) else [self._fresh(op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0] if outputs == 1 else names
+        return names[0] if len(names) == 1 else names
 
-    # Layers used by both models.
+    # Layers used by several models.
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-        y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
+        """x @ weight.T (+ bias); weight [out, in] as the checkpoint stores it."""
+        if self.quant is None:
+            y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
+        else:
+            values, scales, zeros = quantize_blocks(weight, self.quant)
+            y = self.op("MatMulNBits", x, self.const(values, "wq"), self.const(scales, "ws"), self.const(zeros, "wz"),
+                        domain=MS, K=weight.shape[1], N=weight.shape[0], bits=self.quant.bits,
+                        block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
         return y if bias is None else self.op("Add", y, self.const(bias, "b"))
 
     def reshape(self, x: str, shape) -> str:
@@ -137,40 +192,27 @@ class Graph:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="internvl-export")
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain == MS for n in self.nodes):
+            opsets.append(helper.make_opsetid(MS, 1))
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="internvl-export")
         m.ir_version = IR_VERSION
         return m
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 
 
-def save_model(model: onnx.ModelProto, path: Path, precision: str = "fp32") -> None:
-    """Save; weights go to an external file only when the protobuf would pass its 2 GB limit.
-    int8: onnxruntime's dynamic quantisation of the MatMuls (int8 weights, per-tensor; activations
-    quantised at run time), which cuts the weight bytes read per decode step by 4."""
-    size = sum(np.prod(t.dims, dtype=np.int64) * 4 for t in model.graph.initializer)
-    external = size > 1_800_000_000
-    target = path.with_name(path.stem + ".fp32.onnx") if precision == "int8" else path
-    if external:
-        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + ".data")
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save; weights go to an external file only when the protobuf would pass its 2 GB limit."""
+    if sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
     else:
-        onnx.save_model(model, str(target))
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        logging.disable(logging.WARNING)  # quantize_dynamic advises shape pre-processing on every call
-        try:
-            quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-        finally:
-            logging.disable(logging.NOTSET)
-        target.unlink()
-        if external:
-            target.with_name(target.name + ".data").unlink()
+        onnx.save_model(model, str(path))
 
 
-def build_vit(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
+def build_vit(ck: Checkpoint, spec: ModelSpec, quant: Quantization | None = None) -> onnx.ModelProto:
     v = spec.vision
     if v.qk_normalization or v.norm_type != "layer_norm":
         raise ModelDirError("vision encoders with qk_normalization or rms_norm are not supported "
@@ -178,7 +220,7 @@ def build_vit(ck: Checkpoint, spec: ModelSpec) -> onnx.ModelProto:
     d, p, s, nh = v.hidden_size, v.patch_size, v.image_size, v.num_heads
     side = s // p
     hd = d // nh
-    g = Graph("internvl_vit")
+    g = Graph("internvl_vit", quant)
     x = g.input("image", np.float32, [1, 3, s, s])
     emb = "vision_model.embeddings."
     x = g.op("Conv", x, g.const(ck.get(emb + "patch_embedding.weight")), g.const(ck.get(emb + "patch_embedding.bias")),
@@ -231,7 +273,8 @@ def layer_groups(build: LayerBuild) -> list[tuple[int, int]]:
     return [(build.kv_cache_len, 1)] + [(c, chunk) for c in range(0, build.max_prompt_tokens, chunk)]
 
 
-def build_layer(ck: Checkpoint, spec: ModelSpec, i: int, group: tuple[int, int] | None = None) -> onnx.ModelProto:
+def build_layer(ck: Checkpoint, spec: ModelSpec, i: int, group: tuple[int, int] | None = None,
+                quant: Quantization | None = None) -> onnx.ModelProto:
     """One Qwen2 decoder layer driven with an explicit KV cache (the "together" model contract).
     ``group``: (C, T) for one fixed-shape group; the no-history group (C = 0) takes the contract's
     dummy [1, 1, H] K/V inputs and does not read them."""
@@ -242,7 +285,7 @@ def build_layer(ck: Checkpoint, spec: ModelSpec, i: int, group: tuple[int, int] 
     capacity, tokens = group if group else ("history", "tokens")
     total = capacity + tokens if group else "total"
     history_shape = [1, 1, hsz] if capacity == 0 else [1, capacity, t.kv_dim]
-    g = Graph(f"qwen2_layer_{i}")
+    g = Graph(f"qwen2_layer_{i}", quant)
     k_cache = g.input("K_cache", np.float32, history_shape)
     v_cache = g.input("V_cache", np.float32, history_shape)
     indices = g.input("indices", np.uint32, [1, tokens])
@@ -302,12 +345,61 @@ def lm_head_weight(ck: Checkpoint, spec: ModelSpec) -> np.ndarray:
     raise ModelDirError("checkpoint lacks language_model.lm_head.weight and embeddings are not tied")
 
 
-def build_post(ck: Checkpoint, spec: ModelSpec, tokens: int | str = "tokens") -> onnx.ModelProto:
+def build_post(ck: Checkpoint, spec: ModelSpec, tokens: int | str = "tokens",
+               quant: Quantization | None = None) -> onnx.ModelProto:
     t = spec.text
-    g = Graph("qwen2_post")
+    g = Graph("qwen2_post", quant)
     x = g.input("input", np.float32, [1, tokens, t.hidden_size])
     x = g.rms_norm(x, ck.get("language_model.model.norm.weight"), t.rms_norm_eps)
     g.output(g.linear(x, lm_head_weight(ck, spec)), "output", np.float32, [1, tokens, t.vocab_size])
+    return g.model()
+
+
+def build_decoder(ck: Checkpoint, spec: ModelSpec, build: LayerBuild, quant: Quantization | None = None) -> onnx.ModelProto:
+    """Every decoder layer and the lm_head as one graph, the KV cache read and written in place by
+    GroupQueryAttention (see the module docstring for the inputs and outputs). Only the last row's
+    logits are computed: a prompt needs no others."""
+    t = spec.text
+    hsz, nh, nkv, hd, eps = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.rms_norm_eps
+    cache = [1, nkv, build.kv_cache_len, hd]
+    g = Graph("qwen2_decoder", quant)
+    x = g.input("inputs_embeds", np.float32, [1, "tokens", hsz])
+    seqlens = g.input("seqlens_k", np.int32, [1])
+    total = g.input("total_sequence_length", np.int32, [])
+    angles = np.arange(build.kv_cache_len, dtype=np.float64)[:, None] * rope_inv_freq(hd, t.rope_theta)[None]
+    cos, sin = g.const(np.cos(angles).astype(np.float32), "cos"), g.const(np.sin(angles).astype(np.float32), "sin")
+    residual = None
+    for i in range(t.num_layers):
+        pre = f"language_model.model.layers.{i}."
+        w = lambda name: ck.get(pre + name)  # noqa: E731
+        if residual is None:
+            residual, h = x, g.op("SimplifiedLayerNormalization", x, g.const(w("input_layernorm.weight"), "ln"),
+                                  axis=-1, epsilon=eps)
+        else:  # the MLP's output joins the residual stream, normalised for this layer in one node
+            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", x, residual,
+                                     g.const(w("input_layernorm.weight"), "ln"), outputs=4, domain=MS, epsilon=eps)
+        qkv = g.linear(h, np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                       np.concatenate([w(f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        q, k, v = g.op("Split", qkv, g.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64)), axis=-1, outputs=3)
+        for kind in ("key", "value"):
+            g.input(f"past_{kind}_{i}", np.float32, cache)
+        attention, *_ = g.op("GroupQueryAttention", q, k, v, f"past_key_{i}", f"past_value_{i}", seqlens, total,
+                             cos, sin, outputs=[g._fresh("gqa"), f"present_key_{i}", f"present_value_{i}"],
+                             domain=MS, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0)
+        for kind in ("key", "value"):
+            g.output(f"present_{kind}_{i}", f"present_{kind}_{i}", np.float32, cache)
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", g.linear(attention, w("self_attn.o_proj.weight")),
+                                 residual, g.const(w("post_attention_layernorm.weight"), "ln"), outputs=4,
+                                 domain=MS, epsilon=eps)
+        gate, up = g.op("Split", g.linear(h, np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
+                        g.const(np.array([t.intermediate_size] * 2, np.int64)), axis=-1, outputs=2)
+        x = g.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), w("mlp.down_proj.weight"))
+    h, *_ = g.op("SkipSimplifiedLayerNormalization", x, residual, g.const(ck.get("language_model.model.norm.weight"), "ln"),
+                 outputs=4, domain=MS, epsilon=eps)
+    last = g.op("Slice", h, g.const(np.array([-1], np.int64)), g.const(np.array([2**31 - 1], np.int64)),
+                g.const(np.array([1], np.int64)))
+    g.output(g.linear(last, lm_head_weight(ck, spec)), "logits", np.float32, [1, 1, t.vocab_size])
+    g.outputs.insert(0, g.outputs.pop())  # logits first
     return g.model()
 
 
@@ -316,14 +408,16 @@ def save_embeddings_bf16(table: np.ndarray, path: Path) -> None:
     (np.ascontiguousarray(table, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).tofile(path)
 
 
-CONTRACTS = ("dynamic", "axmodel")
+CONTRACTS = ("fused", "dynamic", "axmodel")
 
 
-def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str = "dynamic",
-           precision: str = "fp32", log=print) -> Manifest:
-    """``contract``: "dynamic" (one ONNX file per layer, any shapes) or "axmodel" (one ONNX file per
-    fixed-shape group of each layer, exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H]
-    post model and the bf16 embedding file), to run the board's driving logic on a CPU."""
+def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str = "fused",
+           precision: str = "fp32", block_size: int = 32, accuracy_level: int = 4, log=print) -> Manifest:
+    """``contract``: "fused" (the whole decoder in one graph, the CPU's fastest), "dynamic" (one ONNX
+    file per layer, any shapes) or "axmodel" (one ONNX file per fixed-shape group of each layer,
+    exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H] post model and the bf16 embedding
+    file), to run the board's driving logic on a CPU. ``precision``: fp32, int8 or int4 decoder
+    weights (the ViT stays fp32)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
@@ -331,45 +425,55 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         raise InternVLError(f"unknown contract {contract!r} (choose from {', '.join(CONTRACTS)})")
     if precision not in PRECISIONS:
         raise InternVLError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if contract == "axmodel" and precision != "fp32":
+        raise InternVLError("the axmodel contract is fp32: Pulsar2 quantises for the NPU itself")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InternVLError(f"block size {block_size} must be a power of 2, at least 16")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
     if contract == "axmodel" and build.max_prompt_tokens % build.prefill_chunk:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} must be a multiple of the prefill chunk "
                             f"({build.prefill_chunk}) for fixed-shape groups")
+    bits = PRECISIONS[precision]
+    quant = Quantization(bits, block_size, accuracy_level) if bits else None
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    save_model(build_vit(ck, spec), out_dir / "vit.onnx", precision)
+    save_model(build_vit(ck, spec), out_dir / "vit.onnx")
     log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
-    layers: list = []
-    for i in range(spec.text.num_layers):
-        if contract == "dynamic":
-            layers.append(f"layer_{i}.onnx")
-            save_model(build_layer(ck, spec, i), out_dir / layers[-1], precision)
-            continue
-        layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
-        for name, group in zip(layers[-1], layer_groups(build)):
-            save_model(build_layer(ck, spec, i, group), out_dir / name, precision)
-    log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
-                                                     if contract == "axmodel" else ""))
-    save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens"), out_dir / "post.onnx", precision)
+    files = {"vit": "vit.onnx", "embeddings": "embed_tokens.npy"}
+    if contract == "fused":
+        files["decoder"] = "decoder.onnx"
+        save_model(build_decoder(ck, spec, build, quant), out_dir / files["decoder"])
+        log(f"decoder.onnx: {spec.text.num_layers} layers and the lm_head in one graph ({precision})")
+    else:
+        layers: list = []
+        for i in range(spec.text.num_layers):
+            if contract == "dynamic":
+                layers.append(f"layer_{i}.onnx")
+                save_model(build_layer(ck, spec, i, quant=quant), out_dir / layers[-1])
+                continue
+            layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
+            for name, group in zip(layers[-1], layer_groups(build)):
+                save_model(build_layer(ck, spec, i, group), out_dir / name)
+        log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
+                                                         if contract == "axmodel" else ""))
+        files |= {"post": "post.onnx", "layers": layers}
+        save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens", quant), out_dir / "post.onnx")
     table = ck.get("language_model.model.embed_tokens.weight")
     if contract == "axmodel":
-        embeddings = "model.embed_tokens.weight.bfloat16.bin"
-        save_embeddings_bf16(table, out_dir / embeddings)
+        files["embeddings"] = "model.embed_tokens.weight.bfloat16.bin"
+        save_embeddings_bf16(table, out_dir / files["embeddings"])
     else:
-        embeddings = "embed_tokens.npy"
-        np.save(out_dir / embeddings, table)
+        np.save(out_dir / files["embeddings"], table)
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-    manifest = Manifest(
-        spec=spec, build=build,
-        files={"vit": "vit.onnx", "post": "post.onnx", "embeddings": embeddings, "layers": layers},
-        source={"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract,
-                "precision": precision},
-    )
+    source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision}
+    if quant:
+        source |= {"block_size": block_size, "accuracy_level": accuracy_level}
+    manifest = Manifest(spec=spec, build=build, files=files, source=source)
     manifest.write(out_dir)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
     return manifest
@@ -379,11 +483,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-export", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Turn an original InternVL2.5 checkpoint (safetensors in the OpenGVLab layout) into the\n"
-                    "model directory the engine runs: the ViT, one model per decoder layer, the post model,\n"
+                    "model directory the engine runs: the ViT, the decoder (one graph, or one model per layer),\n"
                     "the embedding table, the tokenizer and a manifest. No torch is needed.",
         epilog="Examples:\n"
                "  internvl-export --hf-model InternVL2_5-1B-MPO --out model\n"
-               "  internvl-export --hf-model InternVL2_5-1B-MPO --out model-int8 --precision int8\n"
+               "  internvl-export --hf-model InternVL2_5-1B-MPO --out model-int4 --precision int4\n"
                "  internvl-export --hf-model ckpt --out contract --contract axmodel   # the board's shape groups")
     ap.add_argument("--hf-model", "--hf_model", required=True, type=Path, help="original InternVL2.5 checkpoint")
     ap.add_argument("--out", required=True, type=Path, help="directory to write the models to")
@@ -391,15 +495,19 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill run")
     ap.add_argument("--kv-cache-len", type=int, default=d.kv_cache_len, help="KV cache rows")
     ap.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest accepted prompt")
-    ap.add_argument("--contract", choices=CONTRACTS, default="dynamic",
-                    help="dynamic: one ONNX per layer (default); axmodel: one ONNX per fixed-shape group, as "
+    ap.add_argument("--contract", choices=CONTRACTS, default="fused",
+                    help="fused: the whole decoder in one graph (default; the fastest on a CPU, needs onnxruntime "
+                         ">= 1.20); dynamic: one model per layer; axmodel: one model per fixed-shape group, as "
                          "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                    help="fp32 (default) or int8: dynamically quantised MatMuls (CPU; check with internvl-fidelity)")
+                    help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")
+    ap.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per scale and zero point (default 32)")
+    ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                    help="int8/int4: MatMulNBits' compute type; 4 (default) multiplies in int8, 0 in float")
     args = ap.parse_args(argv)
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
-               args.contract, args.precision)
+               args.contract, args.precision, args.block_size, args.accuracy_level)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

@@ -112,16 +112,104 @@ class LayerShapes:
                                  f"{self.prefill[-1].capacity} history tokens")
 
 
-class LLM:
+class Decoder:
+    """What the engine drives, whatever runs the layers: the host embedding lookup, a KV cache of
+    ``build.kv_cache_len`` rows, prefill with prefix reuse, one-token decode steps, rewinding.
+    Subclasses run rows through the model: ``_run_prompt`` (a prompt's rows after the cached ones,
+    in as many runs as the model needs) and ``_run`` (one run); both return the last row's logits."""
+
+    resident = True  # the KV cache stays in the backend's buffers
+
+    def __init__(self, embeddings: np.ndarray, build: LayerBuild):
+        self.embeddings, self.build = embeddings, build
+        self.length = 0  # tokens held in the cache
+        self.reused = 0  # prompt tokens the last prefill took from the cache
+        self._prompt: np.ndarray | None = None  # the last prompt's embeddings, to find a shared prefix
+
+    def embed(self, token_ids: Sequence[int]) -> np.ndarray:
+        return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+
+    def check_prompt_length(self, n: int) -> None:
+        if n > self.build.max_prompt_tokens:
+            raise PromptTooLongError(f"prompt has {n} tokens; this model build accepts at most "
+                                     f"{self.build.max_prompt_tokens} (use fewer images, frames or tiles)")
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.build.kv_cache_len
+
+    def prefill(self, embeds: np.ndarray, reuse_prefix: bool = True) -> np.ndarray:
+        """Run the prompt (rows of ``embeds``); return the last token's logits. With ``reuse_prefix``,
+        the cached K/V of the rows this prompt shares with the previous one (the system prompt, the
+        same frames) are kept and only the rest is run."""
+        n = len(embeds)
+        if n == 0:
+            raise PromptTooLongError("prompt is empty")
+        self.check_prompt_length(n)
+        start = self._shared_prefix(embeds) if reuse_prefix else 0
+        self._prompt = None  # the cache is being rewritten: nothing to reuse if this fails
+        self.length = self.reused = start
+        logits = self._run_prompt(embeds[start:])
+        self._prompt = np.array(embeds, copy=True)
+        return logits
+
+    def _shared_prefix(self, embeds: np.ndarray) -> int:
+        """Leading rows equal to the previous prompt's, leaving at least one row to run."""
+        if self._prompt is None:
+            return 0
+        m = min(len(self._prompt), len(embeds) - 1)
+        same = np.all(self._prompt[:m] == embeds[:m], axis=1)
+        return self._reusable(m if same.all() else int(np.argmin(same)))
+
+    def _reusable(self, shared: int) -> int:
+        """How many of the ``shared`` cached rows the next run can start after."""
+        return shared
+
+    def rewind(self, length: int) -> None:
+        """Forget the cached tokens after the first ``length`` (their rows are overwritten next)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length} of {self.length} cached tokens")
+        self.length = length
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token at the next position; return its logits."""
+        return self._run(self.embed([token_id]))
+
+    def _make_room(self, t: int) -> int:
+        """The first position of ``t`` new rows, which must fit the cache."""
+        if self.length + t > self.build.kv_cache_len:
+            raise PromptTooLongError(f"context full: {self.length + t} tokens exceed the KV cache of "
+                                     f"{self.build.kv_cache_len}")
+        return self.length
+
+    def _run_prompt(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def bytes_moved(self) -> int:
+        """Bytes handed to and taken from the backend so far."""
+        raise NotImplementedError
+
+    def backend_seconds(self) -> float:
+        """Time spent inside backend calls so far."""
+        raise NotImplementedError
+
+
+class LLM(Decoder):
+    """The decoder as per-layer models (the AX650N contract; ``internvl-export --contract dynamic``
+    or ``axmodel``), driven one layer at a time, then the post model."""
+
     def __init__(self, layers: Sequence[Session], post: Session, embeddings: np.ndarray, build: LayerBuild | None,
                  kv_dim: int, dtype=np.float32, resident_kv: str = "auto"):
-        self.layers, self.post, self.embeddings = list(layers), post, embeddings
+        self.layers, self.post = list(layers), post
         self.shapes = LayerShapes.read(self.layers[0])
         if self.shapes.dynamic and build is None:
             raise BackendError("dynamic-shape layer models need the build limits (manifest.json)")
         if not self.shapes.dynamic and build not in (None, self.shapes.build()):
             raise BackendError(f"the manifest says {build}, the layer models' shape groups say {self.shapes.build()}")
-        self.build = build or self.shapes.build()
+        super().__init__(embeddings, build or self.shapes.build())
         decode = self.layers[0].groups[self.shapes.decode.index]
         for name, want in (("K_cache", kv_dim), ("V_cache", kv_dim), ("input", embeddings.shape[1])):
             if decode[name][-1] != want:
@@ -131,9 +219,6 @@ class LLM:
         # Where the cache lives: in the sessions' buffers (new rows only per step), else here.
         self.resident = self._attach_kv(resident_kv, kv_dim)
         self.host_kv = [] if self.resident else [HostKV(self.build.kv_cache_len, kv_dim, self.dtype) for _ in layers]
-        self.length = 0  # tokens held in the cache
-        self.reused = 0  # prompt tokens the last prefill took from the cache
-        self._prompt: np.ndarray | None = None  # the last prompt's embeddings, to find a shared prefix
 
     def _attach_kv(self, mode: str, kv_dim: int) -> bool:
         if mode not in RESIDENT_KV:
@@ -151,69 +236,34 @@ class LLM:
             return False
         return True
 
-    def embed(self, token_ids: Sequence[int]) -> np.ndarray:
-        return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-
-    def check_prompt_length(self, n: int) -> None:
-        if n > self.build.max_prompt_tokens:
-            raise PromptTooLongError(f"prompt has {n} tokens; this model build accepts at most "
-                                     f"{self.build.max_prompt_tokens} (use fewer images, frames or tiles)")
-
-    @property
-    def full(self) -> bool:
-        return self.length >= self.build.kv_cache_len
-
     def bytes_moved(self) -> int:
-        """Bytes handed to and taken from the backend so far by the decoder sessions."""
         return sum(s.bytes_moved for s in (*self.layers, self.post))
 
     def backend_seconds(self) -> float:
-        """Time spent inside the decoder sessions' backend calls so far."""
         return sum(s.busy_s for s in (*self.layers, self.post))
 
-    def prefill(self, embeds: np.ndarray, reuse_prefix: bool = True) -> np.ndarray:
-        """Run the prompt (rows of ``embeds``); return the last token's logits. With ``reuse_prefix``,
-        the cached K/V of the rows this prompt shares with the previous one (the system prompt, the
-        same frames) are kept and only the rest is run."""
-        n = len(embeds)
-        if n == 0:
-            raise PromptTooLongError("prompt is empty")
-        self.check_prompt_length(n)
-        start = self._shared_prefix(embeds) if reuse_prefix else 0
-        self._prompt = None  # the cache is being rewritten: nothing to reuse if this fails
-        self.length = self.reused = start
-        chunk = self.build.prefill_chunk
-        while self.length < n:  # chunk ends on multiples of the chunk length: every chunk fits a group
-            hidden = self._forward(embeds[self.length:min(n, (self.length // chunk + 1) * chunk)])
-        self._prompt = np.array(embeds, copy=True)
-        return self._logits(hidden)
-
-    def _shared_prefix(self, embeds: np.ndarray) -> int:
-        """Leading rows equal to the previous prompt's, leaving at least one row to run."""
-        if self._prompt is None:
-            return 0
-        m = min(len(self._prompt), len(embeds) - 1)
-        same = np.all(self._prompt[:m] == embeds[:m], axis=1)
-        shared = m if same.all() else int(np.argmin(same))
+    def _reusable(self, shared: int) -> int:
+        # A fixed-shape build's largest prefill group holds a bounded history.
         return shared if self.shapes.dynamic else min(shared, self.shapes.prefill[-1].capacity)
 
-    def rewind(self, length: int) -> None:
-        """Forget the cached tokens after the first ``length`` (their rows are overwritten next)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot rewind to {length} of {self.length} cached tokens")
-        self.length = length
+    def _run_prompt(self, rows: np.ndarray) -> np.ndarray:
+        chunk, start, n = self.build.prefill_chunk, self.length, len(rows)
+        done = 0
+        while done < n:  # chunk ends on multiples of the chunk length: every chunk fits a group
+            end = min(n, ((start + done) // chunk + 1) * chunk - start)
+            hidden = self._forward(rows[done:end])
+            done = end
+        return self._logits(hidden)
 
-    def decode(self, token_id: int) -> np.ndarray:
-        """Feed one token at the next position; return its logits."""
-        return self._logits(self._forward(self.embed([token_id])))
+    def _run(self, rows: np.ndarray) -> np.ndarray:
+        return self._logits(self._forward(rows))
 
     def _forward(self, rows: np.ndarray) -> np.ndarray:
         """All layers on ``rows`` [t, H] at positions length .. length+t-1; their K/V join the cache.
         Returns the hidden state of the last row, [1, 1, H]."""
-        t, start = len(rows), self.length
+        t = len(rows)
+        start = self._make_room(t)
         end = start + t
-        if end > self.build.kv_cache_len:
-            raise PromptTooLongError(f"context full: {end} tokens exceed the KV cache of {self.build.kv_cache_len}")
         group, capacity, width = self.shapes.plan(start, t)
         # Row r attends to the cached tokens [0, start) and to chunk rows 0..r (columns capacity + 0..r);
         # rows past t are padding and their K/V are never stored.

@@ -23,15 +23,46 @@ def tiny_hf(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny_hf"), seed=0)
 
 
+def cpu_contract() -> str:
+    """The CPU layout the tests export: the fused decoder, unless this onnxruntime predates its
+    operators (the board job's: Ubuntu 22.04's numpy 1.21 allows onnxruntime 1.12 at most), where the
+    per-layer one runs instead."""
+    import onnxruntime
+
+    from internvl_engine.fused import MIN_ORT
+
+    return "fused" if tuple(int(v) for v in onnxruntime.__version__.split(".")[:2]) >= MIN_ORT else "dynamic"
+
+
+TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf, tmp_path_factory) -> Path:
     from internvl_engine.config import LayerBuild
     from internvl_engine.export import export
 
     out = tmp_path_factory.mktemp("tiny_onnx")
-    export(tiny_hf, out, LayerBuild(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152),
-           log=lambda *_: None)
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract=cpu_contract(), log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_layers_model(tiny_hf, tmp_path_factory) -> Path:
+    """The same checkpoint as per-layer models (the AX650N contract with dynamic shapes)."""
+    from internvl_engine.config import LayerBuild
+    from internvl_engine.export import export
+
+    out = tmp_path_factory.mktemp("tiny_layers")
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract="dynamic", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def layers_engine(tiny_layers_model):
+    from internvl_engine import Engine
+
+    return Engine(tiny_layers_model)
 
 
 @pytest.fixture(scope="session")

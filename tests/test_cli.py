@@ -108,7 +108,7 @@ def test_doctor_on_a_cpu_export(tiny_model, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for p in tiny_model.iterdir():
-        if p.name != "post.onnx":
+        if p.name != "decoder.onnx":
             (broken / p.name).write_bytes(p.read_bytes())
     proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
-    assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and "post.onnx" in proc.stdout
+    assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and "decoder.onnx" in proc.stdout

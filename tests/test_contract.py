@@ -171,7 +171,7 @@ def test_seed_command_line_picks_axengine(tmp_path, tiny_hf):
     assert run.returncode == 2 and "needs pyaxengine" in run.stderr, run.stderr
 
 
-@pytest.mark.parametrize("fixture", ["engine", "contract_engine"])
+@pytest.mark.parametrize("fixture", ["engine", "layers_engine", "contract_engine"])
 def test_prefix_reuse_gives_the_same_logits(request, fixture):
     """A second question about the same image runs only its new tokens and answers as a fresh prefill."""
     e = request.getfixturevalue(fixture)

@@ -124,8 +124,10 @@ def test_cancel_from_another_thread(engine):
     def worker():
         for item in engine.stream(Request("Talk."), GenerationConfig(max_new_tokens=1000, temperature=1.0, seed=1),
                                   cancel):
-            started.set()
             result["last"] = item
+            if not started.is_set():  # hold the first chunk until the other thread has cancelled: however
+                started.set()         # fast the model, the cancel then lands between two tokens
+                assert cancel.wait(30)
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -170,10 +172,10 @@ def test_model_directory_errors(tiny_model, tmp_path):
         Engine(broken)
     manifest = json.loads((tiny_model / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    (broken / "layer_1.onnx").unlink()
-    with pytest.raises(ModelDirError, match="missing model files: layer_1.onnx"):
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(ModelDirError, match="missing model files: decoder.onnx"):
         Engine(broken)
-    (broken / "layer_1.onnx").write_bytes(b"garbage")
+    (broken / "decoder.onnx").write_bytes(b"garbage")
     with pytest.raises(BackendError, match="cannot load"):
         Engine(broken)
 

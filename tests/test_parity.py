@@ -14,6 +14,12 @@ TOL = 1e-3
 NEW_TOKENS = 6
 
 
+@pytest.fixture(params=["engine", "layers_engine"])
+def cpu_engine(request):
+    """Both CPU layouts: the fused decoder graph and the per-layer models."""
+    return request.getfixturevalue(request.param)
+
+
 def assert_matches_reference(engine, reference, request: Request):
     from internvl_engine.reference import reference_logits  # torch: imported once a test has its reference
 
@@ -34,27 +40,27 @@ def assert_matches_reference(engine, reference, request: Request):
     return answer
 
 
-def test_text_only(engine, reference):
-    answer = assert_matches_reference(engine, reference, Request("What is in front of me?"))
+def test_text_only(cpu_engine, reference):
+    answer = assert_matches_reference(cpu_engine, reference, Request("What is in front of me?"))
     assert answer.timings.vit_ms == []
-    assert engine.tokenizer.ids["<img>"] not in answer.prompt_token_ids
+    assert cpu_engine.tokenizer.ids["<img>"] not in answer.prompt_token_ids
 
 
-def test_one_image_with_tiling(engine, reference):
+def test_one_image_with_tiling(cpu_engine, reference):
     request = Request("Describe the image.", images=[noise_image(300, 500)], max_tiles=6)
-    answer = assert_matches_reference(engine, reference, request)
+    answer = assert_matches_reference(cpu_engine, reference, request)
     assert len(answer.timings.vit_ms) == 1
 
 
-def test_four_images(engine, reference):
+def test_four_images(cpu_engine, reference):
     images = [noise_image(120 + 40 * i, 160, seed=i) for i in range(4)]
-    answer = assert_matches_reference(engine, reference, Request("Which image is brightest?", images=images))
+    answer = assert_matches_reference(cpu_engine, reference, Request("Which image is brightest?", images=images))
     assert len(answer.timings.vit_ms) == 4
 
 
-def test_eight_frame_video(engine, reference):
+def test_eight_frame_video(cpu_engine, reference):
     frames = [noise_image(96, 128, seed=10 + i) for i in range(8)]
-    answer = assert_matches_reference(engine, reference, Request("What happens?", video_frames=frames))
+    answer = assert_matches_reference(cpu_engine, reference, Request("What happens?", video_frames=frames))
     assert len(answer.timings.vit_ms) == 8
 
 
@@ -70,22 +76,22 @@ def question_with_prompt_length(engine, target: int) -> str:
 
 
 @pytest.mark.parametrize("extra_chunks", [0, 1, 4])
-def test_prompt_of_exact_chunk_multiple(engine, reference, extra_chunks):
+def test_prompt_of_exact_chunk_multiple(cpu_engine, reference, extra_chunks):
     """len % chunk == 0: the seed runner ran an empty chunk and read a padding row here."""
-    target = (-(-shortest_prompt(engine) // TEST_CHUNK) + extra_chunks) * TEST_CHUNK
-    answer = assert_matches_reference(engine, reference, Request(question_with_prompt_length(engine, target)))
+    target = (-(-shortest_prompt(cpu_engine) // TEST_CHUNK) + extra_chunks) * TEST_CHUNK
+    answer = assert_matches_reference(cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target)))
     assert answer.timings.prefill_tokens == target
 
 
-def test_prompt_spanning_several_chunks(engine, reference):
-    target = shortest_prompt(engine) + 3 * TEST_CHUNK + 5
-    answer = assert_matches_reference(engine, reference, Request(question_with_prompt_length(engine, target)))
+def test_prompt_spanning_several_chunks(cpu_engine, reference):
+    target = shortest_prompt(cpu_engine) + 3 * TEST_CHUNK + 5
+    answer = assert_matches_reference(cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target)))
     assert answer.timings.prefill_tokens == target
 
 
-def test_vit_features_equal_reference(engine, reference):
+def test_vit_features_equal_reference(cpu_engine, reference):
     from internvl_engine.reference import reference_image_features
 
-    prompt = engine.prepare(Request("?", images=[noise_image(112, 112, seed=3)]))
-    features = engine.vit.run({"image": prompt.pixel_values})[0]
+    prompt = cpu_engine.prepare(Request("?", images=[noise_image(112, 112, seed=3)]))
+    features = cpu_engine.vit.run({"image": prompt.pixel_values})[0]
     np.testing.assert_allclose(features, reference_image_features(reference, prompt.pixel_values), atol=1e-4)

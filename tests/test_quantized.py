@@ -1,0 +1,94 @@
+"""internvl-export --precision int8|int4: block-wise quantised decoder weights (MatMulNBits), in the
+fused and the per-layer layouts, and internvl-fidelity's report of how closely they follow fp32."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import TINY_BUILD_ARGS, cpu_contract
+
+from internvl_engine import Engine, GenerationConfig, Request
+from internvl_engine.config import LayerBuild, Manifest
+from internvl_engine.export import Quantization, export, quantize_blocks
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_quantized_blocks_round_trip(bits, block_size):
+    """Packing as MatMulNBits reads it: dequantising the packed values gives the weights back to
+    within half a step of their block, and zero stays zero."""
+    rng = np.random.default_rng(bits + block_size)
+    weight = rng.standard_normal((24, 200)).astype(np.float32)
+    weight[3, 10:50] = 0
+    values, scales, zeros = quantize_blocks(weight, Quantization(bits, block_size))
+    blocks = -(-200 // block_size)
+    assert values.shape == (24, blocks, block_size * bits // 8) and scales.shape == (24 * blocks,)
+    if bits == 4:
+        q = np.stack([values & 0xF, values >> 4], -1).reshape(24, blocks, block_size)
+        z = np.stack([zeros & 0xF, zeros >> 4], -1).reshape(24, -1)[:, :blocks]
+    else:
+        q, z = values, zeros.reshape(24, blocks)
+    s = scales.reshape(24, blocks)
+    restored = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(24, -1)[:, :200]
+    assert np.all(np.abs(restored - weight) <= np.repeat(s, block_size, axis=1)[:, :200] / 2 + 1e-6)
+    assert np.all(restored[3, 10:50] == 0)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract=cpu_contract(), precision=request.param,
+           log=lambda *_: None)
+    return request.param, out
+
+
+def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
+    precision, model = quantized
+    manifest = Manifest.read(model)
+    assert manifest.source["precision"] == precision and manifest.source["block_size"] == 32
+    decoder = [model / "decoder.onnx"] if "decoder" in manifest.files else [model / "post.onnx", model / "layer_0.onnx"]
+    for path in decoder:
+        graph = onnx.load(str(path)).graph
+        weights = {t.name for t in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights], path.name
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
+        assert path.stat().st_size < (tiny_model / path.name).stat().st_size / (2 if precision == "int8" else 3)
+    vit = onnx.load(str(model / "vit.onnx")).graph  # the ViT stays fp32
+    assert not [n for n in vit.node if n.op_type == "MatMulNBits"]
+    answer = Engine(model).answer(Request("What is in front of me?"), GenerationConfig(max_new_tokens=4))
+    assert answer.token_ids
+
+
+def test_fidelity_report(quantized, tiny_model):
+    precision, model = quantized
+    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
+                          "--candidate", str(model), "--new-tokens", "6", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [r["prompt"] for r in report["prompts"]] == ["text", "text-long", "1 image", "4 images", "video"]
+    overall = report["overall"]
+    assert overall["steps"] == 5 * 6 and 0 <= overall["greedy_agreement"] <= 1
+    # The tiny model's 64-wide layers quantise worse than InternVL2.5-1B's (docs/benchmarks.md has those).
+    assert overall["cosine_mean"] > (0.999 if precision == "int8" else 0.98)
+
+
+def test_a_model_follows_itself_exactly(tiny_model):
+    same = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
+                           "--candidate", str(tiny_model), "--new-tokens", "4", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert json.loads(same.stdout)["overall"]["greedy_agreement"] == 1.0
+
+
+def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
+    from internvl_engine import InternVLError
+
+    with pytest.raises(InternVLError, match="block size 24 must be a power of 2"):
+        export(tiny_hf, tmp_path / "a", precision="int4", block_size=24, log=lambda *_: None)
+    with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
+        export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
