@@ -411,16 +411,28 @@ def save_embeddings_bf16(table: np.ndarray, path: Path) -> None:
 CONTRACTS = ("fused", "dynamic", "axmodel")
 
 
-def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str = "fused",
+def default_contract() -> str:
+    """The fused layout, unless the onnxruntime installed here predates its operators (Ubuntu 22.04's
+    numpy 1.21 allows onnxruntime 1.12 at most): then the per-layer one, which any onnxruntime runs."""
+    from .fused import runs_here
+
+    return "fused" if runs_here() else "dynamic"
+
+
+def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str | None = None,
            precision: str = "fp32", block_size: int = 32, accuracy_level: int = 4, log=print) -> Manifest:
     """``contract``: "fused" (the whole decoder in one graph, the CPU's fastest), "dynamic" (one ONNX
     file per layer, any shapes) or "axmodel" (one ONNX file per fixed-shape group of each layer,
     exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H] post model and the bf16 embedding
-    file), to run the board's driving logic on a CPU. ``precision``: fp32, int8 or int4 decoder
+    file), to run the board's driving logic on a CPU; by default ``default_contract()``. ``precision``: fp32, int8 or int4 decoder
     weights (the ViT stays fp32)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
+    if contract is None:
+        contract = default_contract()
+        if contract != "fused":
+            log(f"onnxruntime here predates the fused decoder's operators: writing the {contract} layout")
     if contract not in CONTRACTS:
         raise InternVLError(f"unknown contract {contract!r} (choose from {', '.join(CONTRACTS)})")
     if precision not in PRECISIONS:
@@ -495,9 +507,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill run")
     ap.add_argument("--kv-cache-len", type=int, default=d.kv_cache_len, help="KV cache rows")
     ap.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest accepted prompt")
-    ap.add_argument("--contract", choices=CONTRACTS, default="fused",
+    ap.add_argument("--contract", choices=CONTRACTS,
                     help="fused: the whole decoder in one graph (default; the fastest on a CPU, needs onnxruntime "
-                         ">= 1.20); dynamic: one model per layer; axmodel: one model per fixed-shape group, as "
+                         ">= 1.20, dynamic is the default under an older one); dynamic: one model per layer; axmodel: one model per fixed-shape group, as "
                          "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")

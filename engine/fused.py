@@ -25,11 +25,16 @@ from .llm import Decoder
 MIN_ORT = (1, 20)  # GroupQueryAttention with shared past/present buffers and chunked prefill on the CPU
 
 
+def runs_here() -> bool:
+    """Whether this onnxruntime has the operators the fused graph needs."""
+    return tuple(int(v) for v in ort.__version__.split(".")[:2]) >= MIN_ORT
+
+
 class FusedLLM(Decoder):
     def __init__(self, path: Path, embeddings: np.ndarray, build: LayerBuild, text: TextSpec,
                  threads: int | None = None):
         super().__init__(embeddings, build)
-        if tuple(int(v) for v in ort.__version__.split(".")[:2]) < MIN_ORT:
+        if not runs_here():
             raise BackendError(f"{Path(path).name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} "
                                f"(GroupQueryAttention), this is {ort.__version__}: export with --contract dynamic "
                                "for an older onnxruntime")

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import first_decoder_file
 from images import noise_image
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -172,10 +173,11 @@ def test_model_directory_errors(tiny_model, tmp_path):
         Engine(broken)
     manifest = json.loads((tiny_model / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    (broken / "decoder.onnx").unlink()
-    with pytest.raises(ModelDirError, match="missing model files: decoder.onnx"):
+    decoder = first_decoder_file(tiny_model)
+    (broken / decoder).unlink()
+    with pytest.raises(ModelDirError, match=f"missing model files: {decoder}"):
         Engine(broken)
-    (broken / "decoder.onnx").write_bytes(b"garbage")
+    (broken / decoder).write_bytes(b"garbage")
     with pytest.raises(BackendError, match="cannot load"):
         Engine(broken)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import TINY_BUILD_ARGS, cpu_contract
+from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
@@ -41,7 +41,7 @@ def test_quantized_blocks_round_trip(bits, block_size):
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request, tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract=cpu_contract(), precision=request.param,
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision=request.param,
            log=lambda *_: None)
     return request.param, out
 
