@@ -8,8 +8,8 @@ torch, no ``trust_remote_code``). Three layouts (``--contract``):
   and per layer ``past_key_{i}``/``past_value_{i}`` [1, kv_heads, M, head_dim] -> ``logits`` of the
   last row [1, 1, vocab] and ``present_key_{i}``/``present_value_{i}``. onnxruntime's
   GroupQueryAttention (rotary inside) reads and writes the cache in place when past and present are
-  bound to one buffer; SkipSimplifiedLayerNormalization fuses each residual add with its RMSNorm;
-  Q/K/V and gate/up are one matmul each.
+  bound to one buffer and takes Q/K/V packed as one matmul makes them; SkipSimplifiedLayerNormalization
+  fuses each residual add with its RMSNorm; gate and up are one matmul too.
 - ``dynamic``: the AX650N layer contract with dynamic shapes, one ``layer_{i}.onnx`` per layer:
   ``K_cache``, ``V_cache`` [1, C, kv_dim], ``indices`` [1, T] (uint32 absolute positions), ``input``
   [1, T, H], ``mask`` [1, T, C + T] (additive) -> new K rows, new V rows [1, T, kv_dim] (K after
@@ -22,8 +22,9 @@ pixel shuffle, ``mlp1``), the embedding table (looked up on the host), the token
 sha256, contract and precision), so the directory is self-contained.
 
 ``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
-onnxruntime's MatMulNBits: ``--block-size`` weights share a scale and zero point, and
-``--accuracy-level 4`` multiplies in int8 on the CPU.
+onnxruntime's MatMulNBits (biases added inside it): ``--block-size`` weights share a scale and zero
+point, and ``--accuracy-level 4`` multiplies in int8 on the CPU. The ViT's linear layers then go to
+int8 as well (``--vit-precision``).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,10 +168,14 @@ class Graph:
         if self.quant is None:
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
         else:
-            values, scales, zeros = quantize_blocks(weight, self.quant)
-            y = self.op("MatMulNBits", x, self.const(values, "wq"), self.const(scales, "ws"), self.const(zeros, "wz"),
-                        domain=MS, K=weight.shape[1], N=weight.shape[0], bits=self.quant.bits,
-                        block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
+            k = weight.shape[1]  # a block never spans more than a row: a narrower matrix gets smaller blocks
+            quant = replace(self.quant, block_size=min(self.quant.block_size, 1 << (k.bit_length() - 1)))
+            values, scales, zeros = quantize_blocks(weight, quant)
+            inputs = [x, self.const(values, "wq"), self.const(scales, "ws"), self.const(zeros, "wz")]
+            if bias is not None:  # added inside the kernel (inputs 4 and 5: no g_idx, then the bias)
+                inputs += ["", self.const(bias, "b")]
+            return self.op("MatMulNBits", *inputs, domain=MS, K=k, N=weight.shape[0], bits=quant.bits,
+                           block_size=quant.block_size, accuracy_level=quant.accuracy_level)
         return y if bias is None else self.op("Add", y, self.const(bias, "b"))
 
     def reshape(self, x: str, shape) -> str:
@@ -201,6 +206,14 @@ class Graph:
 
 
 PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
+# Measured at InternVL2.5-1B's dimensions (docs/benchmarks.md): int8 in blocks of 128 follows fp32 with
+# a logit cosine of 0.9994 and decodes faster than in blocks of 32 (0.9996); int4 loses more with
+# every doubling (0.944 in blocks of 32, 0.928 of 64, 0.914 of 128), so it keeps the finest blocks.
+DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
+# The ViT with a quantised decoder: int8 in blocks of 128 halves a 448 px tile's time with features
+# at cosine 0.9998 to fp32; int4 would cost 0.98 (docs/benchmarks.md).
+VIT_QUANTIZATION = Quantization(8, 128)
+VIT_PRECISIONS = ("fp32", "int8")
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -380,10 +393,9 @@ def build_decoder(ck: Checkpoint, spec: ModelSpec, build: LayerBuild, quant: Qua
                                      g.const(w("input_layernorm.weight"), "ln"), outputs=4, domain=MS, epsilon=eps)
         qkv = g.linear(h, np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"]),
                        np.concatenate([w(f"self_attn.{n}_proj.bias") for n in "qkv"]))
-        q, k, v = g.op("Split", qkv, g.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64)), axis=-1, outputs=3)
         for kind in ("key", "value"):
             g.input(f"past_{kind}_{i}", np.float32, cache)
-        attention, *_ = g.op("GroupQueryAttention", q, k, v, f"past_key_{i}", f"past_value_{i}", seqlens, total,
+        attention, *_ = g.op("GroupQueryAttention", qkv, "", "", f"past_key_{i}", f"past_value_{i}", seqlens, total,
                              cos, sin, outputs=[g._fresh("gqa"), f"present_key_{i}", f"present_value_{i}"],
                              domain=MS, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0)
         for kind in ("key", "value"):
@@ -420,12 +432,15 @@ def default_contract() -> str:
 
 
 def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str | None = None,
-           precision: str = "fp32", block_size: int = 32, accuracy_level: int = 4, log=print) -> Manifest:
+           precision: str = "fp32", block_size: int | None = None, accuracy_level: int = 4,
+           vit_precision: str | None = None, log=print) -> Manifest:
     """``contract``: "fused" (the whole decoder in one graph, the CPU's fastest), "dynamic" (one ONNX
     file per layer, any shapes) or "axmodel" (one ONNX file per fixed-shape group of each layer,
     exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H] post model and the bf16 embedding
-    file), to run the board's driving logic on a CPU; by default ``default_contract()``. ``precision``: fp32, int8 or int4 decoder
-    weights (the ViT stays fp32)."""
+    file), to run the board's driving logic on a CPU; by default ``default_contract()``.
+    ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size`` (default:
+    ``DEFAULT_BLOCK_SIZE``). ``vit_precision``: fp32 or int8 (``VIT_QUANTIZATION``); by default int8
+    with a quantised decoder, else fp32."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
@@ -437,9 +452,13 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         raise InternVLError(f"unknown contract {contract!r} (choose from {', '.join(CONTRACTS)})")
     if precision not in PRECISIONS:
         raise InternVLError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if contract == "axmodel" and precision != "fp32":
+    vit_precision = vit_precision or ("fp32" if precision == "fp32" else "int8")
+    if vit_precision not in VIT_PRECISIONS:
+        raise InternVLError(f"unknown ViT precision {vit_precision!r} (choose from {', '.join(VIT_PRECISIONS)})")
+    if contract == "axmodel" and (precision, vit_precision) != ("fp32", "fp32"):
         raise InternVLError("the axmodel contract is fp32: Pulsar2 quantises for the NPU itself")
-    if block_size < 16 or block_size & (block_size - 1):
+    block_size = block_size or DEFAULT_BLOCK_SIZE.get(precision, 0)
+    if precision != "fp32" and (block_size < 16 or block_size & (block_size - 1)):
         raise InternVLError(f"block size {block_size} must be a power of 2, at least 16")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
@@ -452,7 +471,7 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    save_model(build_vit(ck, spec), out_dir / "vit.onnx")
+    save_model(build_vit(ck, spec, VIT_QUANTIZATION if vit_precision == "int8" else None), out_dir / "vit.onnx")
     log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
     files = {"vit": "vit.onnx", "embeddings": "embed_tokens.npy"}
     if contract == "fused":
@@ -482,7 +501,8 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-    source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision}
+    source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision,
+              "vit_precision": vit_precision}
     if quant:
         source |= {"block_size": block_size, "accuracy_level": accuracy_level}
     manifest = Manifest(spec=spec, build=build, files=files, source=source)
@@ -513,13 +533,17 @@ def main(argv=None) -> int:
                          "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")
-    ap.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per scale and zero point (default 32)")
+    ap.add_argument("--block-size", type=int, help="int8/int4: weights per scale and zero point (default "
+                    + ", ".join(f"{size} for {p}" for p, size in DEFAULT_BLOCK_SIZE.items()) + ")")
+    ap.add_argument("--vit-precision", choices=VIT_PRECISIONS,
+                    help="ViT weights: int8 (default with --precision int8 or int4: half the time per tile) or "
+                         "fp32 (default otherwise)")
     ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                     help="int8/int4: MatMulNBits' compute type; 4 (default) multiplies in int8, 0 in float")
     args = ap.parse_args(argv)
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
-               args.contract, args.precision, args.block_size, args.accuracy_level)
+               args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""``internvl-fidelity``: how closely one model directory (e.g. an int8 export) follows another (the
-fp32 export of the same checkpoint) over a fixed prompt set.
+"""``internvl-fidelity``: how closely model directories (e.g. the int8 and int4 exports) follow another
+(the fp32 export of the same checkpoint) over a fixed prompt set.
 
 For each prompt the reference generates greedily; the candidate is then teacher-forced on the same
 tokens, and at every step the logits' cosine similarity and whether both argmaxes agree are
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import Manifest
 from .engine import Engine, Request, argmax, forced_logits, generate_step
 from .errors import InternVLError
 
@@ -73,30 +74,50 @@ def table(report: dict) -> str:
     for r in report["prompts"]:
         lines.append(f"| {r['prompt']} | {r['steps']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | "
                      f"{100 * r['greedy_agreement']:.1f} % | {'yes' if r['same_answer'] else 'no'} |")
-    o = report["overall"]
-    lines.append(f"| all | {o['steps']} | {o['cosine_mean']:.5f} | {o['cosine_min']:.5f} | "
-                 f"{100 * o['greedy_agreement']:.1f} % | {o['same_answers']}/{o['prompts']} |")
+    lines.append(overall_row("all", report["overall"]))
     return "\n".join(lines)
+
+
+def overall_row(name: str, o: dict) -> str:
+    return (f"| {name} | {o['steps']} | {o['cosine_mean']:.5f} | {o['cosine_min']:.5f} | "
+            f"{100 * o['greedy_agreement']:.1f} % | {o['same_answers']}/{o['prompts']} |")
+
+
+def describe(model_dir: Path) -> str:
+    """The candidate's name with how it was exported (precision, block size)."""
+    source = Manifest.read(model_dir).source
+    block = f", blocks of {source['block_size']}" if source.get("block_size") else ""
+    return f"{model_dir.name} ({source.get('precision', 'fp32')}{block})"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-fidelity", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure how closely one model directory (an int8 export, say) follows another (the fp32\n"
-                    "export of the same checkpoint) on a fixed set of prompts: the cosine of their logits,\n"
+        description="Measure how closely model directories (an int8 and an int4 export, say) follow another (the\n"
+                    "fp32 export of the same checkpoint) on a fixed set of prompts: the cosine of their logits,\n"
                     "how often their greedy choices agree, and whether their greedy answers are the same.",
-        epilog="Example:\n  internvl-fidelity --reference model --candidate model-int8")
+        epilog="Example:\n  internvl-fidelity --reference model --candidate model-int8 model-int4")
     ap.add_argument("--reference", required=True, type=Path, help="model directory to follow (e.g. fp32 export)")
-    ap.add_argument("--candidate", required=True, type=Path, help="model directory to check (e.g. int8 export)")
+    ap.add_argument("--candidate", required=True, type=Path, nargs="+",
+                    help="model directories to check (e.g. int8 and int4 exports)")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
-        report = compare(Engine(args.reference), Engine(args.candidate), args.new_tokens)
+        reference = Engine(args.reference)
+        reports = {describe(c): compare(reference, Engine(c), args.new_tokens) for c in args.candidate}
     except InternVLError as e:
         print(f"internvl-fidelity: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=1) if args.json else table(report))
+    if args.json:
+        print(json.dumps({"reference": str(args.reference), "candidates": reports}, indent=1))
+        return 0
+    for name, report in reports.items():
+        print(f"{name} against {args.reference.name}\n\n{table(report)}\n")
+    if len(reports) > 1:
+        print("| candidate | steps | logits cosine mean | min | greedy agreement | same greedy answers |\n"
+              "|---|---|---|---|---|---|")
+        print("\n".join(overall_row(name, r["overall"]) for name, r in reports.items()))
     return 0
 
 

@@ -13,7 +13,7 @@ from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
-from internvl_engine.export import Quantization, export, quantize_blocks
+from internvl_engine.export import DEFAULT_BLOCK_SIZE, Quantization, export, quantize_blocks
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -41,15 +41,15 @@ def test_quantized_blocks_round_trip(bits, block_size):
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request, tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision=request.param,
-           log=lambda *_: None)
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision=request.param, log=lambda *_: None)
     return request.param, out
 
 
 def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     precision, model = quantized
     manifest = Manifest.read(model)
-    assert manifest.source["precision"] == precision and manifest.source["block_size"] == 32
+    assert manifest.source["precision"] == precision
+    assert manifest.source["block_size"] == DEFAULT_BLOCK_SIZE[precision]
     decoder = [model / "decoder.onnx"] if "decoder" in manifest.files else [model / "post.onnx", model / "layer_0.onnx"]
     for path in decoder:
         graph = onnx.load(str(path)).graph
@@ -58,8 +58,9 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
         assert path.stat().st_size < (tiny_model / path.name).stat().st_size / (2 if precision == "int8" else 3)
-    vit = onnx.load(str(model / "vit.onnx")).graph  # the ViT stays fp32
-    assert not [n for n in vit.node if n.op_type == "MatMulNBits"]
+    vit = onnx.load(str(model / "vit.onnx")).graph  # int8, whatever the decoder's precision
+    assert manifest.source["vit_precision"] == "int8"
+    assert {a.i for n in vit.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
     answer = Engine(model).answer(Request("What is in front of me?"), GenerationConfig(max_new_tokens=4))
     assert answer.token_ids
 
@@ -70,7 +71,8 @@ def test_fidelity_report(quantized, tiny_model):
                           "--candidate", str(model), "--new-tokens", "6", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+    (name, report), = json.loads(run.stdout)["candidates"].items()
+    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]})"
     assert [r["prompt"] for r in report["prompts"]] == ["text", "text-long", "1 image", "4 images", "video"]
     overall = report["overall"]
     assert overall["steps"] == 5 * 6 and 0 <= overall["greedy_agreement"] <= 1
@@ -82,7 +84,29 @@ def test_a_model_follows_itself_exactly(tiny_model):
     same = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
                            "--candidate", str(tiny_model), "--new-tokens", "4", "--json"],
                           capture_output=True, text=True, timeout=300)
-    assert json.loads(same.stdout)["overall"]["greedy_agreement"] == 1.0
+    (report,) = json.loads(same.stdout)["candidates"].values()
+    assert report["overall"]["greedy_agreement"] == 1.0 and report["overall"]["cosine_min"] > 0.99999
+
+
+def test_fidelity_table_of_several_candidates(quantized, tiny_model):
+    """One table per candidate, then one row each side by side."""
+    _, model = quantized
+    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
+                          "--candidate", str(model), str(tiny_model), "--new-tokens", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("| prompt | steps |") == 2 and "| candidate | steps |" in run.stdout
+    assert f"| {tiny_model.name} (fp32) | 15 | 1.00000 |" in run.stdout
+
+
+def test_vit_precision(tiny_hf, tiny_model, tmp_path):
+    """fp32 exports keep an fp32 ViT unless asked; int8 ViT features follow fp32's closely."""
+    assert Manifest.read(tiny_model).source["vit_precision"] == "fp32"
+    export(tiny_hf, tmp_path, LayerBuild(**TINY_BUILD_ARGS), vit_precision="int8", log=lambda *_: None)
+    image = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    tile = Engine(tiny_model).prepare(Request("Describe.", images=[image])).pixel_values[:1]
+    a, b = (Engine(m).vit.run({"image": tile})[0].reshape(-1) for m in (tiny_model, tmp_path))
+    assert 0.999 < a @ b / np.linalg.norm(a) / np.linalg.norm(b) < 1
 
 
 def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
@@ -92,3 +116,5 @@ def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
         export(tiny_hf, tmp_path / "a", precision="int4", block_size=24, log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
         export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
+    with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
+        export(tiny_hf, tmp_path / "c", contract="axmodel", vit_precision="int8", log=lambda *_: None)
