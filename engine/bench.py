@@ -1,15 +1,24 @@
 """``internvl-bench``: the seed's timing table for the engine and, with ``--compare transformers``,
-for transformers' InternVL on the same checkpoint, in the same run, with the ratios.
+for transformers' InternVL on the same checkpoint, in the same run, with the ratios; with
+``--contexts``, the decoder alone side by side with the runtimes a user would pick instead on a CPU.
 
-Each runtime runs in its own child process (so peak RSS is its own), on the same prompts: the
-question plus 0, 1, 4 ... random 640x480 images, one tile each, as the seed's table. Per image
-count: warm-up runs, then ``--repeats`` measured runs; every figure is reported as the median
-with its spread (min and max), and the JSON holds every single measurement.
+Seed table: each runtime runs in its own child process (so peak RSS is its own), on the same
+prompts: the question plus 0, 1, 4 ... random 640x480 images, one tile each, as the seed's table.
+Per image count: warm-up runs, then ``--repeats`` measured runs; every figure is reported as the
+median with its spread (min and max), and the JSON holds every single measurement. Per decode step
+it also reports the host overhead (wall time minus the time inside backend calls) and the bytes
+handed to the backend, and per image count the TTFT of a second question about the same images
+with and without prefix reuse. The transformers side is fp32 eager attention, as the reference
+tests use it; it needs torch and transformers (``requirements/dev.txt``).
 
-Per decode step it also reports the host overhead (wall time minus the time inside backend calls)
-and the bytes handed to the backend, and per image count the TTFT of a second question about the
-same images with and without prefix reuse. The transformers side is fp32 eager attention, as the
-reference tests use it; it needs torch and transformers (``requirements/dev.txt``).
+Decoder comparison (``--contexts 384 2000``): every model directory, and with ``--compare`` the
+peers of ``peers.py`` (onnxruntime-genai built from the same checkpoint, llama.cpp on ``--gguf``
+files, transformers), each in its own child process that stays up for the whole run, take turns
+round by round (so a slow spell of the machine hits them all): a prompt of random token ids of
+each context length, then ``--decode-tokens`` greedy steps. Reported: prefill time, decode
+tokens/s at each length, the weights a decode step reads and the memory bandwidth that makes, as a
+share of what this machine reads at most (measured first), and each engine directory's ratio to
+every peer of the same precision.
 """
 from __future__ import annotations
 
@@ -18,12 +27,15 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+
+from .errors import InternVLError
 
 QUESTION = "Describe the images in detail."
 SECOND_QUESTION = "What colour dominates the images?"
@@ -35,7 +47,12 @@ def bench_images(count: int) -> list[np.ndarray]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory. Linux keeps ``ru_maxrss`` across exec, so a spawned
+    child would report its parent's peak when that is higher; VmHWM belongs to this process image."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
 def engine_runs(model_dir: str, hf_model: str | None, vit_model: str | None, backend: str, threads: int | None,
@@ -224,6 +241,172 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+_decoder = None  # the peers.Decoder of a decoder-comparison child process
+
+
+def decoder_round(kind: str, loader_args: tuple, contexts: list[int], decode_tokens: int, vocab: int,
+                  seed: int) -> dict:
+    """One round in a child process (the first loads the runtime): per context length, a prompt of
+    that many random ids below ``vocab``, then ``decode_tokens`` greedy steps (their median time is
+    the decode speed at that length)."""
+    global _decoder
+    if _decoder is None:
+        from . import peers
+
+        _decoder = {"engine": peers.EngineDecoder, "onnxruntime-genai": peers.GenaiDecoder,
+                    "llama.cpp": peers.LlamaCppDecoder, "transformers": peers.TransformersDecoder}[kind](*loader_args)
+    rng = np.random.default_rng(seed)
+    out = {"label": _decoder.label, "precision": _decoder.precision, "weights_bytes": _decoder.weights_bytes,
+           "contexts": {}}
+    for context in contexts:
+        ids = rng.integers(0, vocab, context).tolist()
+        started = time.perf_counter()
+        token = _decoder.prefill(ids)
+        prefill = time.perf_counter() - started
+        steps = []
+        for _ in range(decode_tokens):
+            started = time.perf_counter()
+            token = _decoder.decode(token)
+            steps.append(time.perf_counter() - started)
+        out["contexts"][str(context)] = {"prefill_ms": prefill * 1e3, "tokens_per_s": 1 / statistics.median(steps)}
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def memory_bandwidth(threads: int | None, size_mb: int = 1024) -> float:
+    """GB/s this machine reads at most with ``threads`` threads (default: all cores), each summing
+    its share of a buffer far larger than the caches (numpy lets go of the GIL while it sums; best
+    of 10): the bound for a decode step, which reads every weight once."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = threads or os.cpu_count() or 1
+    parts = np.array_split(np.ones(size_mb * 2**18, np.float32), count)
+    times = []
+    with ThreadPoolExecutor(count) as pool:
+        for _ in range(10):
+            started = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            times.append(time.perf_counter() - started)
+    return size_mb * 2**20 / min(times) / 1e9
+
+
+def decoder_runtimes(args) -> list[tuple[str, str, tuple]]:
+    """(name, kind, loader arguments) of every runtime the comparison runs."""
+    from importlib.util import find_spec
+
+    from .config import Manifest
+
+    context = max(args.contexts) + args.decode_tokens + 16
+    engines = [(d, Manifest.read(d).source.get("precision", "fp32")) for d in args.model_dir]
+    runtimes = [(d.name, "engine", (str(d), args.threads)) for d, _ in engines]
+    compare = args.compare or []
+    if "onnxruntime-genai" in compare:
+        if not find_spec("onnxruntime_genai"):
+            raise InternVLError("--compare onnxruntime-genai needs onnxruntime-genai and onnx-ir (requirements/dev.txt)")
+        from .peers import build_genai
+
+        for precision in dict.fromkeys(p for _, p in engines):
+            built = build_genai(args.hf_model, precision, args.peers_dir, args.threads)
+            runtimes.append((f"onnxruntime-genai {precision}", "onnxruntime-genai",
+                             (str(built), precision, args.threads, context)))
+    for gguf in args.gguf or []:
+        if not gguf.is_file():
+            raise InternVLError(f"{gguf}: no such GGUF file")
+        if not find_spec("llama_cpp"):
+            raise InternVLError("--gguf needs llama-cpp-python (pip install llama-cpp-python: it compiles llama.cpp, "
+                                "which takes minutes)")
+        runtimes.append((f"llama.cpp {gguf.stem}", "llama.cpp", (str(gguf), args.threads, context)))
+    if "transformers" in compare:
+        from .peers import export_qwen2
+
+        qwen2 = export_qwen2(args.hf_model, args.peers_dir / "qwen2")
+        runtimes.append(("transformers", "transformers", (str(qwen2), args.threads)))
+    return runtimes
+
+
+def compare_decoders(args) -> dict:
+    from .config import Manifest
+
+    runtimes = decoder_runtimes(args)
+    vocab = Manifest.read(args.model_dir[0]).spec.text.vocab_size
+    bandwidth = memory_bandwidth(args.threads)
+    report = {"machine": machine(), "bandwidth_gb_s": bandwidth,
+              "settings": {"contexts": args.contexts, "decode_tokens": args.decode_tokens, "rounds": args.repeats,
+                           "warmup": args.warmup, "threads": args.threads}, "runtimes": {}}
+    pools = {name: ProcessPoolExecutor(1, mp_context=get_context("spawn")) for name, *_ in runtimes}
+    rounds = {name: [] for name in pools}
+    try:
+        for r in range(args.warmup + args.repeats):
+            for name, kind, loader_args in runtimes:  # one at a time: the others wait
+                try:
+                    result = pools[name].submit(decoder_round, kind, loader_args, args.contexts, args.decode_tokens,
+                                                vocab, r).result()
+                except Exception as e:
+                    raise InternVLError(f"{name}: {type(e).__name__}: {e}") from e
+                if r >= args.warmup:
+                    rounds[name].append(result)
+            print(f"round {r + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    for name, kind, _ in runtimes:
+        runs = rounds[name]
+        report["runtimes"][name] = {
+            "kind": kind, **{k: runs[0][k] for k in ("label", "precision", "weights_bytes")},
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": [r["contexts"] for r in runs],
+            "summary": {c: summary([r["contexts"][c] for r in runs]) for c in map(str, args.contexts)}}
+    # a shared machine's bandwidth drifts: measured before and after, the larger is the limit
+    report["bandwidth_gb_s"] = max(bandwidth, memory_bandwidth(args.threads))
+    report["ratios"] = decoder_ratios(report)
+    return report
+
+
+def decoder_ratios(report: dict) -> dict:
+    """Each engine directory against every peer of its precision: the peer's prefill time over the
+    engine's, the engine's decode speed over the peer's (above 1: the engine is faster)."""
+    runtimes = report["runtimes"]
+    engines = {n: r for n, r in runtimes.items() if r["kind"] == "engine"}
+    out = {}
+    for name, engine in engines.items():
+        for peer_name, peer in runtimes.items():
+            if peer_name in engines or peer["precision"] != engine["precision"]:
+                continue
+            out[f"{name} vs {peer_name}"] = {c: {
+                "prefill": peer["summary"][c]["prefill_ms"]["median"] / engine["summary"][c]["prefill_ms"]["median"],
+                "decode": engine["summary"][c]["tokens_per_s"]["median"] / peer["summary"][c]["tokens_per_s"]["median"]}
+                for c in engine["summary"]}
+    return out
+
+
+def decoder_tables(report: dict) -> str:
+    contexts = list(next(iter(report["runtimes"].values()))["summary"])
+    first, last = contexts[0], contexts[-1]
+    bandwidth = report["bandwidth_gb_s"]
+    out = [f"memory read at most: {bandwidth:.1f} GB/s ({report['settings']['threads'] or 'all'} threads)", "",
+           f"| runtime | weights read per token MB | prefill {first} tokens ms | "
+           + " | ".join(f"decode tok/s at {c}" for c in contexts)
+           + (f" | {last} vs {first} |" if len(contexts) > 1 else " |") + f" weights GB/s at {first} (% of limit) |",
+           "|---" * (4 + len(contexts) + (len(contexts) > 1)) + "|"]
+    for name, r in report["runtimes"].items():
+        s, mb = r["summary"], r["weights_bytes"] / 1e6
+        rate = s[first]["tokens_per_s"]["median"]
+        row = [f"{name}: {r['label']}", f"{mb:.1f}", cell(s[first], "prefill_ms", 0)]
+        row += [cell(s[c], "tokens_per_s", 1) for c in contexts]
+        if len(contexts) > 1:
+            row.append(f"{s[last]['tokens_per_s']['median'] / rate:.2f}")
+        row.append(f"{mb * rate / 1e3:.1f} ({100 * mb * rate / 1e3 / bandwidth:.0f} %)")
+        out.append("| " + " | ".join(row) + " |")
+    if report["ratios"]:
+        out += ["", "ratios (prefill: the peer's time / the engine's; decode: the engine's tokens/s / the peer's)", "",
+                "| engine vs peer (same precision) | prefill " + first + " | "
+                + " | ".join(f"decode at {c}" for c in contexts) + " |", "|---" * (2 + len(contexts)) + "|"]
+        for pair, by_context in report["ratios"].items():
+            out.append(f"| {pair} | {by_context[first]['prefill']:.2f}x | "
+                       + " | ".join(f"{by_context[c]['decode']:.2f}x" for c in contexts) + " |")
+    return "\n".join(out)
+
+
 def machine() -> str:
     import os
     import platform
@@ -239,30 +422,52 @@ def main(argv=None) -> int:
         description="Time the engine on a model directory as the seed's table does (image encoder, time to\n"
                     "first token, decode speed for 0, 1, 4 ... images), with host overhead and bytes per decode\n"
                     "step; with --compare transformers, also transformers' InternVL on the same checkpoint, in\n"
-                    "the same run, with the ratios.",
-        epilog="Example:\n"
-               "  internvl-bench --model-dir model --hf-model ckpt --images 0 1 4 --compare transformers --plot bench.png")
+                    "the same run, with the ratios.\n\n"
+                    "With --contexts, time the decoder alone at those context lengths instead (a prompt of random\n"
+                    "token ids, then greedy steps), side by side with onnxruntime-genai (its builder's model of the\n"
+                    "same checkpoint, one per precision of the model directories), llama.cpp (--gguf files) and\n"
+                    "transformers, round by round, with the memory bandwidth each decode step uses.",
+        epilog="Examples:\n"
+               "  internvl-bench --model-dir model --hf-model ckpt --images 0 1 4 --compare transformers --plot bench.png\n"
+               "  internvl-bench --model-dir model-int4 model-int8 --hf-model ckpt --contexts 384 2000 \\\n"
+               "      --compare onnxruntime-genai --gguf q8_0.gguf q4_0.gguf --repeats 10")
     ap.add_argument("--model-dir", "--model_dir", nargs="+", required=True, type=Path,
                     help="model directories to time (several: e.g. an fp32 and an int8 export)")
     ap.add_argument("--hf-model", "--hf_model", type=Path,
-                    help="original checkpoint: the transformers side, and config/tokenizer for seed directories")
+                    help="original checkpoint: the transformers and onnxruntime-genai side, and config/tokenizer "
+                         "for seed directories")
     ap.add_argument("--vit-model", "--vit_model", type=Path, help="ViT model file (seed directories)")
     ap.add_argument("--images", nargs="+", type=int, default=[0, 1, 4], help="image counts (default 0 1 4)")
+    ap.add_argument("--contexts", nargs="+", type=int,
+                    help="time the decoder alone with prompts of these many tokens (e.g. 384 2000)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
-    ap.add_argument("--repeats", type=int, default=3, help="measured runs per image count (default 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
-    ap.add_argument("--compare", choices=["transformers"], help="also time transformers' InternVL")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measured runs per image count, or rounds with --contexts (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs (rounds) first (default 1)")
+    ap.add_argument("--compare", nargs="+", choices=["transformers", "onnxruntime-genai"],
+                    help="also time transformers' InternVL; with --contexts also onnxruntime-genai")
+    ap.add_argument("--gguf", nargs="+", type=Path,
+                    help="with --contexts: also time llama.cpp (llama-cpp-python) on these GGUF files")
+    ap.add_argument("--peers-dir", type=Path,
+                    help="where onnxruntime-genai's models are built and kept (default: a temporary directory)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     ap.add_argument("--plot", type=Path, help="write a PNG: TTFT against image count, decode tokens/s")
     args = ap.parse_args(argv)
     if args.compare and not args.hf_model:
-        ap.error("--compare transformers needs --hf-model")
+        ap.error(f"--compare {' '.join(args.compare)} needs --hf-model")
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0 or min(args.images) < 0:
         ap.error("--decode-tokens and --repeats must be >= 1, --warmup and --images >= 0")
+    if args.contexts:
+        if min(args.contexts) < 1 or args.plot:
+            ap.error("--contexts must be >= 1 and has no --plot")
+        return compare_main(args)
+    if args.gguf or "onnxruntime-genai" in (args.compare or []):
+        ap.error("onnxruntime-genai and llama.cpp take token ids, not images: time them with --contexts")
     report = {"machine": machine(), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                                 if k not in ("json", "plot")}, "runtimes": {}}
+                                                 if k not in ("json", "plot", "contexts", "gguf", "peers_dir")},
+              "runtimes": {}}
     report["settings"]["model_dir"] = [str(d) for d in args.model_dir]
     common = (args.images, args.decode_tokens, args.repeats, args.warmup)
     jobs = [(d.name if len(args.model_dir) > 1 else "engine", engine_runs,
@@ -287,6 +492,18 @@ def main(argv=None) -> int:
     if args.plot:
         plot(report, args.plot)
     print(json.dumps(report, indent=1) if args.json else f"{report['machine']}\n{tables(report)}")
+    return 0
+
+
+def compare_main(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="internvl-bench-") as scratch:
+        args.peers_dir = args.peers_dir or Path(scratch)
+        try:
+            report = compare_decoders(args)
+        except (InternVLError, ImportError, OSError) as e:
+            print(f"internvl-bench: error: {e}", file=sys.stderr)
+            return 2
+    print(json.dumps(report, indent=1) if args.json else f"{report['machine']}\n{decoder_tables(report)}")
     return 0
 
 

@@ -1,11 +1,17 @@
-"""internvl-bench on the tiny checkpoint: the shape of its output (figures are not asserted)."""
+"""internvl-bench on the tiny checkpoint: the shape of its output (figures are not asserted), and the
+peers its decoder comparison runs (onnxruntime-genai's model of the same checkpoint decodes the same tokens)."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-from conftest import needs_torch
+import numpy as np
+import pytest
+from conftest import TINY_BUILD_ARGS, needs_torch
+
+from internvl_engine.config import LayerBuild
+from internvl_engine.export import export
 
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
 ENGINE_FIGURES = FIGURES | {"host_overhead_ms", "host_overhead_pct", "bytes_per_token", "second_question_ttft_ms",
@@ -54,3 +60,71 @@ def test_bad_arguments(tiny_model, tmp_path):
     assert bench("--model-dir", tiny_model, "--compare", "transformers").returncode == 2  # needs --hf-model
     run = bench("--model-dir", tmp_path / "missing", "--images", 0, "--repeats", 1)
     assert run.returncode == 2 and "no such model directory" in run.stderr
+
+
+def needs_genai():
+    needs_torch()  # its builder loads the checkpoint with transformers
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (requirements/dev.txt)")
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int4")
+    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision="int4", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def peers_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("peers")
+
+
+def test_decoder_comparison(tiny_model, tiny_int4, tiny_hf, peers_dir):
+    needs_genai()
+    run = bench("--model-dir", tiny_model, tiny_int4, "--hf-model", tiny_hf, "--contexts", 16, 40, "--decode-tokens", 3,
+                "--repeats", 2, "--warmup", 0, "--compare", "onnxruntime-genai", "transformers",
+                "--peers-dir", peers_dir, "--threads", 1, "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    fp32, int4 = tiny_model.name, tiny_int4.name
+    assert list(report["runtimes"]) == [fp32, int4, "onnxruntime-genai fp32", "onnxruntime-genai int4", "transformers"]
+    for result in report["runtimes"].values():
+        assert len(result["runs"]) == 2 and set(result["summary"]) == {"16", "40"}
+        assert all(set(s) == {"prefill_ms", "tokens_per_s"} for s in result["summary"].values())
+        assert result["weights_bytes"] > 0 and result["peak_rss_mb"] > 0
+    runtimes = report["runtimes"]
+    assert [runtimes[n]["precision"] for n in runtimes] == ["fp32", "int4", "fp32", "int4", "fp32"]
+    assert runtimes[int4]["weights_bytes"] < runtimes[fp32]["weights_bytes"] / 3
+    assert set(report["ratios"]) == {f"{fp32} vs onnxruntime-genai fp32", f"{fp32} vs transformers",
+                                     f"{int4} vs onnxruntime-genai int4"}
+    assert report["bandwidth_gb_s"] > 0
+    assert (peers_dir / "onnxruntime-genai-int4" / "genai_config.json").is_file()  # kept for the next run
+    table = bench("--model-dir", tiny_model, "--contexts", 16, "--decode-tokens", 2, "--repeats", 1, "--warmup", 0)
+    assert table.returncode == 0, table.stderr
+    assert "| runtime | weights read per token MB | prefill 16 tokens ms | decode tok/s at 16 |" in table.stdout
+
+
+def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
+    """The peers run the same decoder: onnxruntime-genai's fp32 model of the checkpoint and
+    transformers' Qwen2 on its language model pick the engine's greedy tokens after the same prompt."""
+    needs_genai()
+    from internvl_engine.peers import EngineDecoder, GenaiDecoder, TransformersDecoder, build_genai, export_qwen2
+
+    genai = build_genai(tiny_hf, "fp32", peers_dir, 1)
+    decoders = [EngineDecoder(str(tiny_model), 1), GenaiDecoder(str(genai), "fp32", 1, 64),
+                TransformersDecoder(str(export_qwen2(tiny_hf, peers_dir / "qwen2")), 1)]
+    ids = np.random.default_rng(5).integers(0, 500, 20).tolist()
+    tokens = []
+    for decoder in decoders:
+        token = decoder.prefill(ids)
+        tokens.append([token] + [token := decoder.decode(token) for _ in range(8)])
+    assert tokens[0] == tokens[1] == tokens[2]
+
+
+def test_decoder_comparison_arguments(tiny_model, tmp_path):
+    assert bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2  # needs --hf-model
+    run = bench("--model-dir", tiny_model, "--gguf", tmp_path / "q8_0.gguf")
+    assert run.returncode == 2 and "time them with --contexts" in run.stderr
+    assert bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png").returncode == 2
+    run = bench("--model-dir", tiny_model, "--contexts", 16, "--gguf", tmp_path / "missing.gguf", "--repeats", 1)
+    assert run.returncode == 2 and "missing.gguf" in run.stderr
