@@ -114,9 +114,10 @@ def reference_config(cfg: dict, image_token_id: int, attn_implementation: str = 
     return config
 
 
-def load_reference(hf_dir: Path, image_token_id: int) -> InternVLForConditionalGeneration:
+def load_reference(hf_dir: Path, image_token_id: int,
+                   attn_implementation: str = "eager") -> InternVLForConditionalGeneration:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    model = InternVLForConditionalGeneration(reference_config(cfg, image_token_id)).eval()
+    model = InternVLForConditionalGeneration(reference_config(cfg, image_token_id, attn_implementation)).eval()
     missing, unexpected = model.load_state_dict(hf_state_dict(Checkpoint(hf_dir)),
                                                 strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]

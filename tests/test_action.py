@@ -38,24 +38,25 @@ def vision():
     client.close()
 
 
-def test_choices_pick_the_colour_at_least_as_often_as_the_free_answer(toy_model, tmp_path, vision):
-    colours = list(COLORS)
+@pytest.mark.parametrize("task, choices", [("color", list(COLORS)), ("is_there", ["yes", "no"])])
+def test_choices_pick_the_answer_at_least_as_often_as_the_free_answer(toy_model, tmp_path, vision, task, choices):
+    """The colour among the card's five names, and a yes/no question ("Is there a red shape?")."""
     free_right = chosen_right = 0
     right_probabilities = []
-    scenes = samples("color", 30, seed=40_000)
+    scenes = samples(task, 30, seed=40_000)
     with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable") as (_, client):
         for sample in scenes:
             deliver(client, "/image_raw", image_msg(sample.images[0], "rgb8"))
-            free = vision.ask("What color is the shape?", timeout=60)
-            chosen = vision.ask("What color is the shape?", choices=colours, timeout=60)
+            free = vision.ask(sample.question, timeout=60)
+            chosen = vision.ask(sample.question, choices=choices, timeout=60)
             assert free.ok and chosen.ok, (free.error, chosen.error)
-            assert chosen.choice in colours and len(chosen.probabilities) == len(colours)
+            assert chosen.choice in choices and len(chosen.probabilities) == len(choices)
             assert abs(sum(chosen.probabilities) - 1) < 1e-4
             free_right += free.text.strip() == sample.answer
             chosen_right += chosen.choice == sample.answer
-            right_probabilities.append(chosen.probabilities[colours.index(sample.answer)])
-    print(f"\ncolour on {len(scenes)} fresh scenes: free answer {free_right}, choices {chosen_right} right; "
-          f"mean probability of the right colour {np.mean(right_probabilities):.3f}")
+            right_probabilities.append(chosen.probabilities[choices.index(sample.answer)])
+    print(f"\n{task} on {len(scenes)} fresh scenes: free answer {free_right}, choices {chosen_right} right; "
+          f"mean probability of the right answer {np.mean(right_probabilities):.3f}")
     assert chosen_right >= free_right and chosen_right >= len(scenes) - 1
     assert np.mean(right_probabilities) > 0.9
 

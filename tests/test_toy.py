@@ -59,7 +59,7 @@ def test_accuracy_on_fresh_scenes(toy_engine):
 def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     task_rows, group_rows = table_rows(CARD)
-    assert len(task_rows) == len(TASKS) and len(group_rows) == 5  # where: 1-3 shapes; which_image: 2-3 images
+    assert len(task_rows) == len(TASKS) and len(group_rows) == 8  # where, is_there: 1-3 shapes; which_image: 2-3 images
     for row in task_rows + group_rows:
         assert row in card, row
     # The targets: 95 % for each picture question, 90 % for clips.

@@ -1,6 +1,6 @@
 """Generated scenes for the toy InternVL model: coloured shapes on a plain background, questions about
-them, and short clips of a shape moving, appearing or disappearing. numpy + OpenCV only, so the
-node tests, the demo and the accuracy check can make their own pictures.
+them (one answered yes or no), and short clips of a shape moving, appearing or disappearing. numpy +
+OpenCV only, so the node tests, the demo and the accuracy check can make their own pictures.
 
 Every sample is a question, its short fixed-style answer, and RGB uint8 images (one image, several
 images, or the frames of a clip in time order). The same seed gives the same samples.
@@ -129,6 +129,18 @@ def which_image_task(rng) -> Sample:
                   subject=target)
 
 
+def is_there_task(rng) -> Sample:
+    """A yes/no question: is there a shape of a colour among one to three (half the time there is)."""
+    n = int(rng.integers(1, 4))
+    colors = [str(c) for c in rng.choice(list(COLORS), n + 1, replace=False)]
+    present = bool(rng.random() < 0.5)
+    asked = colors[0] if present else colors[n]  # the last colour is in no shape
+    positions = rng.choice(POSITIONS, n, replace=False)
+    shapes = [_shape(rng, color=c, position=str(p)) for c, p in zip(colors[:n], positions)]
+    return Sample("is_there", f"Is there a {asked} shape?", "yes" if present else "no", [_picture(rng, shapes)],
+                  group=f"{n} shape" + "s" * (n > 1), subject=asked)
+
+
 def moving_clip(shape: str, color: str, direction: str, rng=None, frames: int = CLIP_FRAMES,
                 width: int = 320, height: int = 240) -> list[np.ndarray]:
     """A shape crossing the frame towards ``direction`` ("left" or "right")."""
@@ -163,7 +175,7 @@ def appear_task(rng) -> Sample:
 
 TASKS: dict[str, Callable[[np.random.Generator], Sample]] = {
     "color": color_task, "shape": shape_task, "where": where_task, "count": count_task,
-    "which_image": which_image_task, "motion": motion_task, "appear": appear_task,
+    "which_image": which_image_task, "motion": motion_task, "appear": appear_task, "is_there": is_there_task,
 }
 VIDEO_TASKS = ("motion", "appear")
 
@@ -175,9 +187,10 @@ def samples(task: str, n: int, seed: int) -> list[Sample]:
 
 def corpus() -> list[str]:
     """Every question and answer word the tasks use (the toy tokenizer is trained on these)."""
-    words = [*COLORS, *SHAPES, *POSITIONS, *COUNTS, "appearing", "disappearing"]
+    words = [*COLORS, *SHAPES, *POSITIONS, *COUNTS, "appearing", "disappearing", "yes", "no"]
     questions = ["What color is the shape?", "What shape is it?", "How many shapes are there?",
                  *(f"Where is the {c} shape?" for c in COLORS), *(f"Which image has a {s}?" for s in SHAPES),
                  *(f"Which way does the {s} move?" for s in SHAPES),
-                 *(f"Is the {s} appearing or disappearing?" for s in SHAPES)]
+                 *(f"Is the {s} appearing or disappearing?" for s in SHAPES),
+                 *(f"Is there a {c} shape?" for c in COLORS)]
     return questions + words + [f"Image-{i}" for i in range(1, 5)]

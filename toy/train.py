@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,10 +32,11 @@ import torch
 from safetensors.numpy import save_file
 
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
+from internvl_engine.export import TOKENIZER_FILES
 from internvl_engine.make_tiny import TOKENIZER_TEXT, hf_config, write_tokenizer
 from internvl_engine.preprocess import normalize, tiles
 from internvl_engine.prompt import EOS, IM_END, IMG_CONTEXT, IMG_START, Tokenizer
-from internvl_engine.reference import original_state_dict, reference_config
+from internvl_engine.reference import load_reference, original_state_dict, reference_config
 
 from .scenes import CLIP_FRAMES, COLORS, POSITIONS, SHAPES, TASKS, VIDEO_TASKS, Sample, corpus, scene
 
@@ -49,7 +51,7 @@ LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_atte
 # two competed for steps. Drawing colour, shape, count and the clips at a quarter to a half, with
 # the decoder's rate doubled, lost shapes: 39 % instead of 99 %.)
 TASK_WEIGHTS = {"color": 0.5, "shape": 1.0, "where": 2.0, "count": 1.5, "which_image": 2.0, "motion": 1.0,
-                "appear": 1.0}
+                "appear": 1.0, "is_there": 1.5}
 # Share of batches made of clips; a batch is all clips or all pictures (less padding). Clips cost 8
 # pictures each and the video questions are learnt early, so their batches are fewer and half size.
 VIDEO_BATCHES = 0.15
@@ -206,22 +208,41 @@ def pretrain_vision(model, rng, steps: int, batch_size: int, lr: float, image_si
                 f"{h}={(logits[h].argmax(1) == targets[h]).float().mean():.2f}" for h in heads))
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=functools.partial(print, flush=True)) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def new_model(out: Path):
+    """A toy InternVL2.5 of random weights, its tokenizer and config written to ``out``."""
+    from transformers import InternVLForConditionalGeneration
+
     special = write_tokenizer(out, bpe_vocab_size=512, text=[DEFAULT_SYSTEM_PROMPT, *TOKENIZER_TEXT[1:8], *corpus()])
     cfg = hf_config(VISION, {**LLM, "vocab_size": max(special.values()) + 1}, special)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]]}, indent=2) + "\n")
-    from transformers import InternVLForConditionalGeneration
+    return InternVLForConditionalGeneration(reference_config(cfg, special[IMG_CONTEXT], "sdpa"))
 
-    model = InternVLForConditionalGeneration(reference_config(cfg, special[IMG_CONTEXT], "sdpa"))
+
+def trained_model(start: Path, out: Path):
+    """The checkpoint at ``start``, to train further; its tokenizer and config copied to ``out``."""
+    if start.resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (start / name).is_file():
+                shutil.copy2(start / name, out / name)
+    return load_reference(start, Tokenizer(start).ids[IMG_CONTEXT], "sdpa")
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, start: Path | None = None,
+          log=functools.partial(print, flush=True)) -> dict:
+    """Both stages on a new model; from a trained checkpoint (``start``), stage 2 only, on every task
+    at once (a task added since, such as is_there, is drawn most while its error rate is high)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = new_model(out) if start is None else trained_model(start, out)
     encoder = Encoder(out, VISION["image_size"], model.config.image_seq_length)
     started = time.perf_counter()
     model.train()
-    pretrain_vision(model, rng, VISION_STEPS, batch_size, VISION_LR, VISION["image_size"], log)
+    if start is None:
+        pretrain_vision(model, rng, VISION_STEPS, batch_size, VISION_LR, VISION["image_size"], log)
+    first_steps = FIRST_STEPS if start is None else 0
     # Stage 2 keeps the encoder as stage 1 left it (as InternVL's first stage keeps InternViT): the
     # decoder then learns to read shapes in as few steps as colours, and clips skip the encoder's backward.
     model.model.vision_tower.requires_grad_(False)
@@ -237,8 +258,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
     errors = dict.fromkeys(TASK_WEIGHTS, 1.0)  # running share of wrong answers, per task (see ERROR_FLOOR)
     history = []
     for step in range(1, steps + 1):
-        video = step > FIRST_STEPS and rng.random() < VIDEO_BATCHES
-        bucket = buckets[1] if video else first if step <= FIRST_STEPS else buckets[0]
+        video = step > first_steps and rng.random() < VIDEO_BATCHES
+        bucket = buckets[1] if video else first if step <= first_steps else buckets[0]
         weights = np.array([TASK_WEIGHTS[t] * (errors[t] + ERROR_FLOOR) for t in bucket])
         tasks = rng.choice(bucket, batch_size // 2 if video else batch_size, p=weights / weights.sum())
         samples = [TASKS[str(t)](rng) for t in tasks]
@@ -261,7 +282,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, log=func
     save_file(weights_out, str(out / "model.safetensors"), metadata={"format": "pt"})
     log(f"trained {steps} steps of {batch_size} in {minutes:.1f} min; wrote {out}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "minutes": round(minutes, 1),
-            "history": history}
+            **({"from": str(start)} if start else {}), "history": history}
 
 
 def main(argv=None) -> int:
@@ -270,17 +291,25 @@ def main(argv=None) -> int:
         description="Train the toy InternVL2.5 checkpoint on generated scenes of coloured shapes, with torch on\n"
                     "the CPU (requirements/dev.txt): the encoder first, then the decoder on every question type.\n"
                     "About 18 minutes on a 2-core machine.",
-        epilog="Example:\n  internvl-train-toy --out models/internvl-toy")
+        epilog="Examples:\n  internvl-train-toy --out models/internvl-toy\n"
+               "  internvl-train-toy --from models/internvl-toy --out toy-2 --steps 300 --lr 5e-4   # train further")
     ap.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=1600, help="decoder steps, after the encoder's")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3, help="decoder stage's peak learning rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from", dest="start", type=Path, metavar="CHECKPOINT",
+                    help="a trained toy checkpoint to train further (its tokenizer kept, stage 2 only): e.g. on "
+                         "a question type added since")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = train(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    earlier = args.start / "training_log.json" if args.start else None
+    earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None  # read before --out overwrites it
+    report = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.start)
+    if earlier:
+        report["earlier"] = earlier  # how the starting checkpoint was trained
     (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
