@@ -298,7 +298,14 @@ def decoder_runtimes(args) -> list[tuple[str, str, tuple]]:
     from .config import Manifest
 
     context = max(args.contexts) + args.decode_tokens + 16
-    engines = [(d, Manifest.read(d).source.get("precision", "fp32")) for d in args.model_dir]
+    manifests = {d: Manifest.read(d) for d in args.model_dir}
+    for d, m in manifests.items():
+        if m.build.max_prompt_tokens < max(args.contexts) or m.build.kv_cache_len < context:
+            raise InternVLError(f"{d} takes prompts of at most {m.build.max_prompt_tokens} tokens and "
+                                f"{m.build.kv_cache_len} in its cache; a prompt of {max(args.contexts)} then "
+                                f"{args.decode_tokens} steps needs an export with --max-prompt-tokens "
+                                f"{max(args.contexts)} --kv-cache-len {context} or more")
+    engines = [(d, m.source.get("precision", "fp32")) for d, m in manifests.items()]
     runtimes = [(d.name, "engine", (str(d), args.threads)) for d, _ in engines]
     compare = args.compare or []
     if "onnxruntime-genai" in compare:

@@ -210,8 +210,8 @@ PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 # a logit cosine of 0.9994 and decodes faster than in blocks of 32 (0.9996); int4 loses more with
 # every doubling (0.944 in blocks of 32, 0.928 of 64, 0.914 of 128), so it keeps the finest blocks.
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
-# The ViT with a quantised decoder: int8 in blocks of 128 halves a 448 px tile's time with features
-# at cosine 0.9998 to fp32; int4 would cost 0.98 (docs/benchmarks.md).
+# The ViT with a quantised decoder: int8 in blocks of 128 takes 0.6 of fp32's time per 448 px tile,
+# with features at cosine 0.9998 to fp32's; int4 would cost 0.98 (docs/benchmarks.md).
 VIT_QUANTIZATION = Quantization(8, 128)
 VIT_PRECISIONS = ("fp32", "int8")
 
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, help="int8/int4: weights per scale and zero point (default "
                     + ", ".join(f"{size} for {p}" for p, size in DEFAULT_BLOCK_SIZE.items()) + ")")
     ap.add_argument("--vit-precision", choices=VIT_PRECISIONS,
-                    help="ViT weights: int8 (default with --precision int8 or int4: half the time per tile) or "
+                    help="ViT weights: int8 (default with --precision int8 or int4: 0.6 of the time per tile) or "
                          "fp32 (default otherwise)")
     ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                     help="int8/int4: MatMulNBits' compute type; 4 (default) multiplies in int8, 0 in float")

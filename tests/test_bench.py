@@ -128,3 +128,5 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
     assert bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png").returncode == 2
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--gguf", tmp_path / "missing.gguf", "--repeats", 1)
     assert run.returncode == 2 and "missing.gguf" in run.stderr
+    run = bench("--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1)  # over the build's limit
+    assert run.returncode == 2 and "needs an export with --max-prompt-tokens 2000" in run.stderr

@@ -56,6 +56,18 @@ def test_accuracy_on_fresh_scenes(toy_engine):
         assert result["accuracy"] >= floor, f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_exports_answer_as_fp32_does(toy_engine, precision, tmp_path):
+    """The toy's accuracy through an int8 or int4 export (int8 ViT with either) stays within a point
+    of fp32's, on the same fresh questions."""
+    from internvl_engine.export import export
+
+    export(TOY, tmp_path, precision=precision, log=lambda *_: None)
+    fp32, quantized = (accuracy(e, per_task=FRESH, seed=30_000) for e in (toy_engine, Engine(tmp_path)))
+    overall = [sum(r["accuracy"] for r in report.values()) / len(report) for report in (fp32, quantized)]
+    assert abs(overall[0] - overall[1]) <= 0.01, {t: (fp32[t]["wrong"], quantized[t]["wrong"]) for t in fp32}
+
+
 def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     task_rows, group_rows = table_rows(CARD)
