@@ -104,6 +104,28 @@ class AskResult:
         return "" if self.ok else self.status
 
 
+class _FeedbackStream:
+    """Hands a goal's feedback to ``on_chunk``, then, once the result is in, whatever of the answer the
+    feedback did not bring: the result and the feedback travel apart, and rclpy drops feedback that
+    arrives after the result, so the last chunks of a fast answer can be lost on the way."""
+
+    def __init__(self, on_chunk):
+        self.on_chunk, self.text, self.closed = on_chunk, "", False
+        self.lock = threading.Lock()  # feedback comes on the spinning thread, the result on the caller's
+
+    def __call__(self, msg) -> None:
+        with self.lock:
+            if not self.closed:
+                self.text += msg.feedback.text
+                self.on_chunk(msg.feedback.text)
+
+    def close(self, answer: str) -> None:
+        with self.lock:
+            self.closed = True
+            if len(answer) > len(self.text) and answer.startswith(self.text):
+                self.on_chunk(answer[len(self.text):])
+
+
 class AskClient:
     """Blocking questions through the node's ``ask`` action (internvl_msgs/action/Ask).
 
@@ -117,7 +139,8 @@ class AskClient:
     def __init__(self, namespace: str = "", action: str = "ask"):
         self._spinner = _Spinner("internvl_ask_client", namespace)
         self.node = self._spinner.node
-        self._action = ActionClient(self.node, Ask, action)
+        # the node keeps an answer's feedback as its answer topics do: a fast answer's chunks all arrive
+        self._action = ActionClient(self.node, Ask, action, feedback_sub_qos_profile=ANSWER_QOS)
         self._goal = None
 
     def wait_for_server(self, timeout: float = 30.0) -> bool:
@@ -132,8 +155,8 @@ class AskClient:
             return AskResult("unavailable")
         goal = Ask.Goal(question=question, choices=list(choices), mode=mode, cameras=list(cameras),
                         max_new_tokens=max_new_tokens)
-        feedback = (lambda msg: on_chunk(msg.feedback.text)) if on_chunk else None
-        handle = wait_future(self._action.send_goal_async(goal, feedback_callback=feedback),
+        stream = _FeedbackStream(on_chunk) if on_chunk else None
+        handle = wait_future(self._action.send_goal_async(goal, feedback_callback=stream),
                              max(0.0, deadline - time.monotonic()))
         if handle is None:
             return AskResult("timeout")
@@ -146,6 +169,8 @@ class AskClient:
                 wait_future(handle.cancel_goal_async(), 10.0)
                 result = wait_future(handle.get_result_async(), 10.0)
                 return AskResult("timeout", result.result.answer if result else None)
+            if stream:
+                stream.close(result.result.answer.text)
             return AskResult(STATUS_NAMES.get(result.status, str(result.status)), result.result.answer)
         finally:
             self._goal = None

@@ -129,7 +129,7 @@ class InternVLNode(LifecycleNode):
         self._goals = ReentrantCallbackGroup()
         self._action = ActionServer(self, Ask, "ask", execute_callback=self._execute_goal,
                                     goal_callback=lambda _: GoalResponse.ACCEPT, cancel_callback=self._cancel_goal,
-                                    callback_group=self._goals)
+                                    callback_group=self._goals, feedback_pub_qos_profile=ANSWER_QOS)
         self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
         self._last_beat = (time.monotonic(), {})
         self._heartbeat_timer = self.create_timer(self.get_parameter("heartbeat_period_s").value, self._heartbeat)

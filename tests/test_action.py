@@ -68,6 +68,7 @@ def test_a_goal_streams_and_its_answer_is_matched_on_the_topics(tiny_model, engi
         assert result.ok and result.status == "succeeded"
         expected = engine.answer(Request("Tell me about the door."), GenerationConfig(max_new_tokens=12))
         assert result.text == expected.text == "".join(streamed)
+        assert len(streamed) > 1  # the pieces came as feedback (the client adds only a tail the result brought)
         assert result.answer.timings.generated_tokens == len(expected.token_ids)
         assert result.choice is None and result.answer.choice_index == -1
         rid = result.answer.request_id
