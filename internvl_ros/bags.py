@@ -195,6 +195,10 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                 if not loop:
                     break
             time.sleep(0.2)  # let reliable writers deliver the tail before the process exits
+    except Exception:
+        if own and not rclpy.ok():  # Ctrl-C: rclpy's signal handler shut the context down mid-publish
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if own:
             node.destroy_node()

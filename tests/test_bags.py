@@ -1,6 +1,7 @@
 """internvl-make-bag and internvl-play-bag: real rosbag2 files (sqlite3 and mcap) and real DDS."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -104,3 +105,21 @@ def test_play_bag_refuses_bad_input(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr
     proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
+
+
+def test_play_bag_stops_quietly_on_ctrl_c(tmp_path):
+    """A looping player stopped with SIGINT ends with 130 and says nothing, also where it inherited
+    SIGINT ignored (a process a script starts in the background does: the demo under nohup, CI):
+    then Python raises no KeyboardInterrupt, rclpy's own handler shuts the context down, and the next
+    publish fails, which must not be reported as an error."""
+    from internvl_ros.bags import write_bag
+
+    bag = write_bag(tmp_path / "bag", [], [(0.05 * i, f"q{i}") for i in range(20)], question_topic="question")
+    for inherited in (signal.SIG_DFL, signal.SIG_IGN):
+        proc = subprocess.Popen([str(BIN / "internvl-play-bag"), str(bag), "--loop"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and err == "", (inherited, proc.returncode, err)
