@@ -306,18 +306,29 @@ def _ask_topic(args) -> int:
                 print(chunk, end="", flush=True)
 
         with client.lock:
-            seen = len(client.statuses)
+            seen, answered = len(client.statuses), len(client.answers)
+
+        def streamed_to_the_end() -> bool:  # the answer's final typed chunk is in, so its stream is too
+            rid = client.status_values(client.statuses[seen]).get("request_id")
+            return any(c.final and str(c.request_id) == rid for c in client.typed_chunks)
+
         print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
         client.ask(args.question)
+        # the answer, its status on /diagnostics and its chunks travel on separate topics, in no set order
         deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and len(client.statuses) <= seen:
+        while time.monotonic() < deadline and (len(client.statuses) <= seen or len(client.answers) <= answered):
+            show_new_chunks()
+            time.sleep(0.02)
+        if len(client.statuses) <= seen or len(client.answers) <= answered:
+            show_new_chunks()
+            print(f"\ninternvl-ask: error: no answer within {args.timeout:g} s", file=sys.stderr)
+            return 2
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not streamed_to_the_end():
             show_new_chunks()
             time.sleep(0.02)
         show_new_chunks()
-        if len(client.statuses) <= seen:
-            print(f"\ninternvl-ask: error: no answer within {args.timeout:g} s", file=sys.stderr)
-            return 2
-        answer, status = client.answers[-1], client.statuses[seen]
+        answer, status = client.answers[answered], client.statuses[seen]
         if answer.startswith(ERROR_PREFIX):
             print(answer, end="")
         _print_status(client.status_values(status))

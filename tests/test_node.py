@@ -93,6 +93,21 @@ def test_bag_answer_streams_and_equals_the_engine(tiny_model, engine, tmp_path):
         assert float(values["ttft_ms"]) > 0 and int(values["prefill_tokens"]) > engine.spec.num_image_token
 
 
+def test_internvl_ask_prints_each_answer_with_its_status(tiny_model, engine, tmp_path):
+    """internvl-ask on the topics, as the demo and README use it: the answer, its stream and its
+    /diagnostics status arrive on separate topics in no set order, and each run must print all three
+    of its own question (the demo once failed when the status came before the answer)."""
+    questions = ["Tell me about the door.", "What is left?", "And now?"]
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=10):
+        for question in questions * 3:
+            expected = engine.answer(Request(question), GenerationConfig(max_new_tokens=10))
+            run = subprocess.run([str(BIN / "internvl-ask"), "-q", question], capture_output=True, text=True,
+                                 timeout=60)
+            assert run.returncode == 0, run.stderr
+            assert f"answer   >> {expected.text}\n/diagnostics:\n" in run.stdout, run.stdout
+            assert f"  generated_tokens: {len(expected.token_ids)}\n" in run.stdout
+
+
 def test_video_mode_uses_n_frames_of_the_window_in_time_order(tiny_model, engine, tmp_path):
     frames = [(i * 0.1, noise_image(48, 64, seed=100 + i)) for i in range(30)]
     question = "Which way does it move?"
