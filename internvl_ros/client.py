@@ -168,6 +168,8 @@ class AskClient:
             if result is None:
                 wait_future(handle.cancel_goal_async(), 10.0)
                 result = wait_future(handle.get_result_async(), 10.0)
+                if stream and result:
+                    stream.close(result.result.answer.text)  # the partial answer, whole
                 return AskResult("timeout", result.result.answer if result else None)
             if stream:
                 stream.close(result.result.answer.text)
