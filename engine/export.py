@@ -529,8 +529,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest accepted prompt")
     ap.add_argument("--contract", choices=CONTRACTS,
                     help="fused: the whole decoder in one graph (default; the fastest on a CPU, needs onnxruntime "
-                         ">= 1.20, dynamic is the default under an older one); dynamic: one model per layer; axmodel: one model per fixed-shape group, as "
-                         "Pulsar2 llm_build compiles them (checks the board's driving logic on a CPU)")
+                         ">= 1.20, dynamic is the default under an older one); dynamic: one model per layer; "
+                         "axmodel: one model per fixed-shape group, as Pulsar2 llm_build compiles them (checks the "
+                         "board's driving logic on a CPU)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")
     ap.add_argument("--block-size", type=int, help="int8/int4: weights per scale and zero point (default "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import Manifest, ModelLayout
 from .errors import InternVLError
 
 
@@ -50,8 +51,7 @@ class EngineDecoder(Decoder):
         engine = Engine(model_dir, threads=threads)
         self.llm, engine.vit = engine.llm, None  # text only: the ViT's memory goes back
         self.label = f"this engine ({engine.backend})"
-        manifest = Path(model_dir) / "manifest.json"
-        self.precision = json.loads(manifest.read_text())["source"].get("precision", "fp32")
+        self.precision = Manifest.read(Path(model_dir)).source.get("precision", "fp32")
         self.weights_bytes = decoder_weight_bytes(Path(model_dir))
 
     def prefill(self, ids):
@@ -165,11 +165,9 @@ def onnx_weight_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
 
 def decoder_weight_bytes(model_dir: Path) -> int:
     """What a decode step of an engine model directory reads: its decoder graph(s) and post model."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    files = manifest["files"]
-    graphs = [files["decoder"]] if "decoder" in files else [*files.get("layers", []), files.get("post")]
-    names = [name for g in graphs if g for name in ([g] if isinstance(g, str) else g)]
-    return sum(onnx_weight_bytes(model_dir / name) for name in names if name.endswith(".onnx"))
+    layout = ModelLayout.find(model_dir)
+    graphs = [layout.decoder] if layout.decoder else [*layout.layer_files(), layout.post]
+    return sum(onnx_weight_bytes(path) for path in graphs if path.suffix == ".onnx")
 
 
 def export_qwen2(hf_model: Path, out: Path) -> Path:

@@ -25,10 +25,10 @@ def tiny_hf(tmp_path_factory) -> Path:
 
 def first_decoder_file(model_dir: Path) -> str:
     """The fused layout's decoder.onnx, or the per-layer layout's first layer."""
-    import json
+    from internvl_engine.config import ModelLayout
 
-    files = json.loads((model_dir / "manifest.json").read_text())["files"]
-    return files.get("decoder") or files["layers"][0]
+    layout = ModelLayout.find(model_dir)
+    return (layout.decoder or layout.layer_files()[0]).name
 
 
 TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152)
