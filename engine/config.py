@@ -197,6 +197,7 @@ class ModelLayout:
     embeddings: Path
     layers: list  # per layer, a file or one file per shape group; empty with a fused decoder
     decoder: Path | None = None  # the fused decoder graph (internvl-export --contract fused)
+    prompt_decoder: Path | None = None  # the fused decoder's graph for prompts (internvl-export --prefill int8)
 
     def layer_files(self) -> list[Path]:
         return [p for layer in self.layers for p in (layer if isinstance(layer, list) else [layer])]
@@ -213,11 +214,14 @@ class ModelLayout:
             layers = [[model_dir / g for g in f] if isinstance(f, list) else model_dir / f
                       for f in m.files.get("layers", [])]
             layout = cls(m.spec, m.build, vit or named("vit"), named("post"), named("embeddings"), layers,
-                         named("decoder"))
+                         named("decoder"), named("prompt_decoder"))
             if (layout.decoder is None) == (layout.post is None):
                 raise ModelDirError(f"{model_dir}/{MANIFEST}: needs either a decoder or a post model and layers")
-            files = (layout.vit, layout.post or layout.decoder, layout.embeddings, *layout.layer_files())
-            if missing := [p.name for p in files if not p.is_file()]:
+            if layout.prompt_decoder and not layout.decoder:
+                raise ModelDirError(f"{model_dir}/{MANIFEST}: a prompt decoder needs a fused decoder beside it")
+            files = (layout.vit, layout.post or layout.decoder, layout.prompt_decoder, layout.embeddings,
+                     *layout.layer_files())
+            if missing := [p.name for p in files if p is not None and not p.is_file()]:
                 raise ModelDirError(f"{model_dir}: missing model files: {', '.join(missing)}")
             return layout
         numbered = {int(m[1]): p for p in model_dir.glob("*.axmodel")

@@ -83,8 +83,9 @@ def check_models(report: Report, engine: Engine) -> None:
         check_layers(report, engine)
     else:
         table = engine.llm.embeddings
-        report.ok(f"decoder: {spec.text.num_layers} layers and the lm_head in one graph ({engine.llm.path.name}), the "
-                  f"KV cache in place; embedding table {table.shape[0]} x {table.shape[1]} {table.dtype}")
+        prompts = f", prompts through {engine.llm.prompt_path.name}" if engine.llm.prompt_path else ""
+        report.ok(f"decoder: {spec.text.num_layers} layers and the lm_head in one graph ({engine.llm.path.name}"
+                  f"{prompts}), the KV cache in place; embedding table {table.shape[0]} x {table.shape[1]} {table.dtype}")
     if engine.vit is None:
         report.problem("no ViT model: questions with images or video will be refused",
                        "give --vit_model (or put one *vit*.axmodel file in the model directory)")

@@ -172,7 +172,8 @@ class Engine:
                 raise BackendError(f"{layout.decoder.name} is a fused decoder for onnxruntime, not for {self.backend}")
             from .fused import FusedLLM
 
-            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, threads)
+            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, threads,
+                                layout.prompt_decoder)
         else:
             layers = [session(p) for p in layout.layers]
             dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX

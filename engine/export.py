@@ -24,7 +24,10 @@ sha256, contract and precision), so the directory is self-contained.
 ``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
 onnxruntime's MatMulNBits (biases added inside it): ``--block-size`` weights share a scale and zero
 point, and ``--accuracy-level 4`` multiplies in int8 on the CPU. The ViT's linear layers then go to
-int8 as well (``--vit-precision``).
+int8 as well (``--vit-precision``). MatMulNBits is the fastest for one row (a decode step is bound by
+reading the weights); for many rows onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the
+default with int8) writes ``prompt_decoder.onnx`` beside the fused decoder: the same graph with
+``RowInt8`` weights, which the engine runs for prompts over the same K/V buffers.
 """
 from __future__ import annotations
 
@@ -60,6 +63,24 @@ class Quantization:
     bits: int  # 8 or 4
     block_size: int = 32
     accuracy_level: int = 4  # 4: int8 compute (CPU, AVX-512 VNNI / AVX2); 0: float
+
+
+@dataclass(frozen=True)
+class RowInt8:
+    """int8 weights with one scale per output channel, multiplied by onnxruntime's int8 GEMM
+    (MatMulIntegerToFloat, VNNI) with the activations quantised at run time to uint8, one scale per
+    row: a row of unusual magnitude (a token with massive activations) costs no other row precision.
+    For 384 rows at InternVL2.5-1B's sizes this GEMM takes about half of MatMulNBits' time (int8,
+    blocks of 128); for one row it is slower than MatMulNBits (docs/benchmarks.md)."""
+
+
+def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] (out, in) -> the int8 GEMM's B [K, N] (int8, symmetric in [-127, 127]) and one
+    scale per output channel [N]."""
+    scale = np.abs(weight).max(1) / 127
+    scale[scale == 0] = 1.0
+    values = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(values.T), scale.astype(np.float32)
 
 
 def quantize_blocks(weight: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,9 +151,10 @@ class Checkpoint:
 
 class Graph:
     """Just enough of a graph builder: named values are strings, constants become initializers.
-    With ``quant``, ``linear`` layers keep their weights block-wise quantised (MatMulNBits)."""
+    ``linear`` layers keep their weights as ``quant`` says (None: fp32; ``Quantization``: block-wise
+    for MatMulNBits; ``RowInt8``)."""
 
-    def __init__(self, name: str, quant: Quantization | None = None):
+    def __init__(self, name: str, quant: Quantization | RowInt8 | None = None):
         self.name, self.quant = name, quant
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._count = 0
@@ -167,6 +189,8 @@ class Graph:
         """x @ weight.T (+ bias); weight [out, in] as the checkpoint stores it."""
         if self.quant is None:
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
+        elif isinstance(self.quant, RowInt8):
+            y = self._row_int8_matmul(x, weight)
         else:
             k = weight.shape[1]  # a block never spans more than a row: a narrower matrix gets smaller blocks
             quant = replace(self.quant, block_size=min(self.quant.block_size, 1 << (k.bit_length() - 1)))
@@ -177,6 +201,25 @@ class Graph:
             return self.op("MatMulNBits", *inputs, domain=MS, K=k, N=weight.shape[0], bits=quant.bits,
                            block_size=quant.block_size, accuracy_level=quant.accuracy_level)
         return y if bias is None else self.op("Add", y, self.const(bias, "b"))
+
+    def _row_int8_matmul(self, x: str, weight: np.ndarray) -> str:
+        """``RowInt8``: x [..., K] -> uint8 rows (zero point 128, scale max|row| / 127) ->
+        MatMulIntegerToFloat (the int8 GEMM, the channel scales applied as it writes the floats) ->
+        times each row's scale."""
+        n, k = weight.shape
+        values, channel_scales = quantize_channels(weight)
+        peak = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)
+        row_scales = self.op("Max", self.op("Mul", peak, self.const(np.float32(1 / 127), "inv127")),
+                             self.const(np.float32(np.finfo(np.float32).tiny), "tiny"))  # an all-zero row
+        rows = self.reshape(x, [-1, k])
+        zero = self.const(np.uint8(128), "zero")
+        quantized = self.op("QuantizeLinear", rows, self.reshape(row_scales, [-1]),
+                            self.op("Expand", zero, self.op("Shape", rows, end=1)), axis=0)
+        y = self.op("MatMulIntegerToFloat", quantized, self.const(values, "wq"), self.const(np.float32(1), "one"),
+                    self.const(channel_scales, "ws"), zero, domain=MS)
+        y = self.op("Reshape", y, self.op("Concat", self.op("Shape", x, end=-1),
+                                          self.const(np.array([n], np.int64)), axis=0))
+        return self.op("Mul", y, row_scales)
 
     def reshape(self, x: str, shape) -> str:
         return self.op("Reshape", x, self.const(np.array(shape, dtype=np.int64), "shape"))
@@ -214,6 +257,12 @@ DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 # with features at cosine 0.9998 to fp32's; int4 would cost 0.98 (docs/benchmarks.md).
 VIT_QUANTIZATION = Quantization(8, 128)
 VIT_PRECISIONS = ("fp32", "int8")
+# How the fused decoder multiplies prompts: "same" as decode steps, or "int8" with a second graph of
+# RowInt8 weights (prompt_decoder.onnx). For int8 a 384-token prefill took 0.61 of the time at
+# InternVL2.5-1B's sizes, for 0.5 GB more on disk and 0.85 GB more in memory (docs/benchmarks.md);
+# int4 is about small weights and keeps one graph.
+PREFILLS = {"same": None, "int8": RowInt8()}
+DEFAULT_PREFILL = {"fp32": "same", "int8": "int8", "int4": "same"}
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -368,7 +417,8 @@ def build_post(ck: Checkpoint, spec: ModelSpec, tokens: int | str = "tokens",
     return g.model()
 
 
-def build_decoder(ck: Checkpoint, spec: ModelSpec, build: LayerBuild, quant: Quantization | None = None) -> onnx.ModelProto:
+def build_decoder(ck: Checkpoint, spec: ModelSpec, build: LayerBuild,
+                  quant: Quantization | RowInt8 | None = None) -> onnx.ModelProto:
     """Every decoder layer and the lm_head as one graph, the KV cache read and written in place by
     GroupQueryAttention (see the module docstring for the inputs and outputs). Only the last row's
     logits are computed: a prompt needs no others."""
@@ -433,14 +483,15 @@ def default_contract() -> str:
 
 def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str | None = None,
            precision: str = "fp32", block_size: int | None = None, accuracy_level: int = 4,
-           vit_precision: str | None = None, log=print) -> Manifest:
+           vit_precision: str | None = None, prefill: str | None = None, log=print) -> Manifest:
     """``contract``: "fused" (the whole decoder in one graph, the CPU's fastest), "dynamic" (one ONNX
     file per layer, any shapes) or "axmodel" (one ONNX file per fixed-shape group of each layer,
     exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H] post model and the bf16 embedding
     file), to run the board's driving logic on a CPU; by default ``default_contract()``.
     ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size`` (default:
     ``DEFAULT_BLOCK_SIZE``). ``vit_precision``: fp32 or int8 (``VIT_QUANTIZATION``); by default int8
-    with a quantised decoder, else fp32."""
+    with a quantised decoder, else fp32. ``prefill`` (fused only): "same" (prompts through the decode
+    graph) or "int8" (prompts through ``prompt_decoder.onnx``, ``RowInt8``); by default ``DEFAULT_PREFILL``."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
@@ -457,6 +508,13 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         raise InternVLError(f"unknown ViT precision {vit_precision!r} (choose from {', '.join(VIT_PRECISIONS)})")
     if contract == "axmodel" and (precision, vit_precision) != ("fp32", "fp32"):
         raise InternVLError("the axmodel contract is fp32: Pulsar2 quantises for the NPU itself")
+    if prefill is None:
+        prefill = DEFAULT_PREFILL[precision] if contract == "fused" else "same"
+    if prefill not in PREFILLS:
+        raise InternVLError(f"unknown prefill {prefill!r} (choose from {', '.join(PREFILLS)})")
+    if prefill != "same" and contract != "fused":
+        raise InternVLError(f"--prefill {prefill} needs the fused contract: the {contract} layout has no "
+                            "separate prompt graph")
     block_size = block_size or DEFAULT_BLOCK_SIZE.get(precision, 0)
     if precision != "fp32" and (block_size < 16 or block_size & (block_size - 1)):
         raise InternVLError(f"block size {block_size} must be a power of 2, at least 16")
@@ -478,6 +536,10 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         files["decoder"] = "decoder.onnx"
         save_model(build_decoder(ck, spec, build, quant), out_dir / files["decoder"])
         log(f"decoder.onnx: {spec.text.num_layers} layers and the lm_head in one graph ({precision})")
+        if PREFILLS[prefill]:
+            files["prompt_decoder"] = "prompt_decoder.onnx"
+            save_model(build_decoder(ck, spec, build, PREFILLS[prefill]), out_dir / files["prompt_decoder"])
+            log(f"prompt_decoder.onnx: the same for prompts ({prefill} per output channel, rows quantised as they run)")
     else:
         layers: list = []
         for i in range(spec.text.num_layers):
@@ -502,7 +564,7 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
     source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision,
-              "vit_precision": vit_precision}
+              "vit_precision": vit_precision, "prefill": prefill}
     if quant:
         source |= {"block_size": block_size, "accuracy_level": accuracy_level}
     manifest = Manifest(spec=spec, build=build, files=files, source=source)
@@ -541,10 +603,15 @@ def main(argv=None) -> int:
                          "fp32 (default otherwise)")
     ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                     help="int8/int4: MatMulNBits' compute type; 4 (default) multiplies in int8, 0 in float")
+    ap.add_argument("--prefill", choices=PREFILLS,
+                    help="fused decoder: how prompts are multiplied: same (as decode steps; default for fp32 and "
+                         "int4) or int8 (a second graph, prompt_decoder.onnx, int8 per output channel with rows "
+                         "quantised as they run; default for int8: 0.61 of the prefill time for 0.85 GB more "
+                         "memory at 1B's size)")
     args = ap.parse_args(argv)
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
-               args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision)
+               args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision, args.prefill)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

@@ -84,10 +84,11 @@ def overall_row(name: str, o: dict) -> str:
 
 
 def describe(model_dir: Path) -> str:
-    """The candidate's name with how it was exported (precision, block size)."""
+    """The candidate's name with how it was exported (precision, block size, prompt weights)."""
     source = Manifest.read(model_dir).source
     block = f", blocks of {source['block_size']}" if source.get("block_size") else ""
-    return f"{model_dir.name} ({source.get('precision', 'fp32')}{block})"
+    prompts = f", prompts {source['prefill']}" if source.get("prefill", "same") != "same" else ""
+    return f"{model_dir.name} ({source.get('precision', 'fp32')}{block}{prompts})"
 
 
 def main(argv=None) -> int:

@@ -6,14 +6,18 @@ GroupQueryAttention's past and its present, so the cache is read and written in 
 land in a buffer bound once too. A prompt runs in one call (its K/V rows after the cached ones), a
 decode step is one call for all layers and the lm_head.
 
-One session, so onnxruntime's intra-op threads may spin between calls (the per-layer layout turns
-spinning off: there, idle sessions' spinning pools starve the working one).
+An export with ``--prefill int8`` has a second graph for prompts (``prompt_decoder.onnx``: int8
+weights for many rows); its session binds the same K/V and logits buffers, so a prompt's rows are
+where the decode steps after it read them. Both sessions' intra-op threads may spin between calls:
+they take turns once per question, not at every step as the per-layer layout's sessions do (there,
+idle spinning pools starve the working one).
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -30,14 +34,34 @@ def runs_here() -> bool:
     return tuple(int(v) for v in ort.__version__.split(".")[:2]) >= MIN_ORT
 
 
+class _Bound(NamedTuple):
+    path: Path
+    session: ort.InferenceSession
+    binding: ort.IOBinding
+
+
 class FusedLLM(Decoder):
     def __init__(self, path: Path, embeddings: np.ndarray, build: LayerBuild, text: TextSpec,
-                 threads: int | None = None):
+                 threads: int | None = None, prompt_path: Path | None = None):
         super().__init__(embeddings, build)
         if not runs_here():
             raise BackendError(f"{Path(path).name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} "
                                f"(GroupQueryAttention), this is {ort.__version__}: export with --contract dynamic "
                                "for an older onnxruntime")
+        self.path = Path(path)
+        cache = (1, text.num_kv_heads, build.kv_cache_len, text.head_dim)
+        # zeros: rows past the cached length are masked, never read as NaN
+        self._cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_numpy(np.zeros(cache, np.float32))
+                       for i in range(text.num_layers) for kind in ("key", "value")}
+        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, text.vocab_size), np.float32))
+        self._decode_graph = self._open(self.path, threads, cache, text)
+        self.prompt_path = Path(prompt_path) if prompt_path else None
+        self._prompt_graph = (self._open(self.prompt_path, threads, cache, text) if prompt_path
+                              else self._decode_graph)
+        self._bytes, self._busy = 0, 0.0
+
+    def _open(self, path: Path, threads: int | None, cache: tuple, text: TextSpec) -> _Bound:
+        """A session of ``path`` with the shared K/V and logits buffers bound."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -45,43 +69,39 @@ class FusedLLM(Decoder):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
             raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-        self.path = Path(path)
-        cache = (1, text.num_kv_heads, build.kv_cache_len, text.head_dim)
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        inputs = {i.name: i.shape for i in session.get_inputs()}
         if tuple(inputs.get("past_key_0", ())) != cache or inputs["inputs_embeds"][-1] != text.hidden_size:
-            raise ModelDirError(f"{self.path.name} takes a cache of {inputs.get('past_key_0')} and rows of "
+            raise ModelDirError(f"{path.name} takes a cache of {inputs.get('past_key_0')} and rows of "
                                 f"{inputs['inputs_embeds'][-1]}; config.json and the manifest say {list(cache)} and "
                                 f"{text.hidden_size}: they are not of the same export")
-        self._binding = self.session.io_binding()
-        self._cache = []
-        for i in range(text.num_layers):  # zeros: rows past the cached length are masked, never read as NaN
-            for kind in ("key", "value"):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(cache, np.float32))
-                self._binding.bind_ortvalue_input(f"past_{kind}_{i}", buffer)
-                self._binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
-                self._cache.append(buffer)
-        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, text.vocab_size), np.float32))
-        self._binding.bind_ortvalue_output("logits", self._logits)
-        self._bytes, self._busy = 0, 0.0
+        binding = session.io_binding()
+        for name, buffer in self._cache.items():
+            binding.bind_ortvalue_input(f"past_{name}", buffer)
+            binding.bind_ortvalue_output(f"present_{name}", buffer)
+        binding.bind_ortvalue_output("logits", self._logits)
+        return _Bound(path, session, binding)
 
     def _run_prompt(self, rows: np.ndarray) -> np.ndarray:
-        return self._run(rows)
+        # a one-row rest of a prompt that reuses a prefix has a decode step's shape
+        return self._run(rows, self._prompt_graph if len(rows) > 1 else self._decode_graph)
 
-    def _run(self, rows: np.ndarray) -> np.ndarray:
+    def _run(self, rows: np.ndarray, graph: _Bound | None = None) -> np.ndarray:
+        graph = graph or self._decode_graph
         start = self._make_room(len(rows))
         total = start + len(rows)
         embeds = np.ascontiguousarray(rows[None], dtype=np.float32)
-        self._binding.bind_cpu_input("inputs_embeds", embeds)
-        self._binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        self._binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        graph.binding.bind_cpu_input("inputs_embeds", embeds)
+        graph.binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        graph.binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         started = time.perf_counter()
         try:
-            self.session.run_with_iobinding(self._binding)
+            graph.session.run_with_iobinding(graph.binding)
         except Exception as e:
-            raise BackendError(f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime failed running {graph.path.name}: "
+                               f"{str(e).strip().splitlines()[0]}") from None
         finally:
             self._busy += time.perf_counter() - started
         self.length = total

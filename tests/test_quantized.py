@@ -1,5 +1,6 @@
 """internvl-export --precision int8|int4: block-wise quantised decoder weights (MatMulNBits), in the
-fused and the per-layer layouts, and internvl-fidelity's report of how closely they follow fp32."""
+fused and the per-layer layouts; --prefill int8: prompts through a second graph of per-channel int8
+weights (RowInt8); and internvl-fidelity's report of how closely they follow fp32."""
 from __future__ import annotations
 
 import json
@@ -8,12 +9,14 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
-from internvl_engine.export import DEFAULT_BLOCK_SIZE, Quantization, export, quantize_blocks
+from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL, Graph, Quantization, RowInt8, export,
+                                    quantize_blocks, quantize_channels)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -50,7 +53,9 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     manifest = Manifest.read(model)
     assert manifest.source["precision"] == precision
     assert manifest.source["block_size"] == DEFAULT_BLOCK_SIZE[precision]
-    decoder = [model / "decoder.onnx"] if "decoder" in manifest.files else [model / "post.onnx", model / "layer_0.onnx"]
+    fused = "decoder" in manifest.files
+    assert manifest.source["prefill"] == (DEFAULT_PREFILL[precision] if fused else "same")
+    decoder = [model / "decoder.onnx"] if fused else [model / "post.onnx", model / "layer_0.onnx"]
     for path in decoder:
         graph = onnx.load(str(path)).graph
         weights = {t.name for t in graph.initializer}
@@ -65,6 +70,85 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     assert answer.token_ids
 
 
+def run_linear(quant, weight, bias, x) -> np.ndarray:
+    g = Graph("one_linear", quant)
+    y = g.linear(g.input("x", np.float32, [1, "rows", weight.shape[1]]), weight, bias)
+    g.output(y, "y", np.float32, [1, "rows", weight.shape[0]])
+    session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_row_int8_linear_is_its_definition():
+    """RowInt8 in onnxruntime computes what it says: int8 weights with a scale per output channel,
+    each row of x rounded to 255 levels of its own scale. A row of huge values (a token with massive
+    activations) leaves the other rows' results bit for bit the same, and a zero row gives the bias."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((40, 96)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((1, 5, 96)).astype(np.float32)
+    y = run_linear(RowInt8(), weight, bias, x)
+    values, channel_scales = quantize_channels(weight)
+    assert values.dtype == np.int8 and values.shape == (96, 40) and np.abs(values).max() == 127
+    row_scales = np.abs(x).max(-1, keepdims=True) / 127
+    expected = np.round(x / row_scales) @ values.astype(np.float32) * row_scales * channel_scales + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    exact = x @ weight.T + bias
+    assert np.all(np.linalg.norm(y - exact, axis=-1) < 0.02 * np.linalg.norm(exact, axis=-1))
+
+    odd = x.copy()
+    odd[0, 1] *= 1000
+    odd[0, 3] = 0
+    y_odd = run_linear(RowInt8(), weight, bias, odd)
+    np.testing.assert_array_equal(y_odd[0, [0, 2, 4]], y[0, [0, 2, 4]])
+    np.testing.assert_array_equal(y_odd[0, 3], bias)
+    assert np.linalg.norm(y_odd[0, 1] - odd[0, 1] @ weight.T - bias) < 0.02 * np.linalg.norm(odd[0, 1] @ weight.T)
+
+
+def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(quantized, tiny_model):
+    """The int8 export has a second graph for prompts, int8 per output channel (MatMulIntegerToFloat),
+    beside the decode graph (MatMulNBits). A prompt run whole and the same tokens fed one at a time
+    share the K/V buffers and end at logits close to each other and to fp32's, but not equal: they
+    took different weights."""
+    precision, model = quantized
+    if Manifest.read(model).source["prefill"] != "int8":
+        pytest.skip(f"{precision} has one decoder graph here (DEFAULT_PREFILL; the fused layout only)")
+    kinds = {name: {n.op_type for n in onnx.load(str(model / name)).graph.node if "MatMul" in n.op_type}
+             for name in ("decoder.onnx", "prompt_decoder.onnx")}
+    assert kinds == {"decoder.onnx": {"MatMulNBits"}, "prompt_decoder.onnx": {"MatMulIntegerToFloat"}}
+    engine, reference = Engine(model), Engine(tiny_model)
+    assert engine.llm.prompt_path == model / "prompt_decoder.onnx"
+    cosine = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    ids = engine.tokenizer.encode("Is there a red cube on the left of the table?")
+    # First, on fresh buffers: the decode step after a prompt reads the K/V rows the prompt graph wrote.
+    whole = engine.llm.prefill(engine.llm.embed(ids), reuse_prefix=False)
+    after_whole = engine.llm.decode(ids[0])
+    fp32 = reference.llm.prefill(reference.llm.embed(ids), reuse_prefix=False)
+    assert cosine(after_whole, reference.llm.decode(ids[0])) > 0.999
+    engine.llm.prefill(engine.llm.embed(ids[:1]), reuse_prefix=False)
+    for token in ids[1:]:
+        stepwise = engine.llm.decode(token)
+    assert not np.array_equal(whole, stepwise)
+    assert cosine(whole, stepwise) > 0.999 and cosine(whole, fp32) > 0.999 and cosine(stepwise, fp32) > 0.999
+
+
+def test_a_missing_or_broken_prompt_graph_is_named(quantized, tmp_path):
+    import shutil
+
+    from internvl_engine import InternVLError
+
+    precision, model = quantized
+    if Manifest.read(model).source["prefill"] != "int8":
+        pytest.skip(f"{precision} has one decoder graph here")
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    (copy / "prompt_decoder.onnx").unlink()
+    with pytest.raises(InternVLError, match="missing model files: prompt_decoder.onnx"):
+        Engine(copy)
+    (copy / "prompt_decoder.onnx").write_bytes(b"not a model")
+    with pytest.raises(InternVLError, match="onnxruntime cannot load .*prompt_decoder.onnx"):
+        Engine(copy)
+
+
 def test_fidelity_report(quantized, tiny_model):
     precision, model = quantized
     run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
@@ -72,7 +156,8 @@ def test_fidelity_report(quantized, tiny_model):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     (name, report), = json.loads(run.stdout)["candidates"].items()
-    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]})"
+    prompts = ", prompts int8" if Manifest.read(model).source["prefill"] == "int8" else ""
+    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{prompts})"
     assert [r["prompt"] for r in report["prompts"]] == ["text", "text-long", "1 image", "4 images", "video"]
     overall = report["overall"]
     assert overall["steps"] == 5 * 6 and 0 <= overall["greedy_agreement"] <= 1
@@ -118,3 +203,7 @@ def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
         export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
         export(tiny_hf, tmp_path / "c", contract="axmodel", vit_precision="int8", log=lambda *_: None)
+    with pytest.raises(InternVLError, match="--prefill int8 needs the fused contract"):
+        export(tiny_hf, tmp_path / "d", contract="dynamic", precision="int8", prefill="int8", log=lambda *_: None)
+    with pytest.raises(InternVLError, match="unknown prefill 'int4'"):
+        export(tiny_hf, tmp_path / "e", precision="int8", prefill="int4", log=lambda *_: None)
