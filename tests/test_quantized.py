@@ -4,6 +4,7 @@ weights (RowInt8); and internvl-fidelity's report of how closely they follow fp3
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -132,8 +133,6 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(qu
 
 
 def test_a_missing_or_broken_prompt_graph_is_named(quantized, tmp_path):
-    import shutil
-
     from internvl_engine import InternVLError
 
     precision, model = quantized
