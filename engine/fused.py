@@ -7,10 +7,10 @@ land in a buffer bound once too. A prompt runs in one call (its K/V rows after t
 decode step is one call for all layers and the lm_head.
 
 An export with ``--prefill int8`` has a second graph for prompts (``prompt_decoder.onnx``: int8
-weights for many rows); its session binds the same K/V and logits buffers, so a prompt's rows are
-where the decode steps after it read them. Both sessions' intra-op threads may spin between calls:
-they take turns once per question, not at every step as the per-layer layout's sessions do (there,
-idle spinning pools starve the working one).
+weights for many rows, used from ``PROMPT_GRAPH_MIN_ROWS`` rows); its session binds the same K/V and
+logits buffers, so a prompt's rows are where the decode steps after it read them. Both sessions'
+intra-op threads may spin between calls: they take turns once per question, not at every step as
+the per-layer layout's sessions do (there, idle spinning pools starve the working one).
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ from .errors import BackendError, ModelDirError
 from .llm import Decoder
 
 MIN_ORT = (1, 20)  # GroupQueryAttention with shared past/present buffers and chunked prefill on the CPU
+# Fewer rows go through the decode graph even where a prompt graph exists: right after decode steps
+# the decode session's threads still spin, and the prompt session then paid 20-30 ms for it (a second
+# question reusing its prefix, int8 at InternVL2.5-1B's sizes, AMD EPYC, 2 threads: 8 / 25 / 64 /
+# 128 new rows took 53 / 89 / 153 / 256 ms through the prompt graph, 30 / 69 / 150 / 287 through the
+# decode graph; 50 ms later the prompt graph was as fast or faster at every size).
+PROMPT_GRAPH_MIN_ROWS = 64
 
 
 def runs_here() -> bool:
@@ -85,8 +91,7 @@ class FusedLLM(Decoder):
         return _Bound(path, session, binding)
 
     def _run_prompt(self, rows: np.ndarray) -> np.ndarray:
-        # a one-row rest of a prompt that reuses a prefix has a decode step's shape
-        return self._run(rows, self._prompt_graph if len(rows) > 1 else self._decode_graph)
+        return self._run(rows, self._prompt_graph if len(rows) >= PROMPT_GRAPH_MIN_ROWS else self._decode_graph)
 
     def _run(self, rows: np.ndarray, graph: _Bound | None = None) -> np.ndarray:
         graph = graph or self._decode_graph

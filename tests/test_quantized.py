@@ -16,6 +16,7 @@ from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
+from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
 from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL, Graph, Quantization, RowInt8, export,
                                     quantize_blocks, quantize_channels)
 
@@ -119,7 +120,8 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(qu
     engine, reference = Engine(model), Engine(tiny_model)
     assert engine.llm.prompt_path == model / "prompt_decoder.onnx"
     cosine = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
-    ids = engine.tokenizer.encode("Is there a red cube on the left of the table?")
+    ids = engine.tokenizer.encode(" ".join(["Is there a red cube on the left of the table?"] * 8))
+    assert len(ids) >= PROMPT_GRAPH_MIN_ROWS
     # First, on fresh buffers: the decode step after a prompt reads the K/V rows the prompt graph wrote.
     whole = engine.llm.prefill(engine.llm.embed(ids), reuse_prefix=False)
     after_whole = engine.llm.decode(ids[0])
