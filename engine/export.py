@@ -23,7 +23,8 @@ sha256, contract and precision), so the directory is self-contained.
 
 ``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
 onnxruntime's MatMulNBits (biases added inside it): ``--block-size`` weights share a scale and zero
-point, and ``--accuracy-level 4`` multiplies in int8 on the CPU. The ViT's linear layers then go to
+point (``--gate-up-block-size`` in the MLP's gate and up projections), and ``--accuracy-level 4``
+multiplies in int8 on the CPU. The ViT's linear layers then go to
 int8 as well (``--vit-precision``). MatMulNBits is the fastest for one row (a decode step is bound by
 reading the weights); for many rows onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the
 default with int8) writes ``prompt_decoder.onnx`` beside the fused decoder: the same graph with
@@ -63,6 +64,7 @@ class Quantization:
     bits: int  # 8 or 4
     block_size: int = 32
     accuracy_level: int = 4  # 4: int8 compute (CPU, AVX-512 VNNI / AVX2); 0: float
+    gate_up_block_size: int | None = None  # the MLP's gate and up projections (None: block_size)
 
 
 @dataclass(frozen=True)
@@ -185,15 +187,17 @@ class Graph:
         return names[0] if len(names) == 1 else names
 
     # Layers used by several models.
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """x @ weight.T (+ bias); weight [out, in] as the checkpoint stores it."""
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None = None, gate_up: bool = False) -> str:
+        """x @ weight.T (+ bias); weight [out, in] as the checkpoint stores it. ``gate_up``: the MLP's gate
+        and up projections, in blocks of ``Quantization.gate_up_block_size`` where it is set."""
         if self.quant is None:
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
         elif isinstance(self.quant, RowInt8):
             y = self._row_int8_matmul(x, weight)
         else:
             k = weight.shape[1]  # a block never spans more than a row: a narrower matrix gets smaller blocks
-            quant = replace(self.quant, block_size=min(self.quant.block_size, 1 << (k.bit_length() - 1)))
+            block_size = (gate_up and self.quant.gate_up_block_size) or self.quant.block_size
+            quant = replace(self.quant, block_size=min(block_size, 1 << (k.bit_length() - 1)))
             values, scales, zeros = quantize_blocks(weight, quant)
             inputs = [x, self.const(values, "wq"), self.const(scales, "ws"), self.const(zeros, "wz")]
             if bias is not None:  # added inside the kernel (inputs 4 and 5: no g_idx, then the bias)
@@ -251,8 +255,12 @@ class Graph:
 PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 # Measured at InternVL2.5-1B's dimensions (docs/benchmarks.md): int8 in blocks of 128 follows fp32 with
 # a logit cosine of 0.9994 and decodes faster than in blocks of 32 (0.9996); int4 loses more with
-# every doubling (0.944 in blocks of 32, 0.928 of 64, 0.914 of 128), so it keeps the finest blocks.
+# every doubling (0.944 in blocks of 32, 0.928 of 64, 0.914 of 128), so it keeps the finest blocks,
+# except in the MLP's gate and up projections: blocks of 128 there decode 1.14x as fast as blocks of 32
+# everywhere, at 0.937 (onnxruntime-genai's int4: 0.937). The down projections and the lm_head are
+# the matrices llama.cpp's Q4_K_M gives more bits on trained models; gate and up are its base type.
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
+DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
 # The ViT with a quantised decoder: int8 in blocks of 128 takes 0.6 of fp32's time per 448 px tile,
 # with features at cosine 0.9998 to fp32's; int4 would cost 0.98 (docs/benchmarks.md).
 VIT_QUANTIZATION = Quantization(8, 128)
@@ -388,8 +396,8 @@ def build_layer(ck: Checkpoint, spec: ModelSpec, i: int, group: tuple[int, int] 
     x = g.op("Add", x, g.linear(a, ck.get(pre + "self_attn.o_proj.weight")))
 
     h = g.rms_norm(x, ck.get(pre + "post_attention_layernorm.weight"), t.rms_norm_eps)
-    gate = g.linear(h, ck.get(pre + "mlp.gate_proj.weight"))
-    up = g.linear(h, ck.get(pre + "mlp.up_proj.weight"))
+    gate = g.linear(h, ck.get(pre + "mlp.gate_proj.weight"), gate_up=True)
+    up = g.linear(h, ck.get(pre + "mlp.up_proj.weight"), gate_up=True)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     x = g.op("Add", x, g.linear(act, ck.get(pre + "mlp.down_proj.weight")))
 
@@ -453,7 +461,8 @@ def build_decoder(ck: Checkpoint, spec: ModelSpec, build: LayerBuild,
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", g.linear(attention, w("self_attn.o_proj.weight")),
                                  residual, g.const(w("post_attention_layernorm.weight"), "ln"), outputs=4,
                                  domain=MS, epsilon=eps)
-        gate, up = g.op("Split", g.linear(h, np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
+        gate, up = g.op("Split", g.linear(h, np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
+                                          gate_up=True),
                         g.const(np.array([t.intermediate_size] * 2, np.int64)), axis=-1, outputs=2)
         x = g.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), w("mlp.down_proj.weight"))
     h, *_ = g.op("SkipSimplifiedLayerNormalization", x, residual, g.const(ck.get("language_model.model.norm.weight"), "ln"),
@@ -483,13 +492,15 @@ def default_contract() -> str:
 
 def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contract: str | None = None,
            precision: str = "fp32", block_size: int | None = None, accuracy_level: int = 4,
-           vit_precision: str | None = None, prefill: str | None = None, log=print) -> Manifest:
+           vit_precision: str | None = None, prefill: str | None = None, gate_up_block_size: int | None = None,
+           log=print) -> Manifest:
     """``contract``: "fused" (the whole decoder in one graph, the CPU's fastest), "dynamic" (one ONNX
     file per layer, any shapes) or "axmodel" (one ONNX file per fixed-shape group of each layer,
     exactly the shapes Pulsar2 ``llm_build`` compiles, a [1, 1, H] post model and the bf16 embedding
     file), to run the board's driving logic on a CPU; by default ``default_contract()``.
-    ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size`` (default:
-    ``DEFAULT_BLOCK_SIZE``). ``vit_precision``: fp32 or int8 (``VIT_QUANTIZATION``); by default int8
+    ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size``, the MLP's gate and up
+    projections in blocks of ``gate_up_block_size`` (by default ``block_size``; without a ``block_size``:
+    ``DEFAULT_BLOCK_SIZE`` and ``DEFAULT_GATE_UP_BLOCK_SIZE``). ``vit_precision``: fp32 or int8 (``VIT_QUANTIZATION``); by default int8
     with a quantised decoder, else fp32. ``prefill`` (fused only): "same" (prompts through the decode
     graph) or "int8" (prompts through ``prompt_decoder.onnx``, ``RowInt8``); by default ``DEFAULT_PREFILL``."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -515,9 +526,14 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     if prefill != "same" and contract != "fused":
         raise InternVLError(f"--prefill {prefill} needs the fused contract: the {contract} layout has no "
                             "separate prompt graph")
-    block_size = block_size or DEFAULT_BLOCK_SIZE.get(precision, 0)
-    if precision != "fp32" and (block_size < 16 or block_size & (block_size - 1)):
-        raise InternVLError(f"block size {block_size} must be a power of 2, at least 16")
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE.get(precision, 0)
+        gate_up_block_size = gate_up_block_size or DEFAULT_GATE_UP_BLOCK_SIZE.get(precision)
+    gate_up_block_size = gate_up_block_size or block_size
+    if precision != "fp32":
+        for size in (block_size, gate_up_block_size):
+            if size < 16 or size & (size - 1):
+                raise InternVLError(f"block size {size} must be a power of 2, at least 16")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
@@ -525,7 +541,7 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} must be a multiple of the prefill chunk "
                             f"({build.prefill_chunk}) for fixed-shape groups")
     bits = PRECISIONS[precision]
-    quant = Quantization(bits, block_size, accuracy_level) if bits else None
+    quant = Quantization(bits, block_size, accuracy_level, gate_up_block_size) if bits else None
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -566,7 +582,7 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision,
               "vit_precision": vit_precision, "prefill": prefill}
     if quant:
-        source |= {"block_size": block_size, "accuracy_level": accuracy_level}
+        source |= {"block_size": block_size, "gate_up_block_size": gate_up_block_size, "accuracy_level": accuracy_level}
     manifest = Manifest(spec=spec, build=build, files=files, source=source)
     manifest.write(out_dir)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
@@ -597,7 +613,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")
     ap.add_argument("--block-size", type=int, help="int8/int4: weights per scale and zero point (default "
-                    + ", ".join(f"{size} for {p}" for p, size in DEFAULT_BLOCK_SIZE.items()) + ")")
+                    + ", ".join(f"{size} for {p}" + (f", {DEFAULT_GATE_UP_BLOCK_SIZE[p]} in the MLP's gate and up "
+                                                     "projections" if p in DEFAULT_GATE_UP_BLOCK_SIZE else "")
+                                for p, size in DEFAULT_BLOCK_SIZE.items()) + ")")
+    ap.add_argument("--gate-up-block-size", type=int,
+                    help="int8/int4: the same for the MLP's gate and up projections (default: --block-size; "
+                         "without --block-size the precision's default)")
     ap.add_argument("--vit-precision", choices=VIT_PRECISIONS,
                     help="ViT weights: int8 (default with --precision int8 or int4: 0.6 of the time per tile) or "
                          "fp32 (default otherwise)")
@@ -611,7 +632,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
-               args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision, args.prefill)
+               args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision, args.prefill,
+               args.gate_up_block_size)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

@@ -17,8 +17,8 @@ from conftest import TINY_BUILD_ARGS
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
-from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL, Graph, Quantization, RowInt8, export,
-                                    quantize_blocks, quantize_channels)
+from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_GATE_UP_BLOCK_SIZE, DEFAULT_PREFILL, Graph,
+                                    Quantization, RowInt8, export, quantize_blocks, quantize_channels)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -43,6 +43,22 @@ def test_quantized_blocks_round_trip(bits, block_size):
     assert np.all(restored[3, 10:50] == 0)
 
 
+def assert_block_sizes(path, spec, gate_up: int, other: int) -> None:
+    """Every MatMulNBits node of a decoder file is in blocks of ``gate_up`` (the MLP's gate and up
+    projections: one matrix in the fused decoder, two in a layer file) or ``other``, capped at the
+    row's width (the tiny model's 64-wide rows take blocks of 64 at most)."""
+    gate_up_rows = spec.intermediate_size * (2 if path.name == "decoder.onnx" else 1)
+    seen = set()
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            is_gate_up = (a["K"], a["N"]) == (spec.hidden_size, gate_up_rows)
+            expected = min(gate_up if is_gate_up else other, 1 << (a["K"].bit_length() - 1))
+            assert a["block_size"] == expected, (path.name, a)
+            seen.add(is_gate_up)
+    assert seen == {True, False}, path.name
+
+
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request, tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
@@ -55,6 +71,8 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     manifest = Manifest.read(model)
     assert manifest.source["precision"] == precision
     assert manifest.source["block_size"] == DEFAULT_BLOCK_SIZE[precision]
+    gate_up = DEFAULT_GATE_UP_BLOCK_SIZE.get(precision, DEFAULT_BLOCK_SIZE[precision])
+    assert manifest.source["gate_up_block_size"] == gate_up
     fused = "decoder" in manifest.files
     assert manifest.source["prefill"] == (DEFAULT_PREFILL[precision] if fused else "same")
     decoder = [model / "decoder.onnx"] if fused else [model / "post.onnx", model / "layer_0.onnx"]
@@ -65,6 +83,7 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
         assert path.stat().st_size < (tiny_model / path.name).stat().st_size / (2 if precision == "int8" else 3)
+    assert_block_sizes(decoder[-1], manifest.spec.text, gate_up, DEFAULT_BLOCK_SIZE[precision])
     vit = onnx.load(str(model / "vit.onnx")).graph  # int8, whatever the decoder's precision
     assert manifest.source["vit_precision"] == "int8"
     assert {a.i for n in vit.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
@@ -158,7 +177,8 @@ def test_fidelity_report(quantized, tiny_model):
     assert run.returncode == 0, run.stderr
     (name, report), = json.loads(run.stdout)["candidates"].items()
     prompts = ", prompts int8" if Manifest.read(model).source["prefill"] == "int8" else ""
-    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{prompts})"
+    gate_up = f" (gate/up {DEFAULT_GATE_UP_BLOCK_SIZE[precision]})" if precision in DEFAULT_GATE_UP_BLOCK_SIZE else ""
+    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{gate_up}{prompts})"
     assert [r["prompt"] for r in report["prompts"]] == ["text", "text-long", "1 image", "4 images", "video"]
     overall = report["overall"]
     assert overall["steps"] == 5 * 6 and 0 <= overall["greedy_agreement"] <= 1
@@ -195,11 +215,26 @@ def test_vit_precision(tiny_hf, tiny_model, tmp_path):
     assert 0.999 < a @ b / np.linalg.norm(a) / np.linalg.norm(b) < 1
 
 
+@pytest.mark.parametrize("contract", ["fused", "dynamic"])
+def test_a_given_block_size_holds_for_every_matrix(tiny_hf, tmp_path, contract):
+    """--block-size alone: every matrix, gate and up too; --gate-up-block-size beside it: those two."""
+    for name, sizes in (("uniform", dict(block_size=16)), ("split", dict(block_size=16, gate_up_block_size=32))):
+        out = tmp_path / name
+        export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract, precision="int4", log=lambda *_: None, **sizes)
+        manifest = Manifest.read(out)
+        gate_up = sizes.get("gate_up_block_size", 16)
+        assert (manifest.source["block_size"], manifest.source["gate_up_block_size"]) == (16, gate_up)
+        decoder = out / ("decoder.onnx" if contract == "fused" else "layer_0.onnx")
+        assert_block_sizes(decoder, manifest.spec.text, gate_up, 16)
+
+
 def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
     from internvl_engine import InternVLError
 
     with pytest.raises(InternVLError, match="block size 24 must be a power of 2"):
         export(tiny_hf, tmp_path / "a", precision="int4", block_size=24, log=lambda *_: None)
+    with pytest.raises(InternVLError, match="block size 8 must be a power of 2, at least 16"):
+        export(tiny_hf, tmp_path / "a", precision="int4", gate_up_block_size=8, log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
         export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
