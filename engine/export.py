@@ -24,11 +24,11 @@ sha256, contract and precision), so the directory is self-contained.
 ``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
 onnxruntime's MatMulNBits (biases added inside it): ``--block-size`` weights share a scale and zero
 point (``--gate-up-block-size`` in the MLP's gate and up projections), and ``--accuracy-level 4``
-multiplies in int8 on the CPU. The ViT's linear layers then go to
-int8 as well (``--vit-precision``). MatMulNBits is the fastest for one row (a decode step is bound by
-reading the weights); for many rows onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the
-default with int8) writes ``prompt_decoder.onnx`` beside the fused decoder: the same graph with
-``RowInt8`` weights, which the engine runs for prompts over the same K/V buffers.
+multiplies in int8 on the CPU. The ViT's linear layers then go to int8 as well (``--vit-precision``).
+MatMulNBits is the fastest for one row (a decode step is bound by reading the weights); for many rows
+onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the default with int8) writes
+``prompt_decoder.onnx`` beside the fused decoder: the same graph with ``RowInt8`` weights, which the
+engine runs for prompts over the same K/V buffers.
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 # a logit cosine of 0.9994 and decodes faster than in blocks of 32 (0.9996); int4 loses more with
 # every doubling (0.944 in blocks of 32, 0.928 of 64, 0.914 of 128), so it keeps the finest blocks,
 # except in the MLP's gate and up projections: blocks of 128 there decode 1.14x as fast as blocks of 32
-# everywhere, at 0.937 (onnxruntime-genai's int4: 0.937). The down projections and the lm_head are
+# everywhere, at 0.9365 (onnxruntime-genai's int4: 0.937). The down projections and the lm_head are
 # the matrices llama.cpp's Q4_K_M gives more bits on trained models; gate and up are its base type.
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
@@ -500,9 +500,10 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     file), to run the board's driving logic on a CPU; by default ``default_contract()``.
     ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size``, the MLP's gate and up
     projections in blocks of ``gate_up_block_size`` (by default ``block_size``; without a ``block_size``:
-    ``DEFAULT_BLOCK_SIZE`` and ``DEFAULT_GATE_UP_BLOCK_SIZE``). ``vit_precision``: fp32 or int8 (``VIT_QUANTIZATION``); by default int8
-    with a quantised decoder, else fp32. ``prefill`` (fused only): "same" (prompts through the decode
-    graph) or "int8" (prompts through ``prompt_decoder.onnx``, ``RowInt8``); by default ``DEFAULT_PREFILL``."""
+    ``DEFAULT_BLOCK_SIZE`` and ``DEFAULT_GATE_UP_BLOCK_SIZE``). ``vit_precision``: fp32 or int8
+    (``VIT_QUANTIZATION``); by default int8 with a quantised decoder, else fp32. ``prefill`` (fused only):
+    "same" (prompts through the decode graph) or "int8" (prompts through ``prompt_decoder.onnx``,
+    ``RowInt8``); by default ``DEFAULT_PREFILL``."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"{hf_dir}: no such checkpoint directory")
