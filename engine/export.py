@@ -532,9 +532,9 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         gate_up_block_size = gate_up_block_size or DEFAULT_GATE_UP_BLOCK_SIZE.get(precision)
     gate_up_block_size = gate_up_block_size or block_size
     if precision != "fp32":
-        for size in (block_size, gate_up_block_size):
+        for name, size in (("block size", block_size), ("gate/up block size", gate_up_block_size)):
             if size < 16 or size & (size - 1):
-                raise InternVLError(f"block size {size} must be a power of 2, at least 16")
+                raise InternVLError(f"{name} {size} must be a power of 2, at least 16")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
     if build.max_prompt_tokens > build.kv_cache_len:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
@@ -614,7 +614,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="decoder weights: fp32 (default), int8 or int4, block-wise (check with internvl-fidelity)")
     ap.add_argument("--block-size", type=int, help="int8/int4: weights per scale and zero point (default "
-                    + ", ".join(f"{size} for {p}" + (f", {DEFAULT_GATE_UP_BLOCK_SIZE[p]} in the MLP's gate and up "
+                    + ", ".join(f"{size} for {p}" + (f" with {DEFAULT_GATE_UP_BLOCK_SIZE[p]} in the MLP's gate and up "
                                                      "projections" if p in DEFAULT_GATE_UP_BLOCK_SIZE else "")
                                 for p, size in DEFAULT_BLOCK_SIZE.items()) + ")")
     ap.add_argument("--gate-up-block-size", type=int,

@@ -233,7 +233,7 @@ def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
 
     with pytest.raises(InternVLError, match="block size 24 must be a power of 2"):
         export(tiny_hf, tmp_path / "a", precision="int4", block_size=24, log=lambda *_: None)
-    with pytest.raises(InternVLError, match="block size 8 must be a power of 2, at least 16"):
+    with pytest.raises(InternVLError, match="gate/up block size 8 must be a power of 2, at least 16"):
         export(tiny_hf, tmp_path / "a", precision="int4", gate_up_block_size=8, log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
         export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
