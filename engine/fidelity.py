@@ -87,7 +87,7 @@ def describe(model_dir: Path) -> str:
     """The candidate's name with how it was exported (precision, block size, prompt weights)."""
     source = Manifest.read(model_dir).source
     block = f", blocks of {source['block_size']}" if source.get("block_size") else ""
-    if source.get("gate_up_block_size", source.get("block_size")) != source.get("block_size"):
+    if source.get("gate_up_block_size") not in (None, source.get("block_size")):
         block += f" (gate/up {source['gate_up_block_size']})"
     prompts = f", prompts {source['prefill']}" if source.get("prefill", "same") != "same" else ""
     return f"{model_dir.name} ({source.get('precision', 'fp32')}{block}{prompts})"
