@@ -73,7 +73,7 @@ def test_readme_commands(launched, engine):
     echo = subprocess.Popen(["bash", "-c", "ros2 topic echo --once --full-length /robot/answer std_msgs/msg/String"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_subscriber("/robot/answer")  # the echo must listen before the question goes out
-    pub = shell(f"""ros2 topic pub --once /robot/question std_msgs/msg/String "{{data: '{QUESTION}'}}" """)
+    pub = shell(f"""ros2 topic pub --once --keep-alive 2 /robot/question std_msgs/msg/String "{{data: '{QUESTION}'}}" """)
     assert pub.returncode == 0, pub.stdout + pub.stderr
     out, _ = echo.communicate(timeout=120)
     assert echo.returncode == 0, out
