@@ -46,6 +46,10 @@ def greedy(engine: Engine, embeds: np.ndarray, new_tokens: int) -> tuple[list[in
     return tokens, logits
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def compare(reference: Engine, candidate: Engine, new_tokens: int = 16) -> dict:
     rows = []
     for name, request in prompt_set():
@@ -53,7 +57,7 @@ def compare(reference: Engine, candidate: Engine, new_tokens: int = 16) -> dict:
         tokens, ref_logits = greedy(reference, reference.prepare(request).embeds, new_tokens)
         ref_logits = ref_logits[:max(len(tokens), 1)]  # the steps that chose the tokens
         cand_logits = forced_logits(candidate.llm, candidate_embeds, tokens[:-1])
-        cos = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ref_logits, cand_logits)]
+        cos = [cosine(a, b) for a, b in zip(ref_logits, cand_logits)]
         agree = [int(np.argmax(a) == np.argmax(b)) for a, b in zip(ref_logits, cand_logits)]
         own, _ = greedy(candidate, candidate_embeds, new_tokens)
         rows.append({"prompt": name, "steps": len(cos), "cosine_mean": float(np.mean(cos)),

@@ -16,6 +16,7 @@ from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.config import LayerBuild, Manifest
+from internvl_engine.fidelity import cosine
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
 from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_GATE_UP_BLOCK_SIZE, DEFAULT_PREFILL, Graph,
                                     Quantization, RowInt8, export, quantize_blocks, quantize_channels)
@@ -138,7 +139,6 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(qu
     assert kinds == {"decoder.onnx": {"MatMulNBits"}, "prompt_decoder.onnx": {"MatMulIntegerToFloat"}}
     engine, reference = Engine(model), Engine(tiny_model)
     assert engine.llm.prompt_path == model / "prompt_decoder.onnx"
-    cosine = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
     ids = engine.tokenizer.encode(" ".join(["Is there a red cube on the left of the table?"] * 8))
     assert len(ids) >= PROMPT_GRAPH_MIN_ROWS
     # First, on fresh buffers: the decode step after a prompt reads the K/V rows the prompt graph wrote.
@@ -212,7 +212,7 @@ def test_vit_precision(tiny_hf, tiny_model, tmp_path):
     image = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     tile = Engine(tiny_model).prepare(Request("Describe.", images=[image])).pixel_values[:1]
     a, b = (Engine(m).vit.run({"image": tile})[0].reshape(-1) for m in (tiny_model, tmp_path))
-    assert 0.999 < a @ b / np.linalg.norm(a) / np.linalg.norm(b) < 1
+    assert 0.999 < cosine(a, b) < 1
 
 
 @pytest.mark.parametrize("contract", ["fused", "dynamic"])
