@@ -126,14 +126,21 @@ def test_row_int8_linear_is_its_definition():
     assert np.linalg.norm(y_odd[0, 1] - odd[0, 1] @ weight.T - bias) < 0.02 * np.linalg.norm(odd[0, 1] @ weight.T)
 
 
-def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(quantized, tiny_model):
+@pytest.fixture
+def with_prompt_graph(quantized):
+    """The quantized export where it has a prompt graph; the others skip."""
+    precision, model = quantized
+    if Manifest.read(model).source["prefill"] != "int8":
+        pytest.skip(f"{precision} has one decoder graph here (DEFAULT_PREFILL; the fused layout only)")
+    return model
+
+
+def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(with_prompt_graph, tiny_model):
     """The int8 export has a second graph for prompts, int8 per output channel (MatMulIntegerToFloat),
     beside the decode graph (MatMulNBits). A prompt run whole and the same tokens fed one at a time
     share the K/V buffers and end at logits close to each other and to fp32's, but not equal: they
     took different weights."""
-    precision, model = quantized
-    if Manifest.read(model).source["prefill"] != "int8":
-        pytest.skip(f"{precision} has one decoder graph here (DEFAULT_PREFILL; the fused layout only)")
+    model = with_prompt_graph
     kinds = {name: {n.op_type for n in onnx.load(str(model / name)).graph.node if "MatMul" in n.op_type}
              for name in ("decoder.onnx", "prompt_decoder.onnx")}
     assert kinds == {"decoder.onnx": {"MatMulNBits"}, "prompt_decoder.onnx": {"MatMulIntegerToFloat"}}
@@ -153,14 +160,11 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(qu
     assert cosine(whole, stepwise) > 0.999 and cosine(whole, fp32) > 0.999 and cosine(stepwise, fp32) > 0.999
 
 
-def test_a_missing_or_broken_prompt_graph_is_named(quantized, tmp_path):
+def test_a_missing_or_broken_prompt_graph_is_named(with_prompt_graph, tmp_path):
     from internvl_engine import InternVLError
 
-    precision, model = quantized
-    if Manifest.read(model).source["prefill"] != "int8":
-        pytest.skip(f"{precision} has one decoder graph here")
     copy = tmp_path / "copy"
-    shutil.copytree(model, copy)
+    shutil.copytree(with_prompt_graph, copy)
     (copy / "prompt_decoder.onnx").unlink()
     with pytest.raises(InternVLError, match="missing model files: prompt_decoder.onnx"):
         Engine(copy)
