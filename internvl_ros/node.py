@@ -444,6 +444,11 @@ class InternVLNode(LifecycleNode):
             self.get_logger().error(line)
         elif level == WARN:
             self.get_logger().warning(line)
+        else:  # one line per answer: the launch output shows what was asked, and how fast
+            t = answer.timings
+            speed = f", {t.decode_tokens_per_s:.1f} tokens/s" if t.decode_tokens_per_s else ""  # 0: no decode step
+            n = len(answer.token_ids)
+            self.get_logger().info(f"{line} ({n} token{'s' * (n != 1)}, {t.ttft_ms:.0f} ms to the first{speed})")
         self._diagnose(job, level, message, info)
         job.result.set_result(msg)
         self._wake.trigger()
