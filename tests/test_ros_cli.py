@@ -73,9 +73,29 @@ def test_readme_commands(launched, engine):
     echo = subprocess.Popen(["bash", "-c", "ros2 topic echo --once --full-length /robot/answer std_msgs/msg/String"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_subscriber("/robot/answer")  # the echo must listen before the question goes out
-    pub = shell(f"""ros2 topic pub --once --keep-alive 2 /robot/question std_msgs/msg/String "{{data: '{QUESTION}'}}" """)
-    assert pub.returncode == 0, pub.stdout + pub.stderr
-    out, _ = echo.communicate(timeout=120)
+    # The echo's subscription shows in the ROS graph a moment before DDS has matched it with the node's
+    # publisher, and an answer published in between is lost (measured here with a cold echo: 19 of 20
+    # lost when published at once, none after 0.3 s; CI once logged the node's answer with nothing
+    # echoed). A user then asks again; so does this test, at most three times.
+    published = []
+    try:
+        for _ in range(3):
+            pub = shell(f"""ros2 topic pub --once --keep-alive 2 /robot/question std_msgs/msg/String "{{data: '{QUESTION}'}}" """)
+            assert pub.returncode == 0, pub.stdout + pub.stderr
+            published.append(pub.stdout + pub.stderr)
+            try:
+                out = echo.communicate(timeout=40)[0]
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:  # the node logs each answer: say which side lost the message
+            echo.kill()
+            pytest.fail(f"ros2 topic echo got no answer to 3 questions; it printed:\n{echo.communicate()[0]}\n"
+                        f"ros2 topic pub printed:\n{''.join(published)}\nthe launch printed:\n{log.read_text()}")
+    finally:
+        if echo.poll() is None:
+            echo.kill()
+            echo.wait()
     assert echo.returncode == 0, out
     answer = yaml.safe_load(out[out.index("data:"):].split("\n---", 1)[0])["data"]
     assert answer and not answer.startswith("ERROR"), out
@@ -96,3 +116,4 @@ def test_readme_commands(launched, engine):
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "process has finished cleanly" in text, text
+    assert f"({QUESTION!r}): answered (" in text, text  # one log line per answer
