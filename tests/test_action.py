@@ -44,12 +44,12 @@ def test_choices_pick_the_answer_at_least_as_often_as_the_free_answer(toy_model,
     free_right = chosen_right = 0
     right_probabilities = []
     scenes = samples(task, 30, seed=40_000)
-    with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable") as (_, client):
+    with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable") as (node, client):
         for sample in scenes:
             deliver(client, "/image_raw", image_msg(sample.images[0], "rgb8"))
             free = vision.ask(sample.question, timeout=60)
             chosen = vision.ask(sample.question, choices=choices, timeout=60)
-            assert free.ok and chosen.ok, (free.error, chosen.error)
+            assert free.ok and chosen.ok, (free.error, chosen.error, node.log()[-1000:])  # the node logs each answer
             assert chosen.choice in choices and len(chosen.probabilities) == len(choices)
             assert abs(sum(chosen.probabilities) - 1) < 1e-4
             free_right += free.text.strip() == sample.answer
