@@ -156,18 +156,18 @@ class AskClient:
         goal = Ask.Goal(question=question, choices=list(choices), mode=mode, cameras=list(cameras),
                         max_new_tokens=max_new_tokens)
         stream = _FeedbackStream(on_chunk) if on_chunk else None
-        handle = wait_future(self._action.send_goal_async(goal, feedback_callback=stream),
-                             max(0.0, deadline - time.monotonic()))
+        handle = self._request(lambda: self._action.send_goal_async(goal, feedback_callback=stream),
+                               max(0.0, deadline - time.monotonic()))
         if handle is None:
             return AskResult("timeout")
         if not handle.accepted:
             return AskResult("rejected")
         self._goal = handle
         try:
-            result = wait_future(handle.get_result_async(), max(0.0, deadline - time.monotonic()))
+            result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
             if result is None:
-                wait_future(handle.cancel_goal_async(), 10.0)
-                result = wait_future(handle.get_result_async(), 10.0)
+                self._request(handle.cancel_goal_async, 10.0)
+                result = self._request(handle.get_result_async, 10.0)
                 if stream and result:
                     stream.close(result.result.answer.text)  # the partial answer, whole
                 return AskResult("timeout", result.result.answer if result else None)
@@ -177,10 +177,22 @@ class AskClient:
         finally:
             self._goal = None
 
+    def _request(self, send, timeout: float):
+        """The response to the request that ``send()`` makes, or None after ``timeout`` seconds.
+
+        The request is sent from the spinning thread, the one that takes the responses. rclpy's
+        action client files a request's future only after sending the request (Humble), or files a
+        second future after the first (kilted's rclpy 9.1): a response that the spinning thread
+        takes in between goes to no future, and the caller waits for ever (ros2/rclpy#1123)."""
+        deadline = time.monotonic() + timeout
+        future = wait_future(self._spinner.executor.create_task(send), timeout)
+        return None if future is None else wait_future(future, max(0.0, deadline - time.monotonic()))
+
     def cancel(self) -> None:
         """Cancel the question being asked (from another thread); its ask() returns canceled."""
-        if self._goal is not None:
-            self._goal.cancel_goal_async()
+        goal = self._goal
+        if goal is not None:
+            self._spinner.executor.create_task(goal.cancel_goal_async)
 
     def close(self):
         self._action.destroy()

@@ -3,8 +3,11 @@ with probabilities, feedback, cancel, preemption, the on_busy policies, unknown 
 answer topics, and the managed lifecycle driven by a client and by ros2 lifecycle / ros2 action."""
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -106,7 +109,7 @@ def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
         client.wait_for(lambda: len(client.chunks) > 3, 30, "the answer to start")
         vision.cancel()
         thread.join(60)
-        cancelled = out["result"]
+        cancelled = out["result"]; print("DBG", cancelled.answer.finish_reason, cancelled.answer.timings, len(cancelled.text))
         assert cancelled.status == "canceled" and cancelled.answer.error_code == Answer.CANCELLED
         assert cancelled.answer.finish_reason == "cancelled" and cancelled.text  # with its partial text
         assert cancelled.text == "".join(chunks) and cancelled.answer.error_msg == "cancelled: cancelled by its client"
@@ -126,6 +129,49 @@ def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
         assert next(r for r in client.results if r.question == "And now?").error_code == Answer.NONE
         finals = [c for c in client.typed_chunks if c.final]
         assert [c.finish_reason for c in finals if c.request_id == preempted.answer.request_id] == ["cancelled"]
+
+
+RCLPY_ACTION_REQUESTS = {"send_goal_async", "_get_result_async", "_cancel_goal_async"}
+
+
+@contextlib.contextmanager
+def paused_inside_rclpy_action_requests(pause_s: float = 0.002):
+    """This thread, and every thread started here, sleeps ``pause_s`` at each line of rclpy's action
+    client request functions, as a thread that is preempted there would: others run meanwhile."""
+    def pause(frame, event, arg):
+        if event == "line":
+            time.sleep(pause_s)
+        return pause
+
+    def trace(frame, event, arg):
+        code = frame.f_code
+        return pause if code.co_name in RCLPY_ACTION_REQUESTS and "rclpy" in code.co_filename else None
+
+    threading.settrace(trace)
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+        threading.settrace(None)
+
+
+def test_goals_are_answered_when_rclpy_is_preempted_inside_a_request(tiny_model, tmp_path):
+    """rclpy's action client files a request's future after sending the request (Humble; kilted's
+    rclpy files a second one after the first): a fast response that the spinning thread takes in
+    between reaches no future, and the goal hangs (ros2/rclpy#1123). AskClient sends from the
+    spinning thread; here every request is paused at each of its lines, on whichever thread runs it."""
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=8):
+        with paused_inside_rclpy_action_requests():
+            vision = AskClient()  # its spinning thread starts paused too
+            try:
+                for i in range(5):
+                    streamed = []
+                    answered = vision.ask(f"Question {i}?", on_chunk=streamed.append, timeout=20)
+                    assert answered.ok, answered.error
+                    assert answered.answer.question == f"Question {i}?" and answered.text == "".join(streamed)
+            finally:
+                vision.close()
 
 
 @pytest.mark.parametrize("policy", ["queue", "drop", "preempt"])
