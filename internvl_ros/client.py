@@ -107,21 +107,30 @@ class AskResult:
 class _FeedbackStream:
     """Hands a goal's feedback to ``on_chunk``, then, once the result is in, whatever of the answer the
     feedback did not bring: the result and the feedback travel apart, and rclpy drops feedback that
-    arrives after the result, so the last chunks of a fast answer can be lost on the way."""
+    arrives after the result, so the last chunks of a fast answer can be lost on the way.
+
+    An error that ``on_chunk`` raises on the spinning thread ends the stream and is raised again by
+    ``close()``, on the asking thread: let through, it would end the spinning thread, and every later
+    question of the client would wait out its timeout."""
 
     def __init__(self, on_chunk):
-        self.on_chunk, self.text, self.closed = on_chunk, "", False
+        self.on_chunk, self.text, self.closed, self.error = on_chunk, "", False, None
         self.lock = threading.Lock()  # feedback comes on the spinning thread, the result on the caller's
 
     def __call__(self, msg) -> None:
         with self.lock:
-            if not self.closed:
+            if not self.closed and self.error is None:
                 self.text += msg.feedback.text
-                self.on_chunk(msg.feedback.text)
+                try:
+                    self.on_chunk(msg.feedback.text)
+                except Exception as e:
+                    self.error = e
 
     def close(self, answer: str) -> None:
         with self.lock:
             self.closed = True
+            if self.error is not None:
+                raise self.error
             if len(answer) > len(self.text) and answer.startswith(self.text):
                 self.on_chunk(answer[len(self.text):])
 
@@ -149,7 +158,8 @@ class AskClient:
     def ask(self, question: str, *, choices=(), mode: str = "", cameras=(), max_new_tokens: int = 0,
             timeout: float = 60.0, on_chunk=None) -> AskResult:
         """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)`` sees
-        the answer's pieces as they stream."""
+        the answer's pieces as they stream; an error it raises ends them, and comes out of ask() once the
+        goal has ended."""
         deadline = time.monotonic() + timeout
         if not self._action.wait_for_server(timeout_sec=timeout):
             return AskResult("unavailable")
@@ -165,15 +175,14 @@ class AskClient:
         self._goal = handle
         try:
             result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
+            status = STATUS_NAMES.get(result.status, str(result.status)) if result else "timeout"
             if result is None:
                 self._request(handle.cancel_goal_async, 10.0)
-                result = self._request(handle.get_result_async, 10.0)
-                if stream and result:
-                    stream.close(result.result.answer.text)  # the partial answer, whole
-                return AskResult("timeout", result.result.answer if result else None)
+                result = self._request(handle.get_result_async, 10.0)  # the partial answer
+            answer = result.result.answer if result else None
             if stream:
-                stream.close(result.result.answer.text)
-            return AskResult(STATUS_NAMES.get(result.status, str(result.status)), result.result.answer)
+                stream.close(answer.text if answer else "")
+            return AskResult(status, answer)
         finally:
             self._goal = None
 

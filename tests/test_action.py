@@ -95,6 +95,20 @@ def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision
         assert empty.status == "aborted" and empty.answer.error_code == Answer.INVALID_QUESTION
 
 
+def test_an_error_in_on_chunk_comes_out_of_ask_and_the_client_goes_on(tiny_model, tmp_path, vision):
+    streamed = []
+
+    def on_chunk(text):
+        streamed.append(text)
+        raise ValueError("the caller's on_chunk failed")
+
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=12):
+        with pytest.raises(ValueError, match="the caller's on_chunk failed"):
+            vision.ask("Tell me about the door.", on_chunk=on_chunk, timeout=20)
+        assert len(streamed) == 1  # the stream ended at the error
+        assert vision.ask("Tell me about the door.", timeout=20).ok  # the client still spins
+
+
 def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:
     out = {}
     thread = threading.Thread(target=lambda: out.update(result=vision.ask(question, timeout=120, **kwargs)))
