@@ -42,7 +42,9 @@ ERROR_NAMES = {getattr(AnswerMsg, n): n for n in dir(AnswerMsg) if n.isupper() a
 
 
 class _Spinner:
-    """A node of our own, spun in a background thread."""
+    """A node of our own, spun in a background thread once ``start()`` is called. Create the node's
+    publishers, subscriptions and clients before: kilted's rclpy ActionClient adds itself to the node
+    before it has its lock, and a thread spinning the node then dies on it."""
 
     def __init__(self, name: str, namespace: str = ""):
         self.node = rclpy.create_node(name, namespace=namespace or None)
@@ -50,16 +52,22 @@ class _Spinner:
         self.executor.add_node(self.node)
         self._spinning = True
         self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def start(self):
         self._thread.start()
 
     def _spin(self):
         while self._spinning:
             self.executor.spin_once(timeout_sec=0.05)
 
-    def close(self):
+    def close(self, *entities):
+        """Stop spinning, then destroy ``entities`` (those the node does not destroy itself) and the
+        node: not while a thread spins them."""
         self._spinning = False
         self._thread.join(5)
         self.executor.shutdown()
+        for entity in entities:
+            entity.destroy()
         self.node.destroy_node()
 
 
@@ -151,6 +159,7 @@ class AskClient:
         # the node keeps an answer's feedback as its answer topics do: a fast answer's chunks all arrive
         self._action = ActionClient(self.node, Ask, action, feedback_sub_qos_profile=ANSWER_QOS)
         self._goal = None
+        self._spinner.start()
 
     def wait_for_server(self, timeout: float = 30.0) -> bool:
         return self._action.wait_for_server(timeout_sec=timeout)
@@ -204,8 +213,7 @@ class AskClient:
             self._spinner.executor.create_task(goal.cancel_goal_async)
 
     def close(self):
-        self._action.destroy()
-        self._spinner.close()
+        self._spinner.close(self._action)
 
 
 class Client:
@@ -232,6 +240,7 @@ class Client:
         self._image_pubs = {}
         self.node_fqn = f"{namespace.rstrip('/')}/{node_name}" if namespace else f"/{node_name}"
         self.set_params = node.create_client(SetParameters, f"{self.node_fqn}/set_parameters")
+        self._spinner.start()
 
     def _add(self, target, value):
         with self.lock:
