@@ -389,12 +389,24 @@ class InternVLNode(LifecycleNode):
         return [window[i] for i in segment_centre_indices(len(window), s.num_frames)]
 
     # --- answering: every question ends here exactly once ---------------------------------------
+    def _send(self, send, *args) -> bool:
+        """``send(*args)``: a publish, a goal's feedback, a wake-up. False, and nothing sent, once ROS has
+        shut down under the node: Ctrl-C reaches rclpy's signal handler, which invalidates every
+        publisher at once, before the node's close() has stopped the worker."""
+        try:
+            send(*args)
+        except Exception:
+            if self.context.ok():
+                raise
+            return False
+        return True
+
     def _publish_chunk(self, job: Job, text: str) -> None:
-        self._stream_pub.publish(String(data=text))
-        self._chunk_pub.publish(AnswerChunk(request_id=job.id, index=job.chunks, text=text))
+        self._send(self._stream_pub.publish, String(data=text))
+        self._send(self._chunk_pub.publish, AnswerChunk(request_id=job.id, index=job.chunks, text=text))
         job.chunks += 1
         if job.goal is not None:
-            job.goal.publish_feedback(Ask.Feedback(request_id=job.id, text=text))
+            self._send(job.goal.publish_feedback, Ask.Feedback(request_id=job.id, text=text))
 
     def _answer_error(self, job: Job, error: Exception) -> None:
         self._answer(job, None, [], error)
@@ -429,10 +441,11 @@ class InternVLNode(LifecycleNode):
                         decode_ms_per_token=f"{t.decode_ms_per_token:.2f}",
                         decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}",
                         generated_tokens=str(len(answer.token_ids)), finish_reason=msg.finish_reason)
-        self._answer_pub.publish(String(data=msg.text if error is None else ERROR_PREFIX + msg.error_msg))
-        self._result_pub.publish(msg)
-        self._chunk_pub.publish(AnswerChunk(request_id=job.id, index=job.chunks, final=True,
-                                            finish_reason=msg.finish_reason))
+        published = self._send(self._answer_pub.publish,
+                               String(data=msg.text if error is None else ERROR_PREFIX + msg.error_msg))
+        self._send(self._result_pub.publish, msg)
+        self._send(self._chunk_pub.publish, AnswerChunk(request_id=job.id, index=job.chunks, final=True,
+                                                        finish_reason=msg.finish_reason))
         if error is not None:
             level, message = (WARN if cancelled else ERROR), str(error)
         elif warnings:
@@ -440,6 +453,9 @@ class InternVLNode(LifecycleNode):
         else:
             level, message = OK, "answered"
         line = f"request {job.id} ({job.question[:60]!r}): {message}"
+        if not published:  # the log is all that is left to tell, and an answer nobody got is no success
+            line += " (not published: ROS has shut down)"
+            level = ERROR if level == ERROR else WARN
         if level == ERROR:  # rclpy ties a severity to each logging call site, so one call each
             self.get_logger().error(line)
         elif level == WARN:
@@ -451,7 +467,7 @@ class InternVLNode(LifecycleNode):
             self.get_logger().info(f"{line} ({n} token{'s' * (n != 1)}, {t.ttft_ms:.0f} ms to the first{speed})")
         self._diagnose(job, level, message, info)
         job.result.set_result(msg)
-        self._wake.trigger()
+        self._send(self._wake.trigger)
 
     def _diagnose(self, job: Job, level, message: str, info: dict) -> None:
         values = {"request_id": str(job.id), "question": job.question, "source": "goal" if job.goal else "topic",
@@ -487,7 +503,8 @@ class InternVLNode(LifecycleNode):
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: {kind}", message=message,
                                   hardware_id=self.get_fully_qualified_name(),
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
-        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+        self._send(self._diag_pub.publish,
+                   DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9

@@ -209,6 +209,25 @@ RAW_CASES = [("rgb8", 0, False), ("bgr8", 0, False), ("rgba8", 3, False), ("bgra
              ("rgb16", 0, False), ("bgr16", 2, True), ("rgba16", 0, True), ("mono16", 0, False)]
 
 
+def test_ctrl_c_while_answering_ends_every_question_with_a_log_line_and_no_traceback(tiny_model, tmp_path):
+    """Ctrl-C reaches rclpy's signal handler, which invalidates every publisher at once, before the
+    node's close() stops the worker: the running answer and the waiting ones can no longer be
+    published, and each gets its log line instead."""
+    questions = [f"Tell me a long story number {i}." for i in range(4)]
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=4096, queue_size=4) as (proc, client):
+        for q in questions:
+            client.ask(q)
+        client.wait_for(lambda: len(client.chunks) > 0, 30, "the first answer to start")
+        assert proc.stop() == 0  # SIGINT, as ros2 launch sends it; running_node asserts no traceback
+    lines = proc.log().splitlines()
+    for n, q in enumerate(questions, start=1):
+        assert len([line for line in lines if f"request {n} ({q!r}): " in line]) == 1, proc.log()
+    # the last waits behind three answers of ~1000 tokens each: still queued when Ctrl-C came
+    last = next(line for line in lines if f"request 4 ({questions[3]!r}): " in line)
+    assert last.startswith("[WARN]") and last.endswith(
+        "cancelled: the node is shutting down (not published: ROS has shut down)"), proc.log()
+
+
 def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
     scene = np.zeros((56, 84, 3), np.uint8)
     scene[:, :42] = (230, 30, 20)
