@@ -25,6 +25,7 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -55,6 +56,20 @@ class _Spinner:
 
     def start(self):
         self._thread.start()
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the spinning thread. Its result, or the exception it raises, comes in the
+        returned future: let into the executor, an exception would end the spinning thread."""
+        done = Future()
+
+        def run():
+            try:
+                done.set_result(fn())
+            except Exception as e:
+                done.set_exception(e)
+
+        self.executor.create_task(run)
+        return done
 
     def _spin(self):
         while self._spinning:
@@ -203,14 +218,14 @@ class AskClient:
         second future after the first (kilted's rclpy 9.1): a response that the spinning thread
         takes in between goes to no future, and the caller waits for ever (ros2/rclpy#1123)."""
         deadline = time.monotonic() + timeout
-        future = wait_future(self._spinner.executor.create_task(send), timeout)
+        future = wait_future(self._spinner.call(send), timeout)
         return None if future is None else wait_future(future, max(0.0, deadline - time.monotonic()))
 
     def cancel(self) -> None:
         """Cancel the question being asked (from another thread); its ask() returns canceled."""
         goal = self._goal
         if goal is not None:
-            self._spinner.executor.create_task(goal.cancel_goal_async)
+            self._spinner.call(goal.cancel_goal_async)
 
     def close(self):
         self._spinner.close(self._action)

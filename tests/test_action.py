@@ -95,7 +95,7 @@ def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision
         assert empty.status == "aborted" and empty.answer.error_code == Answer.INVALID_QUESTION
 
 
-def test_an_error_in_on_chunk_comes_out_of_ask_and_the_client_goes_on(tiny_model, tmp_path, vision):
+def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_on(tiny_model, tmp_path, vision):
     streamed = []
 
     def on_chunk(text):
@@ -107,6 +107,10 @@ def test_an_error_in_on_chunk_comes_out_of_ask_and_the_client_goes_on(tiny_model
             vision.ask("Tell me about the door.", on_chunk=on_chunk, timeout=20)
         assert len(streamed) == 1  # the stream ended at the error
         assert vision.ask("Tell me about the door.", timeout=20).ok  # the client still spins
+        # a question that cannot be sent (a lone surrogate: undecodable bytes read with surrogateescape)
+        with pytest.raises(UnicodeEncodeError):
+            vision.ask("Is the door open? \udcff", timeout=20)
+        assert vision.ask("Is the door open?", timeout=20).ok
 
 
 def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:
