@@ -425,6 +425,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if any(not c.strip() for c in args.choices):
         ap.error("--choices must not hold empty choices")
+    for option, text in [("--question", args.question)] + [("--choices", c) for c in args.choices]:
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # Python keeps the bytes it could not decode as lone surrogates
+            ap.error(f"{option} is not valid UTF-8 text: {text!r}")
     rclpy.init()
     try:
         return _ask_action(args) if args.action or args.choices else _ask_topic(args)

@@ -108,6 +108,13 @@ def test_internvl_ask_prints_each_answer_with_its_status(tiny_model, engine, tmp
             assert f"  generated_tokens: {len(expected.token_ids)}\n" in run.stdout
 
 
+def test_internvl_ask_refuses_text_that_is_not_utf8():
+    for args, option in [(["-q", b"Is the door open?\xff"], b"--question"),
+                         (["-q", "Is the door open?", "--choices", b"yes,n\xe9"], b"--choices")]:
+        run = subprocess.run([str(BIN / "internvl-ask"), *args], capture_output=True, timeout=60)
+        assert run.returncode == 2 and option + b" is not valid UTF-8 text" in run.stderr, run.stderr
+
+
 def test_video_mode_uses_n_frames_of_the_window_in_time_order(tiny_model, engine, tmp_path):
     frames = [(i * 0.1, noise_image(48, 64, seed=100 + i)) for i in range(30)]
     question = "Which way does it move?"
