@@ -9,13 +9,13 @@ Typical use::
 """
 from .config import DEFAULT_SYSTEM_PROMPT
 from .engine import Answer, Engine, Prompt, Request, Timings
-from .errors import (BackendError, ImageError, InternVLError, InvalidRequestError, ModelDirError,
+from .errors import (BackendError, ConfigError, ImageError, InternVLError, InvalidRequestError, ModelDirError,
                      PromptTooLongError, VideoError)
 from .preprocess import load_image, load_video_frames
 from .sampling import GenerationConfig
 
 __all__ = [
-    "Answer", "BackendError", "DEFAULT_SYSTEM_PROMPT", "Engine", "GenerationConfig", "ImageError", "InternVLError",
+    "Answer", "BackendError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Engine", "GenerationConfig", "ImageError", "InternVLError",
     "InvalidRequestError", "ModelDirError", "Prompt", "PromptTooLongError", "Request", "Timings", "VideoError",
     "load_image", "load_video_frames",
 ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelDirError
+from .errors import ConfigError, ModelDirError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "internvl_ros.layers/1"
@@ -24,6 +25,34 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+def check_fields(spec, section: str) -> None:
+    """Raise ConfigError naming the first field of the dataclass ``spec`` (as the manifest does:
+    ``section.field``) whose value has the wrong type or range: a hand-edited manifest or config.json
+    fails here rather than later as a numpy or onnxruntime error. Integers must be >= 1 and numbers
+    finite and > 0, unless a field's metadata says otherwise (``min``, ``max``, ``choices``); nested
+    specs check themselves."""
+    for f in dataclasses.fields(spec):
+        value, meta = getattr(spec, f.name), f.metadata
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if f.type == "bool":
+            ok, need = isinstance(value, bool), "true or false"
+        elif f.type == "int":
+            low = meta.get("min", 1)
+            ok, need = number and isinstance(value, int) and value >= low, f"an integer >= {low}"
+        elif f.type == "float":
+            high = meta.get("max", math.inf)
+            ok = number and math.isfinite(value) and 0 < value <= high
+            need = "a number > 0" + (f" and <= {high}" if high < math.inf else "")
+        elif f.type == "str":
+            choices = meta.get("choices")
+            ok = isinstance(value, str) and (choices is None or value in choices)
+            need = f"one of {', '.join(map(repr, choices))}" if choices else "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{section}.{f.name} must be {need}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     image_size: int
@@ -33,9 +62,12 @@ class VisionSpec:
     num_heads: int
     intermediate_size: int
     layer_norm_eps: float
-    norm_type: str  # "layer_norm" | "rms_norm"
+    norm_type: str = field(metadata={"choices": ("layer_norm", "rms_norm")})
     qkv_bias: bool
     qk_normalization: bool
+
+    def __post_init__(self):
+        check_fields(self, "spec.vision")
 
 
 @dataclass(frozen=True)
@@ -51,6 +83,9 @@ class TextSpec:
     rope_theta: float
     tie_word_embeddings: bool
 
+    def __post_init__(self):
+        check_fields(self, "spec.text")
+
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
@@ -60,13 +95,19 @@ class TextSpec:
 class ModelSpec:
     vision: VisionSpec
     text: TextSpec
-    downsample_ratio: float
+    downsample_ratio: float = field(metadata={"max": 1.0})
     template: str
     use_thumbnail: bool
     min_dynamic_patch: int
     max_dynamic_patch: int
-    select_layer: int
-    ps_version: str
+    select_layer: int = field(metadata={"min": -1})
+    ps_version: str = field(metadata={"choices": ("v2",)})
+
+    def __post_init__(self):
+        check_fields(self, "spec")
+        if self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ConfigError(f"spec.max_dynamic_patch ({self.max_dynamic_patch}) is below spec.min_dynamic_patch "
+                              f"({self.min_dynamic_patch})")
 
     @property
     def image_size(self) -> int:
@@ -133,6 +174,8 @@ class ModelSpec:
             )
         except KeyError as e:
             raise ModelDirError(f"config.json lacks required key {e}") from None
+        except (ValueError, TypeError, AttributeError, ConfigError) as e:  # a value of the wrong type or range
+            raise ModelDirError(f"config.json: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -142,6 +185,12 @@ class LayerBuild:
     prefill_chunk: int = 128  # tokens per prefill run
     kv_cache_len: int = 2559  # cache rows; the decode step attends to kv_cache_len + 1 columns
     max_prompt_tokens: int = 1152  # longest prompt the build accepts
+
+    def __post_init__(self):
+        check_fields(self, "build")
+        if self.max_prompt_tokens > self.kv_cache_len:
+            raise ConfigError(f"build.max_prompt_tokens ({self.max_prompt_tokens}) exceeds the KV cache "
+                              f"(build.kv_cache_len {self.kv_cache_len})")
 
 
 @dataclass(frozen=True)
@@ -164,12 +213,28 @@ class Manifest:
             raise ModelDirError(f"{model_dir}: no {MANIFEST} (export a checkpoint with internvl-export first)")
         try:
             body = json.loads(path.read_text())
-            if body.get("format") != MANIFEST_FORMAT:
-                raise ModelDirError(f"{path}: format {body.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            found = body.get("format") if isinstance(body, dict) else None
+            if found != MANIFEST_FORMAT:
+                raise ModelDirError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+            files = body["files"]
+            if not (isinstance(files, dict) and all(_file_names(role, names) for role, names in files.items())):
+                raise ConfigError(f"files must map each role to a file name (layers: to a list of names, or of "
+                                  f"lists of names), not {files!r}")
             return cls(spec=ModelSpec.from_dict(body["spec"]), build=LayerBuild(**body["build"]),
-                       files=body["files"], source=body.get("source", {}))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelDirError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+                       files=files, source=body.get("source", {}))
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            raise ModelDirError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+
+
+def _file_names(role: str, names) -> bool:
+    """Whether a manifest's ``files`` entry is of its role's shape: a file name; for the layers, per layer
+    a name or a list of them (one per shape group)."""
+    def name(n) -> bool:
+        return isinstance(n, str) and n != ""
+
+    if role != "layers":
+        return name(names)
+    return isinstance(names, list) and all(name(n) or isinstance(n, list) and n and all(map(name, n)) for n in names)
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -219,6 +284,9 @@ class ModelLayout:
                 raise ModelDirError(f"{model_dir}/{MANIFEST}: needs either a decoder or a post model and layers")
             if layout.prompt_decoder and not layout.decoder:
                 raise ModelDirError(f"{model_dir}/{MANIFEST}: a prompt decoder needs a fused decoder beside it")
+            if layers and len(layers) != m.spec.text.num_layers:
+                raise ModelDirError(f"{model_dir}/{MANIFEST}: files name {len(layers)} layer models, "
+                                    f"spec.text.num_layers is {m.spec.text.num_layers}")
             files = (layout.vit, layout.post or layout.decoder, layout.prompt_decoder, layout.embeddings,
                      *layout.layer_files())
             if missing := [p.name for p in files if p is not None and not p.is_file()]:

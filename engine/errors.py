@@ -9,6 +9,10 @@ class ModelDirError(InternVLError):
     """The model directory is missing, incomplete or malformed."""
 
 
+class ConfigError(InternVLError):
+    """A configuration value (config.json, the manifest, an export option) has the wrong type or range."""
+
+
 class InvalidRequestError(InternVLError):
     """The request itself is unusable (e.g. an empty question)."""
 

@@ -527,6 +527,8 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     if prefill != "same" and contract != "fused":
         raise InternVLError(f"--prefill {prefill} needs the fused contract: the {contract} layout has no "
                             "separate prompt graph")
+    if precision == "fp32" and (block_size or gate_up_block_size):
+        raise InternVLError("block sizes are for int8 and int4 weights: fp32 has no blocks (give --precision)")
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE.get(precision, 0)
         gate_up_block_size = gate_up_block_size or DEFAULT_GATE_UP_BLOCK_SIZE.get(precision)
@@ -536,8 +538,6 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
             if size < 16 or size & (size - 1):
                 raise InternVLError(f"{name} {size} must be a power of 2, at least 16")
     spec = ModelSpec.from_hf_config(read_hf_config(hf_dir))
-    if build.max_prompt_tokens > build.kv_cache_len:
-        raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} exceed the KV cache ({build.kv_cache_len})")
     if contract == "axmodel" and build.max_prompt_tokens % build.prefill_chunk:
         raise InternVLError(f"max prompt tokens {build.max_prompt_tokens} must be a multiple of the prefill chunk "
                             f"({build.prefill_chunk}) for fixed-shape groups")

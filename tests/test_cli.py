@@ -96,6 +96,18 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, a
     assert len(lines) == 1 and lines[0].startswith("internvl-infer: error: ") and message in lines[0]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--prefill-chunk", "0"], "build.prefill_chunk must be an integer >= 1, not 0"),
+    (["--contract", "axmodel", "--prefill-chunk", "0"], "build.prefill_chunk must be an integer >= 1, not 0"),
+    (["--max-prompt-tokens", "3000"], "build.max_prompt_tokens (3000) exceeds the KV cache (build.kv_cache_len 2559)"),
+    (["--block-size", "32"], "block sizes are for int8 and int4 weights: fp32 has no blocks (give --precision)"),
+])
+def test_export_refuses_bad_options_with_one_line(tiny_hf, tmp_path, args, message):
+    proc = run(BIN / "internvl-export", "--hf-model", tiny_hf, "--out", tmp_path / "out", *args, check=False)
+    assert (proc.returncode, proc.stderr) == (2, f"internvl-export: error: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_segments_below_one_is_a_usage_error(tiny_model, tmp_path):
     video = write_video(tmp_path / "clip.avi", numbered_frames(10))
     proc = run(BIN / "internvl-infer", "--model-dir", tiny_model, "-q", "What?", "-v", video, "--segments", "0",
@@ -114,3 +126,12 @@ def test_doctor_on_a_cpu_export(tiny_model, tmp_path):
             (broken / p.name).write_bytes(p.read_bytes())
     proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
     assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and decoder in proc.stdout
+    # the ViT and the manifest disagree on the tokens per tile: only running the ViT shows it
+    (broken / decoder).write_bytes((tiny_model / decoder).read_bytes())
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    manifest["spec"]["downsample_ratio"] *= 2
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
+    assert proc.returncode == 1, proc.stdout
+    problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert len(problems) == 1 and " features per tile, the model needs " in problems[0], proc.stdout
