@@ -89,11 +89,8 @@ def check_models(report: Report, engine: Engine) -> None:
     if engine.vit is None:
         report.problem("no ViT model: questions with images or video will be refused",
                        "give --vit_model (or put one *vit*.axmodel file in the model directory)")
-    elif (got := engine.vit.groups[0]["image"]) != (1, 3, spec.image_size, spec.image_size):
-        report.problem(f"the ViT takes {list(got)}, config.json's image size is {spec.image_size}",
-                       "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
-    else:
-        report.ok(f"ViT: input {list(got)}, {spec.num_image_token} tokens per tile")
+    else:  # the engine refuses a ViT that does not take this model's tiles
+        report.ok(f"ViT: input {list(engine.vit.groups[0]['image'])}, {spec.num_image_token} tokens per tile")
 
 
 def check_layers(report: Report, engine: Engine) -> None:
@@ -163,7 +160,12 @@ def check_runs(report: Report, engine: Engine) -> None:
         started = time.perf_counter()
         features = engine.vit.run({"image": np.zeros(engine.vit.groups[0]["image"], np.float32)})[0]
         ms = (time.perf_counter() - started) * 1e3
-        if not np.isfinite(np.asarray(features, np.float32)).all():
+        per_tile = (engine.spec.num_image_token, engine.spec.text.hidden_size)
+        if features.shape[-2:] != per_tile:
+            report.problem(f"the ViT gives {' x '.join(map(str, features.shape[-2:]))} features per tile, the model "
+                           f"needs {' x '.join(map(str, per_tile))}",
+                           "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
+        elif not np.isfinite(np.asarray(features, np.float32)).all():
             report.problem("the ViT's features are not finite", "compile the ViT again; check its calibration set")
         else:
             report.ok(f"ViT run: {ms:.1f} ms per tile")
@@ -207,7 +209,7 @@ def diagnose(args, report: Report) -> None:
     try:
         engine = open_engine(args)
     except ModelDirError as e:
-        report.problem(f"model directory: {e}", f"lay it out as {BOARD_GUIDE} shows (Model files)")
+        report.problem(f"model directory: {e}", "lay it out as docs/board.md shows (Model files)")
         return
     except BackendError as e:
         report.problem(f"cannot run the models: {e}", "copy or compile the named file again for this chip; "

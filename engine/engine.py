@@ -166,6 +166,8 @@ class Engine:
             return open_session(self.backend, path, threads, provider)
 
         self.vit = session(layout.vit) if layout.vit else None
+        if self.vit is not None:
+            self._check_vit(layout.vit)
         self.llm: Decoder
         if layout.decoder is not None:  # one graph for the whole decoder: onnxruntime only
             if self.backend != "onnxruntime":
@@ -179,6 +181,18 @@ class Engine:
             dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
             self.llm = LLM(layers, session(layout.post), self._embeddings(layout), layout.build, self.spec.text.kv_dim,
                            dtype, resident_kv)
+
+    def _check_vit(self, path: Path) -> None:
+        """Refuse now, not at the first image, a ViT that does not take this model's tiles: another model
+        (a decoder file given as --vit_model) or a ViT built for another image size."""
+        size = self.spec.image_size
+        shape = self.vit.groups[0].get("image")
+        if shape is None:
+            raise ModelDirError(f"{path.name} is no InternVL ViT: it has no input 'image' "
+                                f"(its inputs: {', '.join(self.vit.groups[0])})")
+        if len(shape) != 4 or any(got not in (None, want) for got, want in zip(shape, (1, 3, size, size))):
+            raise ModelDirError(f"{path.name} takes {list(shape)}, this model's tiles are [1, 3, {size}, {size}]: "
+                                "export (or compile) the ViT from this checkpoint")
 
     def _embeddings(self, layout: ModelLayout) -> np.ndarray:
         return load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
@@ -234,6 +248,11 @@ class Engine:
                     tile += 1
                 vit_ms.append((time.perf_counter() - started) * 1e3)
             positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.ids[IMG_CONTEXT])
+            per_tile = (self.spec.num_image_token, embeds.shape[-1])
+            if (got := features[0].shape) != per_tile:
+                raise ModelDirError(f"the ViT gives {' x '.join(map(str, got))} features per tile, the manifest's "
+                                    f"model needs {' x '.join(map(str, per_tile))} (vision.image_size / patch_size x "
+                                    "downsample_ratio, squared; hidden size): they are not of the same export")
             embeds[positions] = np.concatenate(features)
         return Prompt(ids, embeds, vit_ms, pixel_values, used)
 

@@ -55,19 +55,23 @@ class FusedLLM(Decoder):
                                f"(GroupQueryAttention), this is {ort.__version__}: export with --contract dynamic "
                                "for an older onnxruntime")
         self.path = Path(path)
+        self.prompt_path = Path(prompt_path) if prompt_path else None
         cache = (1, text.num_kv_heads, build.kv_cache_len, text.head_dim)
-        # zeros: rows past the cached length are masked, never read as NaN
+        decode = self._open(self.path, threads, cache, text)
+        prompt = self._open(self.prompt_path, threads, cache, text) if self.prompt_path else None
+        # checked against the graphs before the buffers are made: a manifest's wrong kv_cache_len is an
+        # error saying so, not an allocation failure. Zeros: rows past the cached length are masked,
+        # never read as NaN.
         self._cache = {f"{kind}_{i}": ort.OrtValue.ortvalue_from_numpy(np.zeros(cache, np.float32))
                        for i in range(text.num_layers) for kind in ("key", "value")}
         self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, text.vocab_size), np.float32))
-        self._decode_graph = self._open(self.path, threads, cache, text)
-        self.prompt_path = Path(prompt_path) if prompt_path else None
-        self._prompt_graph = (self._open(self.prompt_path, threads, cache, text) if prompt_path
-                              else self._decode_graph)
+        self._decode_graph = self._bind(self.path, decode)
+        self._prompt_graph = self._bind(self.prompt_path, prompt) if prompt else self._decode_graph
         self._bytes, self._busy = 0, 0.0
 
-    def _open(self, path: Path, threads: int | None, cache: tuple, text: TextSpec) -> _Bound:
-        """A session of ``path`` with the shared K/V and logits buffers bound."""
+    @staticmethod
+    def _open(path: Path, threads: int | None, cache: tuple, text: TextSpec) -> ort.InferenceSession:
+        """A session of ``path``, checked to take the manifest's cache and rows."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -79,10 +83,16 @@ class FusedLLM(Decoder):
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
             raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
         inputs = {i.name: i.shape for i in session.get_inputs()}
-        if tuple(inputs.get("past_key_0", ())) != cache or inputs["inputs_embeds"][-1] != text.hidden_size:
-            raise ModelDirError(f"{path.name} takes a cache of {inputs.get('past_key_0')} and rows of "
-                                f"{inputs['inputs_embeds'][-1]}; config.json and the manifest say {list(cache)} and "
-                                f"{text.hidden_size}: they are not of the same export")
+        layers = len([name for name in inputs if name.startswith("past_key_")])
+        if (tuple(inputs.get("past_key_0", ())) != cache or inputs.get("inputs_embeds", [None])[-1] != text.hidden_size
+                or layers != text.num_layers):
+            raise ModelDirError(f"{path.name} takes {layers} layers' caches of {inputs.get('past_key_0')} and rows of "
+                                f"{inputs.get('inputs_embeds', [None])[-1]}; the manifest says {text.num_layers} of "
+                                f"{list(cache)} and {text.hidden_size}: they are not of the same export")
+        return session
+
+    def _bind(self, path: Path, session: ort.InferenceSession) -> _Bound:
+        """``session`` with the shared K/V and logits buffers bound."""
         binding = session.io_binding()
         for name, buffer in self._cache.items():
             binding.bind_ortvalue_input(f"past_{name}", buffer)

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import first_decoder_file
+from conftest import TINY_BUILD_ARGS, first_decoder_file
 from images import noise_image
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -180,6 +180,70 @@ def test_model_directory_errors(tiny_model, tmp_path):
     (broken / decoder).write_bytes(b"garbage")
     with pytest.raises(BackendError, match="cannot load"):
         Engine(broken)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("spec.text.num_layers", lambda n: 2 * n, {
+        "fused": "layers' caches of [1, {kv_heads}, {kv_cache_len}, {head_dim}] and rows of {hidden}; the manifest "
+                 "says {twice_layers} of",
+        "dynamic": "files name {layers} layer models, spec.text.num_layers is {twice_layers}"}),
+    # a fused graph's cache is of one length, refused before 10**12 rows are allocated; a per-layer export
+    # takes a cache of any length
+    ("build.kv_cache_len", lambda _: 10 ** 12, {"fused": "the manifest says {layers} of [1, {kv_heads}, 1000000000000, "
+                                                         "{head_dim}]"}),
+    ("build.kv_cache_len", lambda n: n + 1, {"fused": "the manifest says {layers} of [1, {kv_heads}, {longer_cache}, "
+                                                      "{head_dim}]", "dynamic": None}),
+    ("spec.vision.image_size", lambda n: 2 * n, {"any": "vit.onnx takes [1, 3, {size}, {size}], this model's tiles are "
+                                                        "[1, 3, {twice_size}, {twice_size}]"}),
+    ("spec.downsample_ratio", lambda r: 2 * r, {"any": "the ViT gives {tokens} x {hidden} features per tile, the "
+                                                       "manifest's model needs {four_tokens} x {hidden}"}),
+])
+def test_a_manifest_that_does_not_fit_its_models_is_refused(tiny_model, tmp_path, path, value, message):
+    """Values of the right type that do not describe the exported graphs: refused when the engine loads, or
+    (what only running the ViT shows) at the first image, and then text questions are still answered.
+    ``message``: by the export's layout (the board's Python has an onnxruntime without the fused graph)."""
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    layout = manifest["source"]["contract"]
+    if layout not in message and "any" not in message:
+        pytest.skip(f"not a {layout} export's concern")
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for p in tiny_model.iterdir():
+        if p.name != "manifest.json":
+            (edited / p.name).symlink_to(p)
+    *parents, key = path.split(".")
+    part = manifest
+    for name in parents:
+        part = part[name]
+    part[key] = value(part[key])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    expected = message.get(layout, message.get("any"))
+    if expected is None:
+        assert Engine(edited).llm.build.kv_cache_len == part[key]
+        return
+    spec = Engine(tiny_model).spec
+    text = spec.text
+    expected = expected.format(layers=text.num_layers, twice_layers=2 * text.num_layers, kv_heads=text.num_kv_heads,
+                               head_dim=text.head_dim, hidden=text.hidden_size,
+                               kv_cache_len=TINY_BUILD_ARGS["kv_cache_len"],
+                               longer_cache=TINY_BUILD_ARGS["kv_cache_len"] + 1, size=spec.image_size,
+                               twice_size=2 * spec.image_size, tokens=spec.num_image_token,
+                               four_tokens=4 * spec.num_image_token)
+    if path != "spec.downsample_ratio":
+        with pytest.raises(ModelDirError) as caught:
+            Engine(edited)
+    else:
+        engine = Engine(edited)
+        with pytest.raises(ModelDirError) as caught:
+            engine.answer(Request("What is it?", images=[noise_image(64, 64)]))
+        assert engine.answer(Request("ok?"), GenerationConfig(max_new_tokens=2)).token_ids
+    assert expected in str(caught.value)
+
+
+def test_a_vit_that_is_not_one_is_refused_when_loading(tiny_model):
+    with pytest.raises(ModelDirError, match=f"{first_decoder_file(tiny_model)} is no InternVL ViT: it has no input "
+                                            "'image' \\(its inputs: "):
+        Engine(tiny_model, vit_model=tiny_model / first_decoder_file(tiny_model))
 
 
 def test_export_refuses_a_non_checkpoint(tmp_path):
