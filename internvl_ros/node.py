@@ -140,9 +140,10 @@ class InternVLNode(LifecycleNode):
     def on_configure(self, state) -> TransitionCallbackReturn:
         try:
             self._configure()
-        except InternVLError as e:
-            self.configure_error = str(e)
-            self.get_logger().error(f"cannot configure: {e}")
+        except Exception as e:  # rclpy's lifecycle would turn any other exception into a silent ERROR
+            known = isinstance(e, InternVLError)
+            self.configure_error = str(e) if known else f"internal error: {type(e).__name__}: {e}"
+            self.get_logger().error(f"cannot configure: {self.configure_error}")
             return TransitionCallbackReturn.FAILURE
         self._state = "inactive"
         return TransitionCallbackReturn.SUCCESS

@@ -3,6 +3,7 @@ one line naming the parameter, numbers are taken for float parameters, and every
 change at run time is set and its effect observed (read-only ones are refused)."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -30,9 +31,20 @@ def ros():
     ("tiny", {"temperature": -1.0}, "cannot start: temperature: "),
     ("tiny", {"top_p": 0.0}, "cannot start: top_p: must be in (0, 1], not 0.0"),
     ("tiny", {"image_topics": "['bad topic!']"}, "cannot start: image_topics: 'bad topic!' is not a valid topic name"),
+    # an error the engine does not foresee is named too (rclpy's lifecycle would end the transition silently)
+    ("huge cache", {}, "cannot start: internal error: MemoryError: Unable to allocate"),
 ])
-def test_bad_start_up_stops_with_one_clear_line(tiny_model, tmp_path, model, params, message):
-    proc = NodeProcess(tiny_model if model == "tiny" else tmp_path / "no_model", tmp_path / "node.log", params=params)
+def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, tmp_path, model, params, message):
+    model_dir = {"tiny": tiny_model, "missing": tmp_path / "no_model", "huge cache": tmp_path / "huge"}[model]
+    if model == "huge cache":  # a per-layer export takes any cache length: this one does not fit in memory
+        model_dir.mkdir()
+        for p in tiny_layers_model.iterdir():
+            (model_dir / p.name).symlink_to(p)
+        manifest = json.loads((tiny_layers_model / "manifest.json").read_text())
+        manifest["build"]["kv_cache_len"] = 10 ** 15
+        (model_dir / "manifest.json").unlink()
+        (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    proc = NodeProcess(model_dir, tmp_path / "node.log", params=params)
     try:
         assert proc.proc.wait(60) == 1
     finally:
