@@ -43,8 +43,8 @@ from rclpy.task import Future
 from rclpy.time import Time
 from std_msgs.msg import Header, String
 
-from internvl_engine import (BackendError, Engine, ImageError, InternVLError, InvalidRequestError, PromptTooLongError,
-                             Request, VideoError)
+from internvl_engine import (BackendError, Engine, ImageError, InternVLError, InvalidRequestError, ModelDirError,
+                             PromptTooLongError, Request, VideoError)
 from internvl_engine.preprocess import segment_centre_indices
 
 from . import params
@@ -78,7 +78,8 @@ ERROR_CODES = [(InactiveError, AnswerMsg.INACTIVE), (BusyError, AnswerMsg.BUSY),
                (CancelledError, AnswerMsg.CANCELLED), (UnknownCameraError, AnswerMsg.UNKNOWN_CAMERA),
                (NoFreshFrameError, AnswerMsg.NO_FRESH_FRAME), (PromptTooLongError, AnswerMsg.PROMPT_TOO_LONG),
                (InvalidRequestError, AnswerMsg.INVALID_QUESTION), (ImageError, AnswerMsg.INVALID_QUESTION),
-               (VideoError, AnswerMsg.INVALID_QUESTION), (BackendError, AnswerMsg.BACKEND_FAILED)]
+               (VideoError, AnswerMsg.INVALID_QUESTION), (BackendError, AnswerMsg.BACKEND_FAILED),
+               (ModelDirError, AnswerMsg.BACKEND_FAILED)]  # a model that does not fit its manifest cannot run
 
 
 def error_code(error: Exception) -> int:

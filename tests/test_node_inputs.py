@@ -1,15 +1,17 @@
 """What reaches the node from real cameras and careless clients, over real DDS with the node as its
 own process: camera QoS that follows the publishers, frames from the future, a video window of one
-frame, a camera that sends what cannot be read, a camera of the wrong message type, and chat markup
-typed into a question."""
+frame, a camera that sends what cannot be read, a camera of the wrong message type, chat markup
+typed into a question, and a model that cannot encode images."""
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import pytest
 import rclpy
 from images import noise_image
+from internvl_msgs.msg import Answer as AnswerMsg
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from ros_harness import ERROR, compressed_msg, image_msg
 from sensor_msgs.msg import CompressedImage, Image
@@ -109,6 +111,29 @@ def test_a_camera_that_cannot_be_read_is_skipped(tiny_model, engine, tmp_path):
         values = client.status_values(status)
         assert status.level == status.WARN and values["frames"].startswith("/front/image_raw@")
         assert "/back/image_raw: unsupported encoding 'yuv422'" in values["cameras_skipped"] in status.message
+
+
+def test_a_model_that_cannot_run_images_fails_them_and_answers_text(tiny_model, engine, tmp_path):
+    """A ViT whose tokens per tile are not the manifest's shows only when it runs: image questions get
+    BACKEND_FAILED with the reason, and the node goes on answering text questions."""
+    edited = tmp_path / "model"
+    edited.mkdir()
+    for p in tiny_model.iterdir():
+        if p.name != "manifest.json":
+            (edited / p.name).symlink_to(p)
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    manifest["spec"]["downsample_ratio"] *= 2
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with running_node(edited, tmp_path, max_new_tokens=4) as (proc, client):
+        deliver(client, "/image_raw", image_msg(noise_image(48, 64), "rgb8"))
+        assert client.ask_and_wait("What is there?").startswith(ERROR + "the ViT gives ")
+        client.wait_for(lambda: client.results, 10, "the result")
+        assert client.results[-1].error_code == AnswerMsg.BACKEND_FAILED
+        assert " features per tile, the manifest's model needs " in client.results[-1].error_msg
+        assert client.set_parameter("mode", "text")
+        answer = client.ask_and_wait("Say something.")
+        assert answer == engine.answer(Request("Say something."), GenerationConfig(max_new_tokens=4)).text
+    assert "[ERROR]" in proc.log() and "the ViT gives " in proc.log()
 
 
 def test_a_camera_of_the_wrong_type_is_named(tiny_model, tmp_path):
