@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-dir", type=Path,
                     help="where onnxruntime-genai's models are built and kept (default: a temporary directory)")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default, or 0: all cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     ap.add_argument("--plot", type=Path, help="write a PNG: TTFT against image count, decode tokens/s")
     args = ap.parse_args(argv)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
-from .errors import BackendError, InvalidRequestError, ModelDirError, PromptTooLongError
+from .errors import BackendError, ConfigError, InvalidRequestError, ModelDirError, PromptTooLongError
 from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
@@ -152,6 +152,8 @@ class Engine:
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
                  vit_model: str | Path | None = None, provider: str | None = None, resident_kv: str = "auto",
                  prefix_reuse: bool = True):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ConfigError(f"threads must be an integer >= 0 (0 or None: all cores), not {threads!r}")
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")

@@ -638,6 +638,9 @@ def main(argv=None) -> int:
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable or full --out
+        print(f"internvl-export: error: cannot write the model directory: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

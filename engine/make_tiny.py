@@ -196,7 +196,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     ap.add_argument("--real-dims", action="store_true", help="InternVL2.5-1B sizes (about 2 GB) instead of tiny")
     args = ap.parse_args(argv)
-    make_tiny(args.out, seed=args.seed, real_dims=args.real_dims)
+    try:
+        make_tiny(args.out, seed=args.seed, real_dims=args.real_dims)
+    except OSError as e:  # an unwritable or full --out
+        ap.exit(2, f"internvl-make-tiny: error: cannot write the checkpoint: {e}\n")
     print(f"wrote {'real-dimension' if args.real_dims else 'tiny'} InternVL2.5 checkpoint to {args.out}")
     return 0
 

@@ -83,6 +83,7 @@ def test_seed_flags_and_video(tiny_model, tmp_path):
     (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/empty.avi"], "video"),
     (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/garbage.mp4"], "cannot open video"),  # no FFmpeg noise
     (["--model-dir", "{model}", "-q", "~" * 1300], "accepts at most"),
+    (["--model-dir", "{model}", "-q", "hi", "--threads", "-1"], "threads must be an integer >= 0"),
 ])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
@@ -106,6 +107,15 @@ def test_export_refuses_bad_options_with_one_line(tiny_hf, tmp_path, args, messa
     proc = run(BIN / "internvl-export", "--hf-model", tiny_hf, "--out", tmp_path / "out", *args, check=False)
     assert (proc.returncode, proc.stderr) == (2, f"internvl-export: error: {message}\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_is_one_line_not_a_traceback(tiny_hf, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"
+    for tool, args in [("internvl-make-tiny", []), ("internvl-export", ["--hf-model", tiny_hf])]:
+        proc = run(BIN / tool, *args, "--out", out, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"{tool}: error: cannot write the ") and str(out) in proc.stderr
 
 
 def test_segments_below_one_is_a_usage_error(tiny_model, tmp_path):
