@@ -126,14 +126,18 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int) -> np.ndarray:
+def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int,
+                  cancel: threading.Event | None = None) -> np.ndarray | None:
     """Log-probability of each choice as the whole answer: its tokens, then ``end``, after the prompt
     already in the cache (whose logits are ``prompt_logits``). The prompt's K/V are computed once and
-    kept; each choice overwrites only the rows after them."""
+    kept; each choice overwrites only the rows after them. None when ``cancel`` is set between two
+    choices (many long choices take many decode steps)."""
     start = llm.length
     scores = []
     for tokens in choices:
         llm.rewind(start)
+        if cancel is not None and cancel.is_set():
+            return None
         logp = _log_softmax(prompt_logits)[tokens[0]]
         for token, following in zip(tokens, [*tokens[1:], end]):
             logp += _log_softmax(llm.decode(token))[following]
@@ -268,7 +272,7 @@ class Engine:
         timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
                           frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)
         if choices:
-            yield from self._choose(request, prompt, choices, timings, started)
+            yield from self._choose(request, prompt, choices, timings, started, cancel)
             return
         sampler = Sampler(config)
         text = TextStream(self.tokenizer)
@@ -305,7 +309,7 @@ class Engine:
         yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason, prompt.frames_used)
 
     def _choose(self, request: Request, prompt: Prompt, choices: list[list[int]], timings: Timings,
-                started: float) -> Iterator[str | Answer]:
+                started: float, cancel: threading.Event | None) -> Iterator[str | Answer]:
         """The choice the model finds most likely as the whole answer, streamed as one chunk."""
         t0 = time.perf_counter()
         logits = self.llm.prefill(prompt.embeds, self.prefix_reuse)
@@ -313,7 +317,11 @@ class Engine:
         if self.llm.length + max(len(c) for c in choices) + 1 > self.llm.build.kv_cache_len:
             raise PromptTooLongError(f"the prompt and the longest choice exceed the KV cache of "
                                      f"{self.llm.build.kv_cache_len} tokens")
-        scores = score_choices(self.llm, logits, choices, self.tokenizer.ids[IM_END])
+        scores = score_choices(self.llm, logits, choices, self.tokenizer.ids[IM_END], cancel)
+        if scores is None:
+            timings.total_ms = (time.perf_counter() - started) * 1e3
+            yield Answer("", prompt.token_ids, [], timings, "cancelled", prompt.frames_used)
+            return
         probabilities = np.exp(scores - scores.max())
         probabilities /= probabilities.sum()
         best = int(np.argmax(scores))

@@ -140,6 +140,27 @@ def test_cancel_from_another_thread(engine):
     assert 0 < len(answer.token_ids) < 1000
 
 
+def test_cancel_stops_scoring_choices_between_two(engine, monkeypatch):
+    request = Request("Which colour?", choices=["dark red", "light green", "blue"])
+    expected = engine.answer(request)
+    cancel, decoded = threading.Event(), []
+    decode = engine.llm.decode
+
+    def decode_then_cancel(token):  # another thread cancels while the first choice is scored
+        decoded.append(token)
+        cancel.set()
+        return decode(token)
+
+    monkeypatch.setattr(engine.llm, "decode", decode_then_cancel)
+    answer = engine.answer(request, cancel=cancel)
+    assert (answer.finish_reason, answer.text, answer.choice_index, answer.choice_probabilities) == ("cancelled", "", -1, [])
+    assert decoded == engine.tokenizer.encode("dark red", markup=False)  # the first choice only
+    monkeypatch.undo()
+    again = engine.answer(request)
+    assert again.choice_index == expected.choice_index  # the cache reused after a cancel gives the same scores
+    assert again.choice_probabilities == pytest.approx(expected.choice_probabilities, rel=1e-4, abs=1e-9)
+
+
 def test_request_errors(engine):
     with pytest.raises(InvalidRequestError, match="empty"):
         engine.answer(Request("   "))
