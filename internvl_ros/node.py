@@ -159,6 +159,8 @@ class InternVLNode(LifecycleNode):
                 topics.append(self.resolve_topic_name(name))
             except Exception as e:  # rclpy raises its name validation errors and RCLError
                 raise params.ParameterError(f"image_topics: {name!r} is not a valid topic name ({e})") from e
+        if twice := sorted({t for t in topics if topics.count(t) > 1}):  # each frame would go in twice
+            raise params.ParameterError(f"image_topics: {', '.join(twice)} named more than once")
         self.engine = Engine(p["model_dir"], backend=p["backend"], threads=p["threads"] or None,
                              tokenizer_dir=p["hf_model"] or None, vit_model=p["vit_model"] or None,
                              provider=p["provider"] or None, resident_kv=p["resident_kv"])

@@ -31,6 +31,8 @@ def ros():
     ("tiny", {"temperature": -1.0}, "cannot start: temperature: "),
     ("tiny", {"top_p": 0.0}, "cannot start: top_p: must be in (0, 1], not 0.0"),
     ("tiny", {"image_topics": "['bad topic!']"}, "cannot start: image_topics: 'bad topic!' is not a valid topic name"),
+    ("tiny", {"image_topics": "[image_raw, back/image_raw, /image_raw]"},
+     "cannot start: image_topics: /image_raw named more than once"),
     # an error the engine does not foresee is named too (rclpy's lifecycle would end the transition silently)
     ("huge cache", {}, "cannot start: internal error: MemoryError: Unable to allocate"),
 ])
