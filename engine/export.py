@@ -35,8 +35,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .config import LayerBuild, Manifest, ModelSpec, read_hf_config
+from .config import MANIFEST, LayerBuild, Manifest, ModelSpec, read_hf_config
 from .errors import InternVLError, ModelDirError
 
 OPSET = 17
@@ -546,46 +548,57 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     ck = Checkpoint(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    save_model(build_vit(ck, spec, VIT_QUANTIZATION if vit_precision == "int8" else None), out_dir / "vit.onnx")
-    log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
-    files = {"vit": "vit.onnx", "embeddings": "embed_tokens.npy"}
-    if contract == "fused":
-        files["decoder"] = "decoder.onnx"
-        save_model(build_decoder(ck, spec, build, quant), out_dir / files["decoder"])
-        log(f"decoder.onnx: {spec.text.num_layers} layers and the lm_head in one graph ({precision})")
-        if PREFILLS[prefill]:
-            files["prompt_decoder"] = "prompt_decoder.onnx"
-            save_model(build_decoder(ck, spec, build, PREFILLS[prefill]), out_dir / files["prompt_decoder"])
-            log(f"prompt_decoder.onnx: the same for prompts ({prefill} per output channel, rows quantised as they run)")
-    else:
-        layers: list = []
-        for i in range(spec.text.num_layers):
-            if contract == "dynamic":
-                layers.append(f"layer_{i}.onnx")
-                save_model(build_layer(ck, spec, i, quant=quant), out_dir / layers[-1])
-                continue
-            layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
-            for name, group in zip(layers[-1], layer_groups(build)):
-                save_model(build_layer(ck, spec, i, group), out_dir / name)
-        log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
-                                                         if contract == "axmodel" else ""))
-        files |= {"post": "post.onnx", "layers": layers}
-        save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens", quant), out_dir / "post.onnx")
-    table = ck.get("language_model.model.embed_tokens.weight")
-    if contract == "axmodel":
-        files["embeddings"] = "model.embed_tokens.weight.bfloat16.bin"
-        save_embeddings_bf16(table, out_dir / files["embeddings"])
-    else:
-        np.save(out_dir / files["embeddings"], table)
-    for name in TOKENIZER_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, out_dir / name)
-    source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract, "precision": precision,
-              "vit_precision": vit_precision, "prefill": prefill}
-    if quant:
-        source |= {"block_size": block_size, "gate_up_block_size": gate_up_block_size, "accuracy_level": accuracy_level}
-    manifest = Manifest(spec=spec, build=build, files=files, source=source)
-    manifest.write(out_dir)
+    # Written into a staging folder beside the files, then moved over them: a process running the old
+    # model keeps reading its own files (the embedding table is memory-mapped), and an export that
+    # fails leaves the directory as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        save_model(build_vit(ck, spec, VIT_QUANTIZATION if vit_precision == "int8" else None), staging / "vit.onnx")
+        log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
+        files = {"vit": "vit.onnx", "embeddings": "embed_tokens.npy"}
+        if contract == "fused":
+            files["decoder"] = "decoder.onnx"
+            save_model(build_decoder(ck, spec, build, quant), staging / files["decoder"])
+            log(f"decoder.onnx: {spec.text.num_layers} layers and the lm_head in one graph ({precision})")
+            if PREFILLS[prefill]:
+                files["prompt_decoder"] = "prompt_decoder.onnx"
+                save_model(build_decoder(ck, spec, build, PREFILLS[prefill]), staging / files["prompt_decoder"])
+                log(f"prompt_decoder.onnx: the same for prompts ({prefill} per output channel, rows quantised as "
+                    "they run)")
+        else:
+            layers: list = []
+            for i in range(spec.text.num_layers):
+                if contract == "dynamic":
+                    layers.append(f"layer_{i}.onnx")
+                    save_model(build_layer(ck, spec, i, quant=quant), staging / layers[-1])
+                    continue
+                layers.append([f"layer_{i}_g{j}.onnx" for j in range(len(layer_groups(build)))])
+                for name, group in zip(layers[-1], layer_groups(build)):
+                    save_model(build_layer(ck, spec, i, group), staging / name)
+            log(f"{spec.text.num_layers} decoder layers" + (f", {len(layer_groups(build))} shape groups each"
+                                                             if contract == "axmodel" else ""))
+            files |= {"post": "post.onnx", "layers": layers}
+            save_model(build_post(ck, spec, 1 if contract == "axmodel" else "tokens", quant), staging / "post.onnx")
+        table = ck.get("language_model.model.embed_tokens.weight")
+        if contract == "axmodel":
+            files["embeddings"] = "model.embed_tokens.weight.bfloat16.bin"
+            save_embeddings_bf16(table, staging / files["embeddings"])
+        else:
+            np.save(staging / files["embeddings"], table)
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, staging / name)
+        source = {"hf_model": str(hf_dir.resolve()), "sha256": ck.sha256(), "contract": contract,
+                  "precision": precision, "vit_precision": vit_precision, "prefill": prefill}
+        if quant:
+            source |= {"block_size": block_size, "gate_up_block_size": gate_up_block_size,
+                       "accuracy_level": accuracy_level}
+        manifest = Manifest(spec=spec, build=build, files=files, source=source)
+        manifest.write(staging)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
     return manifest
 

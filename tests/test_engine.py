@@ -267,6 +267,29 @@ def test_a_vit_that_is_not_one_is_refused_when_loading(tiny_model):
         Engine(tiny_model, vit_model=tiny_model / first_decoder_file(tiny_model))
 
 
+def test_exporting_over_a_model_in_use_leaves_its_engine_alone(tiny_hf, tmp_path):
+    """A model directory exported again (another checkpoint) while an engine runs it: the running engine
+    keeps its model (its embedding table is memory-mapped: written in place, it changed under it), a
+    new engine gets the new one, and an export that fails changes nothing."""
+    model, other = tmp_path / "model", make_tiny(tmp_path / "other", seed=1)
+    export(tiny_hf, model, log=lambda *_: None)
+    running = Engine(model)
+    request, config = Request("Describe it."), GenerationConfig(max_new_tokens=8)
+    before = running.answer(request, config).token_ids
+    export(other, model, log=lambda *_: None)
+    assert running.answer(request, config).token_ids == before
+    export(other, tmp_path / "other_model", log=lambda *_: None)
+    assert Engine(model).answer(request, config).token_ids == Engine(tmp_path / "other_model").answer(
+        request, config).token_ids != before
+    with safe_open(str(other / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "language_model.lm_head.weight"}
+    save_file(tensors, str(other / "model.safetensors"))  # the ViT exports, the decoder does not
+    written = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(ModelDirError, match="checkpoint lacks language_model.lm_head.weight"):
+        export(other, model, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == written  # and no staging folder is left
+
+
 def test_export_refuses_a_non_checkpoint(tmp_path):
     from internvl_engine.export import export as run_export
 
