@@ -13,6 +13,7 @@ from the shell and prints the streamed answer and its status.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 import time
@@ -24,8 +25,11 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
+from rclpy.exceptions import NameValidationException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.task import Future
+from rclpy.validate_namespace import validate_namespace
+from rclpy.validate_node_name import validate_node_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -184,6 +188,8 @@ class AskClient:
         """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)`` sees
         the answer's pieces as they stream; an error it raises ends them, and comes out of ask() once the
         goal has ended."""
+        if not (timeout > 0 and math.isfinite(timeout)):  # NaN would wait for ever
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         deadline = time.monotonic() + timeout
         if not self._action.wait_for_server(timeout_sec=timeout):
             return AskResult("unavailable")
@@ -409,6 +415,14 @@ def _ask_action(args) -> int:
         client.close()
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-ask", description="Ask the internvl node a question and print the answer as it streams, "
@@ -421,7 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--action", action="store_true", help="ask through the ask action instead of the question topic")
     ap.add_argument("--namespace", default="", help="the node's namespace")
     ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
+    ap.add_argument("--timeout", type=seconds, default=120.0, help="seconds to wait for the node and the answer")
     args = ap.parse_args(argv)
     if any(not c.strip() for c in args.choices):
         ap.error("--choices must not hold empty choices")
@@ -430,6 +444,12 @@ def main(argv=None) -> int:
             text.encode()
         except UnicodeEncodeError:  # Python keeps the bytes it could not decode as lone surrogates
             ap.error(f"{option} is not valid UTF-8 text: {text!r}")
+    try:  # before any node exists: rclpy says what is wrong and where
+        if args.namespace:
+            validate_namespace(args.namespace if args.namespace.startswith("/") else "/" + args.namespace)
+        validate_node_name(args.node_name)
+    except NameValidationException as e:
+        ap.error(str(e))
     rclpy.init()
     try:
         return _ask_action(args) if args.action or args.choices else _ask_topic(args)

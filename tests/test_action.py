@@ -111,6 +111,9 @@ def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_
         with pytest.raises(UnicodeEncodeError):
             vision.ask("Is the door open? \udcff", timeout=20)
         assert vision.ask("Is the door open?", timeout=20).ok
+        for timeout in (float("nan"), 0, -1):  # NaN waited for ever
+            with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+                vision.ask("Is the door open?", timeout=timeout)
 
 
 def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:

@@ -115,6 +115,20 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
         assert run.returncode == 2 and option + b" is not valid UTF-8 text" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "nan"], "argument --timeout: must be a positive number of seconds, not nan"),  # waited for ever
+    (["--timeout", "0", "--action"], "argument --timeout: must be a positive number of seconds, not 0"),
+    (["--namespace", "robot 1"], "Invalid namespace: namespace must not contain characters other than"),
+    (["--namespace", "robot/", "--action"], "Invalid namespace: namespace must not end with a '/'"),
+    (["--node-name", "internvl-1"], "Invalid node name: node name must not contain characters other than"),
+])
+def test_internvl_ask_refuses_bad_options_before_asking(args, message):
+    run = subprocess.run([str(BIN / "internvl-ask"), "-q", "Is the door open?", *args], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and f"internvl-ask: error: {message}" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "Warning" not in run.stderr and run.stdout == ""
+
+
 def test_video_mode_uses_n_frames_of_the_window_in_time_order(tiny_model, engine, tmp_path):
     frames = [(i * 0.1, noise_image(48, 64, seed=100 + i)) for i in range(30)]
     question = "Which way does it move?"
