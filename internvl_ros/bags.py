@@ -79,11 +79,11 @@ def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions:
 def _timed_question(text: str) -> tuple[float, str]:
     seconds, sep, question = text.partition(":")
     try:
-        if not sep:
+        if not sep or not float(seconds) >= 0:  # NaN too
             raise ValueError
         return float(seconds), question
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SECONDS:QUESTION") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECONDS:QUESTION, SECONDS >= 0") from None
 
 
 def make_bag_main(argv=None) -> int:
@@ -109,6 +109,10 @@ def make_bag_main(argv=None) -> int:
     ap.add_argument("--question-topic", default="question")
     ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3")
     args = ap.parse_args(argv)
+    if not args.fps > 0:  # NaN too
+        ap.error("--fps must be > 0")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     try:
         rgb = load_video_frames(args.video, None) if args.video else [load_image(p) for p in args.images]
     except InternVLError as e:
@@ -235,12 +239,16 @@ def play_bag_main(argv=None) -> int:
                     help="publish the bag's time on /clock (default 40 Hz), as ros2 bag play --clock does, for "
                          "nodes that run with use_sim_time")
     args = ap.parse_args(argv)
-    if args.rate <= 0:
+    if not args.rate > 0:  # NaN too: it never came due and the player spun for ever
         ap.error("--rate must be > 0")
     if args.subscribers < 1:
         ap.error("--subscribers must be >= 1")
-    if args.clock < 0:
+    if not args.clock >= 0:
         ap.error("--clock must be > 0 Hz")
+    if not args.wait_for_subscribers >= 0:
+        ap.error("--wait-for-subscribers must be >= 0 s")
+    if bad := [r for r in args.remap if not all(r.partition(":=")[::2])]:
+        ap.error(f"--remap takes FROM:=TO, not {bad[0]!r}")
     remap = dict(r.split(":=", 1) for r in args.remap)
     try:
         sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, args.subscribers,

@@ -48,9 +48,15 @@ def test_make_bag_refuses_bad_input(tmp_path):
     proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", str(tmp_path / "none.png"), "--out",
                            str(tmp_path / "bag")], capture_output=True, text=True)
     assert proc.returncode == 2 and "no such image file" in proc.stderr
-    proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", "b", "--question", "soon"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "expected SECONDS:QUESTION" in proc.stderr
+    for args, message in [(["--question", "soon"], "'soon': expected SECONDS:QUESTION"),
+                          (["--question=-1:Hi?"], "'-1:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
+                          (["--question", "nan:Hi?"], "'nan:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
+                          (["--fps", "0"], "--fps must be > 0"),  # was a ZeroDivisionError traceback
+                          (["--fps", "nan"], "--fps must be > 0"), (["--repeat", "0"], "--repeat must be >= 1")]:
+        proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", str(tmp_path / "b"), *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "b").exists()
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), numbered_frames(1)[0])
     for encoding, topic, hint in (("jpeg", "image_raw", "use --topic image_raw/compressed"),
@@ -100,9 +106,15 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
 
 
 def test_play_bag_refuses_bad_input(tmp_path):
-    for args, message in [(["--rate", "0"], "--rate must be > 0"), (["--subscribers", "0"], "--subscribers must be >= 1")]:
-        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path), *args], capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr
+    for args, message in [(["--rate", "0"], "--rate must be > 0"),
+                          (["--rate", "nan"], "--rate must be > 0"),  # it spun for ever, deaf to SIGTERM
+                          (["--subscribers", "0"], "--subscribers must be >= 1"),
+                          (["--clock", "nan"], "--clock must be > 0 Hz"),
+                          (["--wait-for-subscribers", "-1"], "--wait-for-subscribers must be >= 0 s"),
+                          (["--remap", "image_raw"], "--remap takes FROM:=TO, not 'image_raw'")]:
+        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
 
