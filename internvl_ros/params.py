@@ -4,7 +4,8 @@
 naming it); the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
 accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
 ``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
-change takes effect at the next question; read-only ones need a restart (a new configure).
+change takes effect at the next question; read-only ones are fixed when the node starts (ROS refuses
+to set them): restart the node to change them. A clean-up and configure reloads the model's files.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class ParameterError(InternVLError):
 class Param:
     default: object
     description: str
-    read_only: bool = False  # takes effect at configure: change it, then deactivate, clean up, configure
+    read_only: bool = False  # set when the node starts, read at configure; ROS refuses to change it
     limits: tuple | None = None  # (low, high), both allowed
     choices: tuple[str, ...] = ()
     low_open: bool = False  # the low limit itself is not allowed
