@@ -25,7 +25,7 @@ from .errors import BackendError, ConfigError, InvalidRequestError, ModelDirErro
 from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
-from .sampling import GenerationConfig, Sampler
+from .sampling import GenerationConfig, Sampler, not_finite
 from .session import open_session, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,8 @@ class Engine:
             timings.total_ms = (time.perf_counter() - started) * 1e3
             yield Answer("", prompt.token_ids, [], timings, "cancelled", prompt.frames_used)
             return
+        if not np.isfinite(scores).all():
+            raise not_finite()
         probabilities = np.exp(scores - scores.max())
         probabilities /= probabilities.sum()
         best = int(np.argmax(scores))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .errors import BackendError, InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,12 @@ class Sampler:
             picked = logits[seen]
             logits[seen] = np.where(picked < 0, picked * c.repetition_penalty, picked / c.repetition_penalty)
         if c.temperature == 0:
-            return int(np.argmax(logits))
+            token = int(np.argmax(logits))  # the first NaN, where there is one
+            if not np.isfinite(logits[token]):
+                raise not_finite()
+            return token
+        if not np.isfinite(logits.max()):
+            raise not_finite()
         logits = logits / c.temperature
         if 0 < c.top_k < logits.size:
             kth = np.partition(logits, -c.top_k)[-c.top_k]
@@ -58,3 +63,10 @@ class Sampler:
             kept[keep] = probs[keep]
             probs = kept / kept.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def not_finite() -> BackendError:
+    """What a model that gives NaN or infinite logits (a broken export or NPU compile) fails with, instead of
+    an answer of whatever token NaN picks."""
+    return BackendError("the model's logits are not finite (NaN or Inf): check the model files (internvl-doctor "
+                        "runs them once)")

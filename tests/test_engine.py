@@ -161,6 +161,28 @@ def test_cancel_stops_scoring_choices_between_two(engine, monkeypatch):
     assert again.choice_probabilities == pytest.approx(expected.choice_probabilities, rel=1e-4, abs=1e-9)
 
 
+def test_a_model_that_gives_nan_logits_fails_clearly(tiny_hf, engine, tmp_path):
+    """NaN weights (a broken export or NPU compile): an error saying so, not an answer of whatever token
+    NaN picks (argmax takes the first NaN), for greedy and sampled answers and for choices."""
+    with safe_open(str(tiny_hf / "model.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    token = engine.tokenizer.encode("blue", markup=False)[0]
+    tensors["language_model.lm_head.weight"][token] = np.nan
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    for p in tiny_hf.iterdir():
+        if p.name != "model.safetensors":
+            (broken / p.name).symlink_to(p)
+    save_file(tensors, str(broken / "model.safetensors"))
+    export(broken, tmp_path / "onnx", log=lambda *_: None)
+    nan_engine = Engine(tmp_path / "onnx")
+    for request, config in [(Request("Which colour?"), GenerationConfig(max_new_tokens=4)),
+                            (Request("Which colour?"), GenerationConfig(max_new_tokens=4, temperature=0.7, seed=1)),
+                            (Request("Which colour?", choices=["red", "blue"]), GenerationConfig())]:
+        with pytest.raises(BackendError, match=r"the model's logits are not finite \(NaN or Inf\)"):
+            nan_engine.answer(request, config)
+
+
 def test_request_errors(engine):
     with pytest.raises(InvalidRequestError, match="empty"):
         engine.answer(Request("   "))
