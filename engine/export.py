@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -603,6 +604,12 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     return manifest
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``, a service stopping) exits through ``finally`` blocks, as Ctrl-C does:
+    killed outright, an export would leave its staging folder (gigabytes at InternVL2.5-1B's sizes)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-export", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -644,6 +651,7 @@ def main(argv=None) -> int:
                          "quantised as they run; default for int8: 0.61 of the prefill time for 0.85 GB more "
                          "memory at 1B's size)")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     try:
         export(args.hf_model, args.out, LayerBuild(args.prefill_chunk, args.kv_cache_len, args.max_prompt_tokens),
                args.contract, args.precision, args.block_size, args.accuracy_level, args.vit_precision, args.prefill,

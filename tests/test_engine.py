@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -310,6 +313,24 @@ def test_exporting_over_a_model_in_use_leaves_its_engine_alone(tiny_hf, tmp_path
     with pytest.raises(ModelDirError, match="checkpoint lacks language_model.lm_head.weight"):
         export(other, model, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in model.iterdir()} == written  # and no staging folder is left
+
+
+def test_an_export_stopped_with_sigterm_leaves_the_directory_as_it_was(tiny_hf, tiny_model, tmp_path):
+    """internvl-export's SIGTERM handling, in a child process that sends itself SIGTERM once the ViT is
+    written to the staging folder: no staging folder is left, the old files are untouched."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for p in tiny_model.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    written = {p.name: p.read_bytes() for p in model.iterdir()}
+    script = ("import os, signal, sys\n"
+              "from internvl_engine.export import exit_on_sigterm, export\n"
+              "exit_on_sigterm()\n"
+              f"export({str(tiny_hf)!r}, {str(model)!r}, log=lambda line: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "not stopped" not in proc.stdout, proc.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == written
 
 
 def test_export_refuses_a_non_checkpoint(tmp_path):
