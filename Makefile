@@ -17,7 +17,8 @@ PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable
                          $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10))
 BOARD_VENV := .venv-board
 BOARD_PIP := $(BOARD_VENV)/bin/pip install --quiet --disable-pip-version-check
-BOARD_TESTS := tests/test_config.py tests/test_engine.py tests/test_contract.py tests/test_preprocess.py tests/test_cli.py tests/test_board.py
+BOARD_TESTS := tests/test_config.py tests/test_engine.py tests/test_contract.py tests/test_preprocess.py \
+               tests/test_cli.py tests/test_board.py
 # ROS 2 tools that are not on PyPI: Humble sources, for tests, copied to a writable place to install.
 ROS_VENDOR := ../shared/vendor/ros2
 ROS_VENDOR_COPY := $(VENV)/ros2-vendor

@@ -15,7 +15,7 @@ from .preprocess import load_image, load_video_frames
 from .sampling import GenerationConfig
 
 __all__ = [
-    "Answer", "BackendError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Engine", "GenerationConfig", "ImageError", "InternVLError",
-    "InvalidRequestError", "ModelDirError", "Prompt", "PromptTooLongError", "Request", "Timings", "VideoError",
-    "load_image", "load_video_frames",
+    "Answer", "BackendError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Engine", "GenerationConfig", "ImageError",
+    "InternVLError", "InvalidRequestError", "ModelDirError", "Prompt", "PromptTooLongError", "Request", "Timings",
+    "VideoError", "load_image", "load_video_frames",
 ]

@@ -257,8 +257,9 @@ class Engine:
             per_tile = (self.spec.num_image_token, embeds.shape[-1])
             if (got := features[0].shape) != per_tile:
                 raise ModelDirError(f"the ViT gives {' x '.join(map(str, got))} features per tile, the manifest's "
-                                    f"model needs {' x '.join(map(str, per_tile))} (vision.image_size / patch_size x "
-                                    "downsample_ratio, squared; hidden size): they are not of the same export")
+                                    f"model needs {' x '.join(map(str, per_tile))} (spec.vision.image_size / "
+                                    "patch_size x spec.downsample_ratio, squared; spec.text.hidden_size): they are "
+                                    "not of the same export")
             embeds[positions] = np.concatenate(features)
         return Prompt(ids, embeds, vit_ms, pixel_values, used)
 

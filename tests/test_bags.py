@@ -53,8 +53,8 @@ def test_make_bag_refuses_bad_input(tmp_path):
                           (["--question", "nan:Hi?"], "'nan:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
                           (["--fps", "0"], "--fps must be > 0"),  # was a ZeroDivisionError traceback
                           (["--fps", "nan"], "--fps must be > 0"), (["--repeat", "0"], "--repeat must be >= 1")]:
-        proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", str(tmp_path / "b"), *args],
-                              capture_output=True, text=True)
+        proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", str(tmp_path / "b"),
+                               *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "b").exists()
     image = tmp_path / "frame.png"
