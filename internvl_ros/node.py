@@ -36,6 +36,7 @@ except ImportError as e:
                       "colcon build in ros2_ws) and source its install/setup.bash") from e
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -133,7 +134,11 @@ class InternVLNode(LifecycleNode):
                                     callback_group=self._goals, feedback_pub_qos_profile=ANSWER_QOS)
         self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
         self._last_beat = (time.monotonic(), {})
-        self._heartbeat_timer = self.create_timer(self.get_parameter("heartbeat_period_s").value, self._heartbeat)
+        # Steady time, not the node's clock: with use_sim_time and nothing on /clock yet, ROS time stands
+        # at 0 and its timers never fire; the heartbeat must still beat, and say so.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._heartbeat_timer = self.create_timer(self.get_parameter("heartbeat_period_s").value, self._heartbeat,
+                                                  clock=self._steady)
         self._worker = threading.Thread(target=self._work, name="internvl-worker", daemon=True)
         self._worker.start()
 
@@ -172,7 +177,7 @@ class InternVLNode(LifecycleNode):
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         self._subscriber.start()
-        self._camera_check = self.create_timer(1.0, self._check_cameras)
+        self._camera_check = self.create_timer(1.0, self._check_cameras, clock=self._steady)
         with self._cv:
             self._active, self._state = True, "active"
         self.get_logger().info("active: answering questions")
@@ -495,6 +500,9 @@ class InternVLNode(LifecycleNode):
             values[f"qos {camera.topic}"] = camera.reliability.replace("_", " ") or "not subscribed"
             if problem := camera.type_problem():
                 problems.append(problem)
+        if self._now() == 0:
+            problems.append("this node's clock reads 0: use_sim_time is true and nothing has been published on /clock "
+                            "(play a bag with --clock), so every camera frame looks stamped in the future")
         level = WARN if problems or not active else OK
         message = "; ".join(problems) or ("busy" if busy else "idle" if active else values["state"])
         self._publish_status(level, "heartbeat", message, values)

@@ -13,6 +13,7 @@ import rclpy
 from images import noise_image
 from internvl_msgs.msg import Answer as AnswerMsg
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rosgraph_msgs.msg import Clock
 from ros_harness import ERROR, compressed_msg, image_msg
 from sensor_msgs.msg import CompressedImage, Image
 from test_node import deliver, running_node
@@ -80,6 +81,30 @@ def test_future_stamped_frames_are_not_used(tiny_model, tmp_path):
         frame.header.stamp.sec, frame.header.stamp.nanosec = divmod(slightly, 10**9)
         deliver(client, "/image_raw", frame, stamp=False)
         assert not client.ask_and_wait("What is there?").startswith(ERROR)
+
+
+def test_sim_time_before_the_first_clock_message_is_named(tiny_model, engine, tmp_path):
+    """use_sim_time with nothing on /clock yet: ROS time stands at 0. The heartbeat still beats (on steady
+    time) and says why frames are refused; once /clock runs, questions are answered."""
+    with running_node(tiny_model, tmp_path, use_sim_time=True, max_new_tokens=4) as (_, client):
+        assert "use_sim_time is true and nothing has been published on /clock" in client.heartbeats[-1].message
+        assert client.heartbeats[-1].level == client.heartbeats[-1].WARN
+        image = noise_image(48, 64, seed=9)
+        deliver(client, "/image_raw", image_msg(image, "rgb8"))
+        answer = client.ask_and_wait("What is there?")
+        assert answer.startswith(ERROR + "no fresh camera frame: /image_raw: last frame stamped ") and answer.endswith(
+            "this node's clock reads 0: use_sim_time is true and nothing is published on /clock"), answer
+        clock = client.node.create_publisher(Clock, "/clock", 10)
+
+        def clock_runs():
+            clock.publish(Clock(clock=client.node.get_clock().now().to_msg()))  # the client's own clock is wall time
+            return "/clock" not in client.heartbeats[-1].message
+
+        client.wait_for(clock_runs, 20, "the heartbeat to see /clock")
+        deliver(client, "/image_raw", image_msg(image, "rgb8"))
+        clock.publish(Clock(clock=client.node.get_clock().now().to_msg()))
+        assert client.ask_and_wait("What is there?") == engine.answer(Request("What is there?", images=[image]),
+                                                                       GenerationConfig(max_new_tokens=4)).text
 
 
 def test_video_needs_at_least_two_frames(tiny_model, tmp_path):
