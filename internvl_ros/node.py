@@ -134,6 +134,7 @@ class InternVLNode(LifecycleNode):
                                     callback_group=self._goals, feedback_pub_qos_profile=ANSWER_QOS)
         self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
         self._last_beat = (time.monotonic(), {})
+        self._twins = 0  # other nodes of this name, as the last heartbeat saw them
         # Steady time, not the node's clock: with use_sim_time and nothing on /clock yet, ROS time stands
         # at 0 and its timers never fire; the heartbeat must still beat, and say so.
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -500,6 +501,15 @@ class InternVLNode(LifecycleNode):
             values[f"qos {camera.topic}"] = camera.reliability.replace("_", " ") or "not subscribed"
             if problem := camera.type_problem():
                 problems.append(problem)
+        me = (self.get_name(), self.get_namespace())
+        twins = self.get_node_names_and_namespaces().count(me) - 1  # launched twice, say
+        if twins > 0:
+            problems.append(f"{twins} other node(s) also named {self.get_fully_qualified_name()}: they share its "
+                            "topics and its ask action, and a question is answered by each; give each a namespace "
+                            "or a name of its own")
+            if twins != self._twins:
+                self.get_logger().warning(problems[-1])
+        self._twins = twins
         if self._now() == 0:
             problems.append("this node's clock reads 0: use_sim_time is true and nothing has been published on /clock "
                             "(play a bag with --clock), so every camera frame looks stamped in the future")

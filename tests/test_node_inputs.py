@@ -14,7 +14,7 @@ from images import noise_image
 from internvl_msgs.msg import Answer as AnswerMsg
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
-from ros_harness import ERROR, compressed_msg, image_msg
+from ros_harness import ERROR, NodeProcess, compressed_msg, image_msg
 from sensor_msgs.msg import CompressedImage, Image
 from test_node import deliver, running_node
 
@@ -105,6 +105,22 @@ def test_sim_time_before_the_first_clock_message_is_named(tiny_model, engine, tm
         clock.publish(Clock(clock=client.node.get_clock().now().to_msg()))
         assert client.ask_and_wait("What is there?") == engine.answer(Request("What is there?", images=[image]),
                                                                        GenerationConfig(max_new_tokens=4)).text
+
+
+def test_a_second_node_of_the_same_name_is_named(tiny_model, tmp_path):
+    """Launched twice: both nodes would answer every question and share the ask action. The heartbeat
+    says so while the second runs, and stops saying so once it is gone."""
+    twin = "1 other node(s) also named /internvl: they share its topics and its ask action"
+    with running_node(tiny_model, tmp_path) as (proc, client):
+        assert twin not in client.heartbeats[-1].message
+        second = NodeProcess(tiny_model, tmp_path / "second.log", params={"heartbeat_period_s": 0.1})
+        try:
+            client.wait_for(lambda: twin in client.heartbeats[-1].message, 30, "the heartbeat to name the twin")
+            assert client.heartbeats[-1].level == client.heartbeats[-1].WARN
+        finally:
+            second.stop()
+        client.wait_for(lambda: twin not in client.heartbeats[-1].message, 30, "the twin to be gone")
+    assert len([line for line in proc.log().splitlines() if twin in line and "[WARN]" in line]) == 1  # logged once
 
 
 def test_video_needs_at_least_two_frames(tiny_model, tmp_path):
