@@ -90,6 +90,12 @@ class _Spinner:
         self.node.destroy_node()
 
 
+def check_sendable(text: str, what: str) -> None:
+    """A ROS string ends at its first NUL character: refuse text that would arrive cut short."""
+    if "\0" in text:
+        raise ValueError(f"{what} holds a NUL character, where a ROS string ends: the rest would be lost ({text!r})")
+
+
 def wait_future(future, timeout: float):
     """Block until an rclpy future (completed by the spinning thread) is done; None on timeout."""
     deadline = time.monotonic() + timeout
@@ -190,6 +196,8 @@ class AskClient:
         goal has ended."""
         if not (timeout > 0 and math.isfinite(timeout)):  # NaN would wait for ever
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        for what, text in [("the question", question), *(("a choice", c) for c in choices)]:
+            check_sendable(text, what)
         deadline = time.monotonic() + timeout
         if not self._action.wait_for_server(timeout_sec=timeout):
             return AskResult("unavailable")
@@ -288,6 +296,7 @@ class Client:
                       and self.questions.get_subscription_count() > 0, timeout, "the node to be active")
 
     def ask(self, text: str) -> None:
+        check_sendable(text, "the question")
         self.questions.publish(String(data=text))
 
     def ask_and_wait(self, text: str, timeout: float = 60.0) -> str:

@@ -114,6 +114,9 @@ def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_
         for timeout in (float("nan"), 0, -1):  # NaN waited for ever
             with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
                 vision.ask("Is the door open?", timeout=timeout)
+        for question, choices in [("Is the door\0 open?", ()), ("Is the door open?", ("yes", "n\0o"))]:
+            with pytest.raises(ValueError, match="holds a NUL character, where a ROS string ends"):
+                vision.ask(question, choices=choices, timeout=20)  # it would arrive as "Is the door"
 
 
 def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:

@@ -209,3 +209,5 @@ def test_chat_markup_in_a_question_stays_text(tiny_model, engine, tmp_path):
         client.wait_for(lambda: client.statuses, 10, "the status")
         assert not answer.startswith(ERROR)
         assert int(client.status_values(client.statuses[-1])["prefill_tokens"]) == template + as_text
+        with pytest.raises(ValueError, match="holds a NUL character"):  # a ROS string would end there
+            client.ask("Is the door\0 open?")
