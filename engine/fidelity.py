@@ -110,7 +110,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.new_tokens < 1:
+        ap.error("--new-tokens must be >= 1")
     try:
+        checkpoint = Manifest.read(args.reference).source.get("sha256")
+        for candidate in args.candidate:  # formats of one checkpoint, or the figures mean nothing
+            if (other := Manifest.read(candidate).source.get("sha256")) != checkpoint:
+                raise InternVLError(f"{candidate} is an export of another checkpoint than {args.reference} (sha256 "
+                                    f"{str(other)[:12]}... against {str(checkpoint)[:12]}...): compare exports of one "
+                                    "checkpoint")
         reference = Engine(args.reference)
         reports = {describe(c): compare(reference, Engine(c), args.new_tokens) for c in args.candidate}
     except InternVLError as e:

@@ -20,6 +20,7 @@ from internvl_engine.fidelity import cosine
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
 from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_GATE_UP_BLOCK_SIZE, DEFAULT_PREFILL, Graph,
                                     Quantization, RowInt8, export, quantize_blocks, quantize_channels)
+from internvl_engine.make_tiny import make_tiny
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -196,6 +197,16 @@ def test_a_model_follows_itself_exactly(tiny_model):
                           capture_output=True, text=True, timeout=300)
     (report,) = json.loads(same.stdout)["candidates"].values()
     assert report["overall"]["greedy_agreement"] == 1.0 and report["overall"]["cosine_min"] > 0.99999
+
+
+def test_fidelity_refuses_exports_of_another_checkpoint(tiny_model, tmp_path):
+    other = export(make_tiny(tmp_path / "hf", seed=1), tmp_path / "other", log=lambda *_: None)
+    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
+                          "--candidate", str(tiny_model), str(tmp_path / "other")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.startswith(f"internvl-fidelity: error: {tmp_path / 'other'} is an export of another checkpoint "
+                                 f"than {tiny_model} (sha256 {other.source['sha256'][:12]}... against "), run.stderr
 
 
 def test_fidelity_table_of_several_candidates(quantized, tiny_model):
