@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import threading
 import time
@@ -26,7 +27,8 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
 from rclpy.exceptions import NameValidationException
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from rclpy.validate_namespace import validate_namespace
 from rclpy.validate_node_name import validate_node_name
@@ -76,8 +78,11 @@ class _Spinner:
         return done
 
     def _spin(self):
-        while self._spinning:
-            self.executor.spin_once(timeout_sec=0.05)
+        try:
+            while self._spinning:
+                self.executor.spin_once(timeout_sec=0.05)
+        except ExternalShutdownException:  # rclpy's signal handler shut ROS down (Ctrl-C, SIGTERM)
+            pass
 
     def close(self, *entities):
         """Stop spinning, then destroy ``entities`` (those the node does not destroy itself) and the
@@ -212,7 +217,14 @@ class AskClient:
             return AskResult("rejected")
         self._goal = handle
         try:
-            result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
+            try:
+                result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:  # Ctrl-C: the node stops answering, rather than answer no one
+                try:
+                    self._request(handle.cancel_goal_async, 1.0)
+                except Exception:  # rclpy's own signal handler may have shut ROS down already
+                    pass
+                raise
             status = STATUS_NAMES.get(result.status, str(result.status)) if result else "timeout"
             if result is None:
                 self._request(handle.cancel_goal_async, 10.0)
@@ -459,11 +471,22 @@ def main(argv=None) -> int:
         validate_node_name(args.node_name)
     except NameValidationException as e:
         ap.error(str(e))
-    rclpy.init()
+    stopped_by = []
+
+    def stop(signum, frame):  # Ctrl-C and SIGTERM alike: out of any wait at once, a goal cancelled
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # rclpy's would shut ROS down under the waits
     try:
         return _ask_action(args) if args.action or args.choices else _ask_topic(args)
     except TimeoutError as e:
         print(f"internvl-ask: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("", flush=True)  # end the answer's line
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
     finally:
         rclpy.try_shutdown()

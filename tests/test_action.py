@@ -3,6 +3,7 @@ with probabilities, feedback, cancel, preemption, the on_busy policies, unknown 
 answer topics, and the managed lifecycle driven by a client and by ros2 lifecycle / ros2 action."""
 from __future__ import annotations
 
+import _thread
 import contextlib
 import re
 import sys
@@ -153,6 +154,26 @@ def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
         assert next(r for r in client.results if r.question == "And now?").error_code == Answer.NONE
         finals = [c for c in client.typed_chunks if c.final]
         assert [c.finish_reason for c in finals if c.request_id == preempted.answer.request_id] == ["cancelled"]
+
+
+def test_ctrl_c_inside_ask_cancels_the_goal_on_the_node(tiny_model, tmp_path, vision):
+    """A script stopped with Ctrl-C while it waits for an answer: the KeyboardInterrupt comes out of
+    ask(), and the node stops that answer (cancelled by its client) instead of finishing it for no one."""
+    interrupted = []
+
+    def on_chunk(text):  # the first piece: the node is still answering; Ctrl-C lands in the waiting ask()
+        if not interrupted:
+            interrupted.append(text)
+            _thread.interrupt_main()
+
+    # ~1000 tokens (the random model's end of text comes then): ~0.15 s of answer after the first piece
+    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=4096) as (_, client):
+        with pytest.raises(KeyboardInterrupt):
+            vision.ask("Tell me a long story.", on_chunk=on_chunk, timeout=60)
+        client.wait_for(lambda: any(r.question == "Tell me a long story." for r in client.results), 30, "its result")
+        result = next(r for r in client.results if r.question == "Tell me a long story.")
+        assert (result.error_code, result.error_msg) == (Answer.CANCELLED, "cancelled: cancelled by its client")
+        assert vision.ask("Is the door open?", timeout=20).ok  # the client goes on
 
 
 # where rclpy's action client can be preempted with harm: between adding itself to the node and

@@ -2,6 +2,7 @@
 the way launch/internvl.launch.py starts it, fed by internvl-play-bag or by a test publisher."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -127,6 +128,25 @@ def test_internvl_ask_refuses_bad_options_before_asking(args, message):
                          text=True, timeout=60)
     assert run.returncode == 2 and f"internvl-ask: error: {message}" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and "Warning" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_internvl_ask_stops_at_once_on_a_signal(signum):
+    """Waiting for a node that is not there: Ctrl-C or SIGTERM ends it at once, quietly, with 128 + the
+    signal. (rclpy's own handlers shut ROS down under its waits: it sat out its timeout, or died with a
+    traceback.)"""
+    ask = subprocess.Popen([str(BIN / "internvl-ask"), "-q", "Is the door open?", "--action", "--timeout", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert ask.stdout.readline() == "question >> Is the door open?\n"  # printed once the handlers are in
+        started = time.monotonic()
+        ask.send_signal(signum)
+        assert ask.wait(10) == 128 + signum
+        assert time.monotonic() - started < 5
+        assert "Traceback" not in ask.stderr.read()
+    finally:
+        ask.kill()
+        ask.wait()
 
 
 def test_video_mode_uses_n_frames_of_the_window_in_time_order(tiny_model, engine, tmp_path):
