@@ -84,11 +84,11 @@ class FusedLLM(Decoder):
             raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
         inputs = {i.name: i.shape for i in session.get_inputs()}
         layers = len([name for name in inputs if name.startswith("past_key_")])
-        if (tuple(inputs.get("past_key_0", ())) != cache or inputs.get("inputs_embeds", [None])[-1] != text.hidden_size
-                or layers != text.num_layers):
-            raise ModelDirError(f"{path.name} takes {layers} layers' caches of {inputs.get('past_key_0')} and rows of "
-                                f"{inputs.get('inputs_embeds', [None])[-1]}; the manifest says {text.num_layers} of "
-                                f"{list(cache)} and {text.hidden_size}: they are not of the same export")
+        past, rows = inputs.get("past_key_0"), inputs.get("inputs_embeds", [None])[-1]
+        if tuple(past or ()) != cache or rows != text.hidden_size or layers != text.num_layers:
+            raise ModelDirError(f"{path.name} takes {layers} layers' caches of {past} and rows of {rows}; the manifest "
+                                f"says {text.num_layers} of {list(cache)} and {text.hidden_size}: they are not of the "
+                                "same export")
         return session
 
     def _bind(self, path: Path, session: ort.InferenceSession) -> _Bound:
