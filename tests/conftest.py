@@ -1,6 +1,7 @@
 """Shared fixtures. Every test process keeps DDS on loopback and gets its own ROS domain."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,27 @@ def first_decoder_file(model_dir: Path) -> str:
 
     layout = ModelLayout.find(model_dir)
     return (layout.decoder or layout.layer_files()[0]).name
+
+
+def update_field(tree: dict, path: str, change) -> None:
+    """``tree["a"]["b"] = change(tree["a"]["b"])`` for the path ``"a.b"``."""
+    *parents, key = path.split(".")
+    for name in parents:
+        tree = tree[name]
+    tree[key] = change(tree[key])
+
+
+def with_manifest(model_dir: Path, out: Path, path: str, change) -> Path:
+    """``model_dir`` again at ``out`` (its files linked) with the manifest field ``path`` edited by ``change``,
+    as a user editing the file by hand would."""
+    out.mkdir()
+    for p in model_dir.iterdir():
+        if p.name != "manifest.json":
+            (out / p.name).symlink_to(p)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    update_field(manifest, path, change)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
 
 
 TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import first_decoder_file
+from conftest import first_decoder_file, with_manifest
 from images import noise_image, numbered_frames, write_video
 
 BIN = Path(sys.executable).parent
@@ -137,11 +137,8 @@ def test_doctor_on_a_cpu_export(tiny_model, tmp_path):
     proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
     assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and decoder in proc.stdout
     # the ViT and the manifest disagree on the tokens per tile: only running the ViT shows it
-    (broken / decoder).write_bytes((tiny_model / decoder).read_bytes())
-    manifest = json.loads((tiny_model / "manifest.json").read_text())
-    manifest["spec"]["downsample_ratio"] *= 2
-    (broken / "manifest.json").write_text(json.dumps(manifest))
-    proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
+    ratio = with_manifest(tiny_model, tmp_path / "ratio", "spec.downsample_ratio", lambda ratio: 2 * ratio)
+    proc = run(BIN / "internvl-doctor", "--model-dir", ratio, check=False)
     assert proc.returncode == 1, proc.stdout
     problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
     assert len(problems) == 1 and " features per tile, the model needs " in problems[0], proc.stdout

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from conftest import update_field
 
 from internvl_engine import ConfigError, ModelDirError
 from internvl_engine.config import LayerBuild, Manifest, ModelSpec
@@ -22,11 +23,7 @@ def spec(tmp_path_factory) -> dict:
 
 def edited(spec: dict, path: str, value) -> dict:
     out = json.loads(json.dumps(spec))
-    *parents, key = path.split(".")
-    node = out
-    for name in parents:
-        node = node[name]
-    node[key] = value
+    update_field(out, path, lambda _: value)
     return out
 
 

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import TINY_BUILD_ARGS, first_decoder_file
+from conftest import TINY_BUILD_ARGS, first_decoder_file, with_manifest
 from images import noise_image
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -249,24 +249,13 @@ def test_a_manifest_that_does_not_fit_its_models_is_refused(tiny_model, tmp_path
     """Values of the right type that do not describe the exported graphs: refused when the engine loads, or
     (what only running the ViT shows) at the first image, and then text questions are still answered.
     ``message``: by the export's layout (the board's Python has an onnxruntime without the fused graph)."""
-    manifest = json.loads((tiny_model / "manifest.json").read_text())
-    layout = manifest["source"]["contract"]
+    layout = json.loads((tiny_model / "manifest.json").read_text())["source"]["contract"]
     if layout not in message and "any" not in message:
         pytest.skip(f"not a {layout} export's concern")
-    edited = tmp_path / "edited"
-    edited.mkdir()
-    for p in tiny_model.iterdir():
-        if p.name != "manifest.json":
-            (edited / p.name).symlink_to(p)
-    *parents, key = path.split(".")
-    part = manifest
-    for name in parents:
-        part = part[name]
-    part[key] = value(part[key])
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = with_manifest(tiny_model, tmp_path / "edited", path, value)
     expected = message.get(layout, message.get("any"))
     if expected is None:
-        assert Engine(edited).llm.build.kv_cache_len == part[key]
+        assert Engine(edited).llm.build.kv_cache_len == value(TINY_BUILD_ARGS["kv_cache_len"])
         return
     spec = Engine(tiny_model).spec
     text = spec.text

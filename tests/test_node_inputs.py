@@ -4,12 +4,12 @@ frame, a camera that sends what cannot be read, a camera of the wrong message ty
 typed into a question, and a model that cannot encode images."""
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import pytest
 import rclpy
+from conftest import with_manifest
 from images import noise_image
 from internvl_msgs.msg import Answer as AnswerMsg
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -157,14 +157,7 @@ def test_a_camera_that_cannot_be_read_is_skipped(tiny_model, engine, tmp_path):
 def test_a_model_that_cannot_run_images_fails_them_and_answers_text(tiny_model, engine, tmp_path):
     """A ViT whose tokens per tile are not the manifest's shows only when it runs: image questions get
     BACKEND_FAILED with the reason, and the node goes on answering text questions."""
-    edited = tmp_path / "model"
-    edited.mkdir()
-    for p in tiny_model.iterdir():
-        if p.name != "manifest.json":
-            (edited / p.name).symlink_to(p)
-    manifest = json.loads((tiny_model / "manifest.json").read_text())
-    manifest["spec"]["downsample_ratio"] *= 2
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = with_manifest(tiny_model, tmp_path / "model", "spec.downsample_ratio", lambda ratio: 2 * ratio)
     with running_node(edited, tmp_path, max_new_tokens=4) as (proc, client):
         deliver(client, "/image_raw", image_msg(noise_image(48, 64), "rgb8"))
         assert client.ask_and_wait("What is there?").startswith(ERROR + "the ViT gives ")

@@ -3,11 +3,11 @@ one line naming the parameter, numbers are taken for float parameters, and every
 change at run time is set and its effect observed (read-only ones are refused)."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import rclpy
+from conftest import with_manifest
 from images import noise_image
 from ros_harness import ERROR, NodeProcess, image_msg
 from test_node import deliver, running_node
@@ -39,13 +39,7 @@ def ros():
 def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, tmp_path, model, params, message):
     model_dir = {"tiny": tiny_model, "missing": tmp_path / "no_model", "huge cache": tmp_path / "huge"}[model]
     if model == "huge cache":  # a per-layer export takes any cache length: this one does not fit in memory
-        model_dir.mkdir()
-        for p in tiny_layers_model.iterdir():
-            (model_dir / p.name).symlink_to(p)
-        manifest = json.loads((tiny_layers_model / "manifest.json").read_text())
-        manifest["build"]["kv_cache_len"] = 10 ** 15
-        (model_dir / "manifest.json").unlink()
-        (model_dir / "manifest.json").write_text(json.dumps(manifest))
+        with_manifest(tiny_layers_model, model_dir, "build.kv_cache_len", lambda _: 10 ** 15)
     proc = NodeProcess(model_dir, tmp_path / "node.log", params=params)
     try:
         assert proc.proc.wait(60) == 1
