@@ -158,17 +158,16 @@ def check_runs(report: Report, engine: Engine) -> None:
         report.ok("KV cache kept in the backend's buffers (two decode steps agreed with the plain path)")
     if engine.vit is not None:
         started = time.perf_counter()
-        features = engine.vit.run({"image": np.zeros(engine.vit.groups[0]["image"], np.float32)})[0]
-        ms = (time.perf_counter() - started) * 1e3
-        per_tile = (engine.spec.num_image_token, engine.spec.text.hidden_size)
-        if features.shape[-2:] != per_tile:
-            report.problem(f"the ViT gives {' x '.join(map(str, features.shape[-2:]))} features per tile, the model "
-                           f"needs {' x '.join(map(str, per_tile))}",
-                           "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
-        elif not np.isfinite(np.asarray(features, np.float32)).all():
-            report.problem("the ViT's features are not finite", "compile the ViT again; check its calibration set")
+        try:
+            features = engine.encode_tile(np.zeros(engine.vit.groups[0]["image"], np.float32))
+        except ModelDirError as e:
+            report.problem(str(e), "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
         else:
-            report.ok(f"ViT run: {ms:.1f} ms per tile")
+            ms = (time.perf_counter() - started) * 1e3
+            if np.isfinite(np.asarray(features, np.float32)).all():
+                report.ok(f"ViT run: {ms:.1f} ms per tile")
+            else:
+                report.problem("the ViT's features are not finite", "compile the ViT again; check its calibration set")
     ids = (engine.tokenizer.encode("What is in front of the robot? ") * llm.build.prefill_chunk)[:llm.build.prefill_chunk]
     started = time.perf_counter()
     logits = llm.prefill(llm.embed(ids), reuse_prefix=False)

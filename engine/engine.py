@@ -200,6 +200,18 @@ class Engine:
             raise ModelDirError(f"{path.name} takes {list(shape)}, this model's tiles are [1, 3, {size}, {size}]: "
                                 "export (or compile) the ViT from this checkpoint")
 
+    def encode_tile(self, tile: np.ndarray) -> np.ndarray:
+        """One normalised [1, 3, S, S] tile through the ViT: its [num_image_token, hidden_size] features."""
+        features = self.vit.run({"image": tile})[0][0]
+        per_tile = (self.spec.num_image_token, self.spec.text.hidden_size)
+        if features.shape != per_tile:
+            # The ViT's input was checked at load; its output is only known once it has run.
+            raise ModelDirError(f"the ViT gives {' x '.join(map(str, features.shape))} features per tile, the model "
+                                f"needs {' x '.join(map(str, per_tile))} (spec.vision.image_size / patch_size x "
+                                "spec.downsample_ratio, squared; spec.text.hidden_size): the ViT and the decoder are "
+                                "not of the same checkpoint")
+        return features
+
     def _embeddings(self, layout: ModelLayout) -> np.ndarray:
         return load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
 
@@ -250,16 +262,10 @@ class Engine:
             for i in used:
                 started = time.perf_counter()
                 for _ in per_image[i]:
-                    features.append(self.vit.run({"image": pixel_values[tile:tile + 1]})[0][0])
+                    features.append(self.encode_tile(pixel_values[tile:tile + 1]))
                     tile += 1
                 vit_ms.append((time.perf_counter() - started) * 1e3)
             positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.ids[IMG_CONTEXT])
-            per_tile = (self.spec.num_image_token, embeds.shape[-1])
-            if (got := features[0].shape) != per_tile:
-                raise ModelDirError(f"the ViT gives {' x '.join(map(str, got))} features per tile, the manifest's "
-                                    f"model needs {' x '.join(map(str, per_tile))} (spec.vision.image_size / "
-                                    "patch_size x spec.downsample_ratio, squared; spec.text.hidden_size): they are "
-                                    "not of the same export")
             embeds[positions] = np.concatenate(features)
         return Prompt(ids, embeds, vit_ms, pixel_values, used)
 

@@ -243,7 +243,7 @@ def test_model_directory_errors(tiny_model, tmp_path):
     ("spec.vision.image_size", lambda n: 2 * n, {"any": "vit.onnx takes [1, 3, {size}, {size}], this model's tiles are "
                                                         "[1, 3, {twice_size}, {twice_size}]"}),
     ("spec.downsample_ratio", lambda r: 2 * r, {"any": "the ViT gives {tokens} x {hidden} features per tile, the "
-                                                       "manifest's model needs {four_tokens} x {hidden}"}),
+                                                       "model needs {four_tokens} x {hidden}"}),
 ])
 def test_a_manifest_that_does_not_fit_its_models_is_refused(tiny_model, tmp_path, path, value, message):
     """Values of the right type that do not describe the exported graphs: refused when the engine loads, or

@@ -163,7 +163,7 @@ def test_a_model_that_cannot_run_images_fails_them_and_answers_text(tiny_model, 
         assert client.ask_and_wait("What is there?").startswith(ERROR + "the ViT gives ")
         client.wait_for(lambda: client.results, 10, "the result")
         assert client.results[-1].error_code == AnswerMsg.BACKEND_FAILED
-        assert " features per tile, the manifest's model needs " in client.results[-1].error_msg
+        assert " features per tile, the model needs " in client.results[-1].error_msg
         assert client.set_parameter("mode", "text")
         answer = client.ask_and_wait("Say something.")
         assert answer == engine.answer(Request("Say something."), GenerationConfig(max_new_tokens=4)).text
