@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +27,10 @@ from .image_msgs import rgb_to_pixels
 ENCODINGS = (*RAW_ENCODINGS, "jpeg", "png")
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
+# Each /clock tick is one publish from Python (about 10 us here). At a rate whose ticks take longer to
+# publish than the time they span, the player falls behind its own ticks and never reaches the next
+# message (1 GHz spun for ever); 1 kHz keeps far from that, and above what simulators publish.
+MAX_CLOCK_HZ = 1000.0
 
 
 def _stamp(ns: int):
@@ -109,7 +114,7 @@ def make_bag_main(argv=None) -> int:
     ap.add_argument("--question-topic", default="question")
     ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3")
     args = ap.parse_args(argv)
-    if not args.fps > 0:  # NaN too
+    if not (args.fps > 0 and math.isfinite(args.fps)):  # NaN too; inf put every frame at 0 s
         ap.error("--fps must be > 0")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
@@ -243,8 +248,8 @@ def play_bag_main(argv=None) -> int:
         ap.error("--rate must be > 0")
     if args.subscribers < 1:
         ap.error("--subscribers must be >= 1")
-    if not args.clock >= 0:
-        ap.error("--clock must be > 0 Hz")
+    if not 0 <= args.clock <= MAX_CLOCK_HZ:  # NaN too; a faster clock never caught up and spun for ever
+        ap.error(f"--clock must be from 0 (no /clock) to {MAX_CLOCK_HZ:g} Hz")
     if not args.wait_for_subscribers >= 0:
         ap.error("--wait-for-subscribers must be >= 0 s")
     if bad := [r for r in args.remap if not all(r.partition(":=")[::2])]:

@@ -436,14 +436,6 @@ def _ask_action(args) -> int:
         client.close()
 
 
-def seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-ask", description="Ask the internvl node a question and print the answer as it streams, "
@@ -456,8 +448,10 @@ def main(argv=None) -> int:
     ap.add_argument("--action", action="store_true", help="ask through the ask action instead of the question topic")
     ap.add_argument("--namespace", default="", help="the node's namespace")
     ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
-    ap.add_argument("--timeout", type=seconds, default=120.0, help="seconds to wait for the node and the answer")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
     args = ap.parse_args(argv)
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):  # NaN waited for ever
+        ap.error(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     if any(not c.strip() for c in args.choices):
         ap.error("--choices must not hold empty choices")
     for option, text in [("--question", args.question)] + [("--choices", c) for c in args.choices]:

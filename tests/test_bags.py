@@ -52,7 +52,8 @@ def test_make_bag_refuses_bad_input(tmp_path):
                           (["--question=-1:Hi?"], "'-1:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
                           (["--question", "nan:Hi?"], "'nan:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
                           (["--fps", "0"], "--fps must be > 0"),  # was a ZeroDivisionError traceback
-                          (["--fps", "nan"], "--fps must be > 0"), (["--repeat", "0"], "--repeat must be >= 1")]:
+                          (["--fps", "nan"], "--fps must be > 0"), (["--fps", "inf"], "--fps must be > 0"),
+                          (["--repeat", "0"], "--repeat must be >= 1")]:
         proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", str(tmp_path / "b"),
                                *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -109,7 +110,8 @@ def test_play_bag_refuses_bad_input(tmp_path):
     for args, message in [(["--rate", "0"], "--rate must be > 0"),
                           (["--rate", "nan"], "--rate must be > 0"),  # it spun for ever, deaf to SIGTERM
                           (["--subscribers", "0"], "--subscribers must be >= 1"),
-                          (["--clock", "nan"], "--clock must be > 0 Hz"),
+                          (["--clock", "nan"], "--clock must be from 0 (no /clock) to 1000 Hz"),
+                          (["--clock", "inf"], "--clock must be from 0 (no /clock) to 1000 Hz"),  # spun for ever
                           (["--wait-for-subscribers", "-1"], "--wait-for-subscribers must be >= 0 s"),
                           (["--remap", "image_raw"], "--remap takes FROM:=TO, not 'image_raw'")]:
         proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path), *args], capture_output=True, text=True,

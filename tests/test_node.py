@@ -117,8 +117,8 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--timeout", "nan"], "argument --timeout: must be a positive number of seconds, not nan"),  # waited for ever
-    (["--timeout", "0", "--action"], "argument --timeout: must be a positive number of seconds, not 0"),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds, not nan"),  # waited for ever
+    (["--timeout", "0", "--action"], "--timeout must be a positive number of seconds, not 0"),
     (["--namespace", "robot 1"], "Invalid namespace: namespace must not contain characters other than"),
     (["--namespace", "robot/", "--action"], "Invalid namespace: namespace must not end with a '/'"),
     (["--node-name", "internvl-1"], "Invalid node name: node name must not contain characters other than"),
