@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def open_engine(args, **engine_args) -> Engine:
 def log_to_stderr(prog: str) -> None:
     """Warnings (a fallback, frames left out of a video) as one line each on stderr."""
     logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``, a service stopping) exits through ``finally`` blocks, as Ctrl-C does:
+    killed outright, a tool that writes files would leave them half-written (an export's staging
+    folder is gigabytes at InternVL2.5-1B's sizes)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .cli import exit_on_sigterm
 from .config import MANIFEST, LayerBuild, Manifest, ModelSpec, read_hf_config
 from .errors import InternVLError, ModelDirError
 
@@ -602,12 +602,6 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
         shutil.rmtree(staging, ignore_errors=True)
     log(f"exported {hf_dir} -> {out_dir} in {time.perf_counter() - started:.1f} s")
     return manifest
-
-
-def exit_on_sigterm() -> None:
-    """SIGTERM (``timeout``, ``kill``, a service stopping) exits through ``finally`` blocks, as Ctrl-C does:
-    killed outright, an export would leave its staging folder (gigabytes at InternVL2.5-1B's sizes)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -120,15 +121,38 @@ def _native_stderr_silenced():
         os.close(devnull)
 
 
-def load_video_frames(path: str | Path, num_segments: int | None = 8) -> list[np.ndarray]:
-    """Uniformly sampled RGB frames of a video file (read with OpenCV); every frame for None."""
+def load_video_frames(path: str | Path, num_segments: int = 8) -> list[np.ndarray]:
+    """Uniformly sampled RGB frames of a video file (read with OpenCV)."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: no such video file")
     with _native_stderr_silenced():
         return _read_video(path, num_segments)
 
 
-def _read_video(path: str | Path, num_segments: int | None) -> list[np.ndarray]:
+def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Every frame of a video file, RGB, one at a time: a long clip is never in memory whole."""
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such video file")
+    with _native_stderr_silenced():  # around each call only: the caller's own stderr between frames is its own
+        cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoError(f"{path}: cannot open video (unsupported format or corrupt data)")
+        count = 0
+        while True:
+            with _native_stderr_silenced():
+                ok, frame = cap.read()
+            if not ok:
+                break
+            count += 1
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        if not count:
+            raise VideoError(f"{path}: video has no frames")
+    finally:
+        cap.release()
+
+
+def _read_video(path: str | Path, num_segments: int) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
@@ -136,7 +160,7 @@ def _read_video(path: str | Path, num_segments: int | None) -> list[np.ndarray]:
         count = 0
         while cap.grab():  # the container's frame count is often wrong; count what decodes
             count += 1
-        wanted = list(range(count)) if num_segments is None else segment_centre_indices(count, num_segments)
+        wanted = segment_centre_indices(count, num_segments)
         if not wanted:
             raise VideoError(f"{path}: video has no frames")
         cap.release()

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import heapq
 import importlib
+import itertools
 import math
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -18,8 +21,9 @@ import numpy as np
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from internvl_engine import InternVLError, load_image
-from internvl_engine.preprocess import load_video_frames
+from internvl_engine import load_image
+from internvl_engine.cli import exit_on_sigterm
+from internvl_engine.preprocess import iter_video_frames
 
 from .image_msgs import ENCODINGS as RAW_ENCODINGS
 from .image_msgs import rgb_to_pixels
@@ -52,10 +56,13 @@ def camera_message(rgb: np.ndarray, encoding: str, stamp_ns: int, frame_id: str 
         step=pixels.strides[0], data=pixels.reshape(-1).view(np.uint8))
 
 
-def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions: Sequence[tuple[float, str]] = (),
+def write_bag(path: Path, frames: Iterable[tuple[float, np.ndarray]], questions: Iterable[tuple[float, str]] = (),
               image_topic: str = "image_raw", question_topic: str = "question", encoding: str = "rgb8",
               storage: str = "sqlite3", start_ns: int | None = None) -> Path:
-    """Write frames (seconds from start, RGB) and questions (seconds from start, text) to a rosbag2."""
+    """Write frames (seconds from start, RGB) and questions (seconds from start, text) to a rosbag2.
+
+    Frames come in time order and each is written as it comes, so a long clip (a generator) is never
+    in memory whole."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
     compressed = encoding in ("jpeg", "png")
@@ -65,16 +72,22 @@ def write_bag(path: Path, frames: Sequence[tuple[float, np.ndarray]], questions:
                          f"from {image_topic!r}: use --topic "
                          f"{image_topic + '/compressed' if compressed else image_topic.rsplit('/compressed', 1)[0]}")
     start_ns = time.time_ns() if start_ns is None else start_ns
-    records = []
-    for t, rgb in frames:
-        ns = start_ns + int(t * 1e9)
-        records.append((ns, image_topic, *camera_message(rgb, encoding, ns)))
-    for t, text in questions:
-        records.append((start_ns + int(t * 1e9), question_topic, "std_msgs/msg/String",
-                        TYPESTORE.types["std_msgs/msg/String"](data=text)))
+
+    def frame_records():
+        previous = -math.inf
+        for t, rgb in frames:
+            if not t >= previous:
+                raise ValueError(f"frames must come in time order: {t} s after {previous} s")
+            previous = t
+            ns = start_ns + int(t * 1e9)
+            yield ns, image_topic, *camera_message(rgb, encoding, ns)
+
+    question_records = sorted(((start_ns + int(t * 1e9), question_topic, "std_msgs/msg/String",
+                                TYPESTORE.types["std_msgs/msg/String"](data=text)) for t, text in questions),
+                              key=lambda r: r[0])
     with Writer(path, version=8, storage_plugin=STORAGES[storage]) as writer:
         connections = {}
-        for ns, topic, msgtype, msg in sorted(records, key=lambda r: r[0]):
+        for ns, topic, msgtype, msg in heapq.merge(frame_records(), question_records, key=lambda r: r[0]):
             if topic not in connections:
                 connections[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
             writer.write(connections[topic], ns, TYPESTORE.serialize_cdr(msg, msgtype))
@@ -101,12 +114,13 @@ def make_bag_main(argv=None) -> int:
                "  internvl-make-bag --video clip.mp4 --out clip_bag --question '2.0:What is moving?'\n"
                "  internvl-make-bag --images a.jpg b.jpg --out jpeg_bag --encoding jpeg --topic image_raw/compressed")
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--video", type=Path, help="video file; every frame is written")
+    source.add_argument("--video", type=Path, help="video file; every frame is written, one at a time")
     source.add_argument("--images", type=Path, nargs="+", help="image files, one frame each, in order")
     ap.add_argument("--out", type=Path, required=True, help="bag directory to create")
     ap.add_argument("--fps", type=float, default=10.0, help="frame rate of the written clip")
     ap.add_argument("--repeat", type=int, default=1, help="write the frames this many times in a row")
-    ap.add_argument("--reverse", action="store_true", help="write the frames in reverse order")
+    ap.add_argument("--reverse", action="store_true",
+                    help="write the frames in reverse order (a video's frames are then held in memory)")
     ap.add_argument("--topic", default="image_raw", help="camera topic (use a name ending in /compressed for jpeg/png)")
     ap.add_argument("--encoding", choices=ENCODINGS, default="rgb8")
     ap.add_argument("--question", type=_timed_question, action="append", default=[], metavar="SECONDS:TEXT",
@@ -118,19 +132,38 @@ def make_bag_main(argv=None) -> int:
         ap.error("--fps must be > 0")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.out.exists():  # before anything is written: a failed write removes what it made
+        print(f"internvl-make-bag: error: {args.out} exists already", file=sys.stderr)
+        return 2
+
+    def clip() -> Iterable[np.ndarray]:  # read afresh for each repeat
+        if args.video is None:
+            return map(load_image, args.images[::-1] if args.reverse else args.images)
+        if args.reverse:  # a video reads forwards only: its frames are held to be written backwards
+            return reversed(list(iter_video_frames(args.video)))
+        return iter_video_frames(args.video)
+
+    written = 0
+
+    def timed_frames():
+        nonlocal written
+        for frame in itertools.chain.from_iterable(clip() for _ in range(args.repeat)):
+            yield written / args.fps, frame
+            written += 1
+
+    exit_on_sigterm()
     try:
-        rgb = load_video_frames(args.video, None) if args.video else [load_image(p) for p in args.images]
-    except InternVLError as e:
+        write_bag(args.out, timed_frames(), args.question, args.topic, args.question_topic, args.encoding,
+                  args.storage)
+    except BaseException as e:  # rosbags and the frame readers fail with their own errors; Ctrl-C; SIGTERM
+        shutil.rmtree(args.out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        if not isinstance(e, Exception):
+            raise
         print(f"internvl-make-bag: error: {e}", file=sys.stderr)
         return 2
-    rgb = (rgb[::-1] if args.reverse else rgb) * args.repeat
-    frames = [(i / args.fps, f) for i, f in enumerate(rgb)]
-    try:
-        write_bag(args.out, frames, args.question, args.topic, args.question_topic, args.encoding, args.storage)
-    except Exception as e:  # rosbags refuses existing directories and the like with its own errors
-        print(f"internvl-make-bag: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(frames)} frames and {len(args.question)} questions to {args.out} ({args.storage})")
+    print(f"wrote {written} frames and {len(args.question)} questions to {args.out} ({args.storage})")
     return 0
 
 

@@ -26,7 +26,7 @@ def test_make_bag_from_a_video_with_timed_questions(tmp_path, storage):
     bag = tmp_path / "bag"
     proc = subprocess.run([str(BIN / "internvl-make-bag"), "--video", str(video), "--out", str(bag), "--fps", "4",
                            "--encoding", "jpeg", "--topic", "cam/image_raw/compressed", "--storage", storage,
-                           "--question", "0.5:What is there?", "--question", "2.25:And now?", "--reverse"],
+                           "--question", "2.25:And now?", "--question", "0.5:What is there?", "--reverse", "--repeat", "2"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     with Reader(bag) as reader:
@@ -35,13 +35,22 @@ def test_make_bag_from_a_video_with_timed_questions(tmp_path, storage):
         records = [(c.topic, ns, TYPESTORE.deserialize_cdr(raw, c.msgtype)) for c, ns, raw in reader.messages()]
     images = [(ns, m) for t, ns, m in records if t.endswith("compressed")]
     questions = [(ns, m.data) for t, ns, m in records if t == "question"]
-    assert len(images) == 12
+    assert len(images) == 24
     start = images[0][0]
-    assert [round((ns - start) / 1e9, 2) for ns, _ in images] == [i / 4 for i in range(12)]
+    assert [round((ns - start) / 1e9, 2) for ns, _ in images] == [i / 4 for i in range(24)]
     assert all(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec == ns for ns, m in images)
     assert [(round((ns - start) / 1e9, 2), q) for ns, q in questions] == [(0.5, "What is there?"), (2.25, "And now?")]
     brightness = [to_rgb(CompressedImage(format="jpeg", data=m.data.tobytes())).mean() for _, m in images]
-    assert brightness == sorted(brightness, reverse=True)  # --reverse
+    assert brightness[:12] == sorted(brightness[:12], reverse=True)  # --reverse
+    assert brightness[12:] == brightness[:12]  # --repeat 2
+
+
+def test_write_bag_takes_frames_in_time_order(tmp_path):
+    from internvl_ros.bags import write_bag
+
+    frames = numbered_frames(3)
+    with pytest.raises(ValueError, match="frames must come in time order: 0.1 s after 0.2 s"):
+        write_bag(tmp_path / "bag", [(0.0, frames[0]), (0.2, frames[1]), (0.1, frames[2])])
 
 
 def test_make_bag_refuses_bad_input(tmp_path):
@@ -60,11 +69,40 @@ def test_make_bag_refuses_bad_input(tmp_path):
         assert not (tmp_path / "b").exists()
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), numbered_frames(1)[0])
+    # Frames are written as they are read: one that fails after others were written takes the bag with it.
+    proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", str(image), str(image), "x.png", "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "x.png: no such image file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("not a bag")
+    proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", str(image), "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{tmp_path / 'b'} exists already" in proc.stderr, proc.stderr
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["mine.txt"]
     for encoding, topic, hint in (("jpeg", "image_raw", "use --topic image_raw/compressed"),
                                   ("rgb8", "cam/compressed", "use --topic cam")):
         proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", str(image), "--out", str(tmp_path / encoding),
                                "--encoding", encoding, "--topic", topic], capture_output=True, text=True)
         assert proc.returncode == 2 and hint in proc.stderr and not (tmp_path / encoding).exists(), proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_make_bag_stopped_leaves_no_half_written_bag(tmp_path, signum):
+    """Stopped while writing (Ctrl-C, or SIGTERM from timeout or a script), make-bag removes the bag it
+    had begun, quietly, and exits with 128 + the signal."""
+    video = write_video(tmp_path / "clip.avi", numbered_frames(12))
+    bag = tmp_path / "bag"
+    proc = subprocess.Popen([str(BIN / "internvl-make-bag"), "--video", str(video), "--out", str(bag),
+                             "--repeat", "10000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not bag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and err == "" and out == "", (proc.returncode, err)
+    assert not bag.exists()
 
 
 def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):

@@ -314,7 +314,8 @@ def test_an_export_stopped_with_sigterm_leaves_the_directory_as_it_was(tiny_hf, 
         (model / p.name).write_bytes(p.read_bytes())
     written = {p.name: p.read_bytes() for p in model.iterdir()}
     script = ("import os, signal\n"
-              "from internvl_engine.export import exit_on_sigterm, export\n"
+              "from internvl_engine.cli import exit_on_sigterm\n"
+              "from internvl_engine.export import export\n"
               "exit_on_sigterm()\n"
               f"export({str(tiny_hf)!r}, {str(model)!r}, log=lambda line: os.kill(os.getpid(), signal.SIGTERM))\n"
               "print('not stopped')\n")

@@ -8,7 +8,8 @@ from PIL import Image
 from images import numbered_frames, write_video
 
 from internvl_engine import ImageError, VideoError, load_image, load_video_frames
-from internvl_engine.preprocess import as_rgb, closest_grid, normalize, segment_centre_indices, tiles
+from internvl_engine.preprocess import (as_rgb, closest_grid, iter_video_frames, normalize, segment_centre_indices,
+                                       tiles)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -80,6 +81,13 @@ def test_video_frames_are_sampled_in_order(tmp_path):
     np.testing.assert_allclose([f.mean() for f in sampled], expected, atol=3)
 
 
+def test_video_frames_one_at_a_time(tmp_path):
+    frames = numbered_frames(12)
+    read = list(iter_video_frames(write_video(tmp_path / "clip.avi", frames)))
+    assert len(read) == 12 and all(f.shape == frames[0].shape and f.dtype == np.uint8 for f in read)
+    np.testing.assert_allclose([f.mean() for f in read], [f.mean() for f in frames], atol=3)
+
+
 def test_unreadable_inputs_raise_specific_errors(tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -87,12 +95,14 @@ def test_unreadable_inputs_raise_specific_errors(tmp_path):
         load_image(junk)
     with pytest.raises(ImageError, match="no such image"):
         load_image(tmp_path / "missing.png")
-    with pytest.raises(VideoError):
-        load_video_frames(junk)
     empty = tmp_path / "empty.avi"
     cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
-    with pytest.raises(VideoError):
-        load_video_frames(empty)
+    for read in (load_video_frames, lambda path: list(iter_video_frames(path))):
+        with pytest.raises(VideoError, match="no such video file"):
+            read(tmp_path / "missing.mp4")
+        for unreadable in (junk, empty):  # which of the two OpenCV says depends on its build
+            with pytest.raises(VideoError, match="cannot open video|video has no frames"):
+                read(unreadable)
 
 
 def photo(width: int, height: int, seed: int) -> np.ndarray:
