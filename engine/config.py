@@ -180,7 +180,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LayerBuild:
-    """How the decoder-layer models were built: the limits the runtime must respect."""
+    """How the decoder-layer models were built: the limits the runtime must respect. The defaults are
+    the seed's Pulsar2 llm_build."""
 
     prefill_chunk: int = 128  # tokens per prefill run
     kv_cache_len: int = 2559  # cache rows; the decode step attends to kv_cache_len + 1 columns

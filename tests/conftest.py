@@ -67,6 +67,18 @@ def tiny_model(tiny_hf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def contract_model(tiny_hf, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to the AX650N contract (one model per Pulsar2 shape group) with the
+    seed's llm_build (LayerBuild's defaults)."""
+    from internvl_engine.config import LayerBuild
+    from internvl_engine.export import export
+
+    out = tmp_path_factory.mktemp("contract")
+    export(tiny_hf, out, LayerBuild(), contract="axmodel", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_layers_model(tiny_hf, tmp_path_factory) -> Path:
     """The same checkpoint as per-layer models (the AX650N contract with dynamic shapes)."""
     from internvl_engine.config import LayerBuild

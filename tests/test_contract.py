@@ -16,18 +16,11 @@ from internvl_engine import Engine, GenerationConfig, PromptTooLongError, Reques
 from internvl_engine.config import LayerBuild, ModelLayout
 from internvl_engine.engine import forced_logits, greedy_tokens
 from internvl_engine.errors import BackendError, ModelDirError
-from internvl_engine.export import export, save_embeddings_bf16
+from internvl_engine.export import save_embeddings_bf16
 from internvl_engine.llm import load_embeddings
 
-BUILD = LayerBuild(prefill_chunk=128, kv_cache_len=2559, max_prompt_tokens=1152)  # the seed's llm_build
+BUILD = LayerBuild()  # the seed's llm_build, as conftest's contract_model is exported
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def contract_model(tiny_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("contract")
-    export(tiny_hf, out, BUILD, contract="axmodel", log=lambda *_: None)
-    return out
 
 
 @pytest.fixture(scope="module")

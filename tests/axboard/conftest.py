@@ -10,12 +10,9 @@ import os
 import pytest
 
 from internvl_engine import Engine
-from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
 
 import pulsar2
 
-SEED_BUILD = LayerBuild(prefill_chunk=128, kv_cache_len=2559, max_prompt_tokens=1152)  # the seed's llm_build
 VERSION = os.environ.get("AXSTANDIN_VERSION", "")
 RUN_VIEWS = VERSION in ("0.1.2rc0", "0.1.3rc0")  # run() returns views of its output buffer before 0.1.3.rc1
 
@@ -36,13 +33,6 @@ def no_standin_errors(standin):
     before = standin.standin_error_count()
     yield
     assert standin.standin_error_count() == before, standin.standin_last_error().decode()
-
-
-@pytest.fixture(scope="session")
-def contract_model(tiny_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("contract")
-    export(tiny_hf, out, SEED_BUILD, contract="axmodel", log=lambda *_: None)
-    return out
 
 
 @pytest.fixture(scope="session")

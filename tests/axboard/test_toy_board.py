@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SEED_BUILD
 
 from internvl_engine import Engine, GenerationConfig
+from internvl_engine.config import LayerBuild
 from internvl_engine.export import export
 from internvl_toy.evaluate import request
 from internvl_toy.scenes import TASKS, samples
@@ -21,7 +21,7 @@ PER_TASK = 15
 @pytest.fixture(scope="module")
 def toy_engines(tmp_path_factory):
     contract = tmp_path_factory.mktemp("toy_contract")
-    export(TOY, contract, SEED_BUILD, contract="axmodel", log=lambda *_: None)
+    export(TOY, contract, LayerBuild(), contract="axmodel", log=lambda *_: None)  # the seed's llm_build
     board = pulsar2.compile_contract(contract, tmp_path_factory.mktemp("toy_axmodel"))
     return Engine(board, tokenizer_dir=TOY), Engine(contract, backend="onnxruntime")
 
