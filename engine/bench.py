@@ -464,8 +464,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.compare and not args.hf_model:
         ap.error(f"--compare {' '.join(args.compare)} needs --hf-model")
-    if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0 or min(args.images) < 0:
-        ap.error("--decode-tokens and --repeats must be >= 1, --warmup and --images >= 0")
+    if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0 or min(args.images) < 0 or (args.threads or 0) < 0:
+        ap.error("--decode-tokens and --repeats must be >= 1, --warmup, --images and --threads >= 0")
     if args.contexts:
         if min(args.contexts) < 1 or args.plot:
             ap.error("--contexts must be >= 1 and has no --plot")

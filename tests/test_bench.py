@@ -130,3 +130,5 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
     assert run.returncode == 2 and "missing.gguf" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1)  # over the build's limit
     assert run.returncode == 2 and "needs an export with --max-prompt-tokens 2000" in run.stderr
+    run = bench("--model-dir", tiny_model, "--contexts", 16, "--threads", -1)  # was a numpy traceback
+    assert run.returncode == 2 and "--threads >= 0" in run.stderr and "Traceback" not in run.stderr

@@ -79,6 +79,25 @@ def test_model_card_matches_the_checkpoint():
     assert min(CARD[t]["accuracy"] for t in VIDEO_TASKS) >= 0.90
 
 
+@pytest.mark.parametrize("tool, args, message", [
+    ("internvl-eval-toy", [TOY, "--per-task", "0"], "--per-task must be >= 1 and --seed >= 0"),  # ZeroDivisionError
+    ("internvl-eval-toy", [TOY, "--seed", "-1"], "--per-task must be >= 1 and --seed >= 0"),  # numpy's traceback
+    ("internvl-eval-toy", ["missing"], "missing: no such checkpoint directory"),  # a ModelDirError traceback
+    # --lr nan: the encoder stage ran for minutes, then the decoder stage would have stepped by NaN
+    ("internvl-train-toy", ["--lr", "nan"], "--steps and --batch-size must be >= 1, --lr a number > 0"),
+    ("internvl-train-toy", ["--steps", "0"], "--steps and --batch-size must be >= 1"),  # failed after stage 1
+    ("internvl-train-toy", ["--threads", "-1"], "--seed and --threads must be >= 0"),  # torch's traceback
+    ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
+])
+def test_toy_tools_refuse_bad_options_before_working(tool, args, message, tmp_path):
+    if tool == "internvl-train-toy":
+        needs_torch()
+        args = ["--out", tmp_path / "out", *args]
+    run = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"{tool}: error: {message}" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_swapped_channel_order_changes_the_colour(toy_engine):
     """What the node test below relies on: red read as BGR is blue to this model."""
     ask = lambda image: toy_engine.answer(Request("What color is the shape?", images=[image])).text  # noqa: E731

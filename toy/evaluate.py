@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from internvl_engine import Engine, GenerationConfig, Request
+from internvl_engine import Engine, GenerationConfig, InternVLError, Request
 from internvl_engine.config import MANIFEST
 
 from .scenes import TASKS, Sample, samples
@@ -60,14 +60,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if not (model_dir / MANIFEST).is_file():
-            from internvl_engine.export import export
+    if args.per_task < 1 or args.seed < 0:  # 0 divided by zero; below 0 printed an empty table, numpy refused a seed
+        ap.error("--per-task must be >= 1 and --seed >= 0")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = args.model
+            if not (model_dir / MANIFEST).is_file():
+                from internvl_engine.export import export
 
-            model_dir = Path(tmp)
-            export(args.model, model_dir, log=lambda *_: None)
-        report = accuracy(Engine(model_dir), args.per_task, args.seed)
+                model_dir = Path(tmp)
+                export(args.model, model_dir, log=lambda *_: None)
+            report = accuracy(Engine(model_dir), args.per_task, args.seed)
+    except InternVLError as e:
+        print(f"internvl-eval-toy: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from internvl_engine import InternVLError
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
 from internvl_engine.export import TOKENIZER_FILES
 from internvl_engine.make_tiny import TOKENIZER_TEXT, hf_config, write_tokenizer
@@ -303,11 +304,22 @@ def main(argv=None) -> int:
                          "a question type added since")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    # Checked before minutes of encoder training: 0 steps or a NaN rate only showed in the decoder stage after it.
+    if args.steps < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
+        ap.error("--steps and --batch-size must be >= 1, --lr a number > 0")
+    if args.seed < 0 or (args.threads or 0) < 0:
+        ap.error("--seed and --threads must be >= 0")
+    if args.start and not (args.start / "config.json").is_file():  # before --out is made
+        ap.error(f"--from {args.start}: not a checkpoint directory (no config.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
     earlier = args.start / "training_log.json" if args.start else None
     earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None  # read before --out overwrites it
-    report = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.start)
+    try:
+        report = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.start)
+    except InternVLError as e:
+        print(f"internvl-train-toy: error: {e}", file=sys.stderr)
+        return 2
     if earlier:
         report["earlier"] = earlier  # how the starting checkpoint was trained
     (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
