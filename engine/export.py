@@ -530,12 +530,14 @@ def export(hf_dir: Path, out_dir: Path, build: LayerBuild = LayerBuild(), contra
     if prefill != "same" and contract != "fused":
         raise InternVLError(f"--prefill {prefill} needs the fused contract: the {contract} layout has no "
                             "separate prompt graph")
-    if precision == "fp32" and (block_size or gate_up_block_size):
+    if precision == "fp32" and (block_size, gate_up_block_size) != (None, None):
         raise InternVLError("block sizes are for int8 and int4 weights: fp32 has no blocks (give --precision)")
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE.get(precision, 0)
-        gate_up_block_size = gate_up_block_size or DEFAULT_GATE_UP_BLOCK_SIZE.get(precision)
-    gate_up_block_size = gate_up_block_size or block_size
+        if gate_up_block_size is None:
+            gate_up_block_size = DEFAULT_GATE_UP_BLOCK_SIZE.get(precision)
+    if gate_up_block_size is None:  # 0 is a size, and refused below
+        gate_up_block_size = block_size
     if precision != "fp32":
         for name, size in (("block size", block_size), ("gate/up block size", gate_up_block_size)):
             if size < 16 or size & (size - 1):

@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     ap.add_argument("--real-dims", action="store_true", help="InternVL2.5-1B sizes (about 2 GB) instead of tiny")
     args = ap.parse_args(argv)
+    if args.seed < 0:  # numpy's traceback, after --out was made
+        ap.error("--seed must be >= 0")
     try:
         make_tiny(args.out, seed=args.seed, real_dims=args.real_dims)
     except OSError as e:  # an unwritable or full --out

@@ -23,7 +23,8 @@ class GenerationConfig:
                   (self.temperature >= 0, "temperature must be >= 0"),
                   (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (self.seed is None or self.seed >= 0, "seed must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)

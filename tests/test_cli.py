@@ -102,6 +102,9 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_model, tmp_path, a
     (["--contract", "axmodel", "--prefill-chunk", "0"], "build.prefill_chunk must be an integer >= 1, not 0"),
     (["--max-prompt-tokens", "3000"], "build.max_prompt_tokens (3000) exceeds the KV cache (build.kv_cache_len 2559)"),
     (["--block-size", "32"], "block sizes are for int8 and int4 weights: fp32 has no blocks (give --precision)"),
+    # 0 read as "not given": it exported with the default (int4) or silently ignored it (fp32)
+    (["--precision", "int4", "--gate-up-block-size", "0"], "gate/up block size 0 must be a power of 2, at least 16"),
+    (["--gate-up-block-size", "0"], "block sizes are for int8 and int4 weights: fp32 has no blocks (give --precision)"),
 ])
 def test_export_refuses_bad_options_with_one_line(tiny_hf, tmp_path, args, message):
     proc = run(BIN / "internvl-export", "--hf-model", tiny_hf, "--out", tmp_path / "out", *args, check=False)
@@ -116,6 +119,16 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tiny_hf, tmp_path):
         proc = run(BIN / tool, *args, "--out", out, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith(f"{tool}: error: cannot write the ") and str(out) in proc.stderr
+
+
+def test_a_negative_seed_is_refused_with_one_line(tiny_model, tmp_path):
+    for tool, args in [("internvl-make-tiny", ["--out", tmp_path / "hf"]),  # numpy's traceback, --out left behind
+                       ("internvl-infer", ["--model-dir", tiny_model, "-q", "What?", "--temperature", "1"])]:
+        proc = run(BIN / tool, *args, "--seed", "-1", check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert last.startswith(f"{tool}: error: ") and last.endswith("seed must be >= 0"), proc.stderr
+    assert not (tmp_path / "hf").exists()
 
 
 def test_segments_below_one_is_a_usage_error(tiny_model, tmp_path):

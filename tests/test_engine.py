@@ -93,6 +93,8 @@ def test_sampler_filters():
     assert Sampler(GenerationConfig(repetition_penalty=2.0))(neg, np.array([0])) == 1
     with pytest.raises(InvalidRequestError):
         GenerationConfig(top_p=0.0)
+    with pytest.raises(InvalidRequestError, match="seed must be >= 0"):  # numpy's ValueError at the first sample
+        GenerationConfig(seed=-1)
 
 
 def checkpoint_with_swapped_rows(src, dst, a: int, b: int):
