@@ -6,6 +6,8 @@ Arguments: params_file (default: the package's config/internvl.yaml), namespace,
 model_dir, hf_model, vit_model (override the YAML when given) and image_topic (remaps the node's
 relative ``image_raw`` subscription).
 """
+import os
+
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
@@ -16,6 +18,9 @@ OVERRIDES = ("backend", "model_dir", "hf_model", "vit_model")
 
 
 def node_with_overrides(context):
+    params_file = LaunchConfiguration("params_file").perform(context)
+    if not os.path.isfile(params_file):  # launch_ros only warns, and the node would start on its defaults
+        raise FileNotFoundError(f"params_file {params_file}: no such file")
     # Only arguments that were given override the parameter file; empty ones leave it alone.
     overrides = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
     return [Node(
@@ -23,7 +28,7 @@ def node_with_overrides(context):
         executable="internvl_node",
         name="internvl",
         namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file"), {k: v for k, v in overrides.items() if v}],
+        parameters=[params_file, {k: v for k, v in overrides.items() if v}],
         remappings=[("image_raw", LaunchConfiguration("image_topic"))],
         output="screen",
         emulate_tty=True,

@@ -117,3 +117,15 @@ def test_readme_commands(launched, engine):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "process has finished cleanly" in text, text
     assert f"({QUESTION!r}): answered (" in text, text  # one log line per answer
+
+
+def test_launch_with_a_missing_params_file_fails_at_once(tiny_model, tmp_path):
+    """launch_ros itself only warns about a parameter file that is not there, and the node would then
+    run on its defaults (another camera, another mode) without a word."""
+    needs_ros_tools("ros2")
+    missing = tmp_path / "internvl.yml"
+    run = subprocess.run(["bash", "-c", f"ros2 launch internvl_ros internvl.launch.py model_dir:={tiny_model} "
+                          f"params_file:={missing}"], capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    assert f"params_file {missing}: no such file" in output and "process started" not in output, output
