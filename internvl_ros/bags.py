@@ -197,10 +197,18 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     sent = 0
     try:
         with Reader(path) as reader:
-            publishers = {}
+            publishers, playable = {}, []
             for c in reader.connections:
-                cls = _message_class(c.msgtype)
+                try:
+                    cls = _message_class(c.msgtype)
+                except (ImportError, AttributeError) as e:  # as ros2 bag play: the topic is left out, the rest play
+                    node.get_logger().warning(f"not playing {c.topic}: its type {c.msgtype} cannot be imported here "
+                                              f"({e}); source the workspace that builds it")
+                    continue
                 publishers[c.topic] = (node.create_publisher(cls, remap.get(c.topic, c.topic), qos), cls)
+                playable.append(c)
+            if reader.connections and not playable:
+                raise ValueError(f"{path}: none of its topics has a message type that can be imported here")
             deadline = time.monotonic() + wait_for_subscribers_s
             while time.monotonic() < deadline and any(p.get_subscription_count() < subscribers
                                                           for p, _ in publishers.values()):
@@ -212,7 +220,7 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                 def publish_clock(ns: int) -> None:
                     clock.publish(Clock(clock=_stamp_msg(ns)))
 
-                for connection, ns, raw in reader.messages():
+                for connection, ns, raw in reader.messages(connections=playable):
                     while True:  # sleep until the message is due, ticking /clock on the way
                         now = time.monotonic()
                         due = started + (ns - first) * 1e-9 / rate

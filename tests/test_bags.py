@@ -11,7 +11,8 @@ import pytest
 import rclpy
 from images import numbered_frames, write_video
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rosbags.rosbag2 import Reader
+from rosbags.rosbag2 import Reader, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from sensor_msgs.msg import CompressedImage
 from std_msgs.msg import String
 
@@ -157,6 +158,28 @@ def test_play_bag_refuses_bad_input(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
+
+
+def test_play_bag_leaves_out_topics_of_types_it_cannot_import(tmp_path):
+    """As ros2 bag play does: a warning names the topic and its type, and the other topics play (the
+    whole bag failed on the first such type, with only "No module named 'my_pkg'")."""
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    store.register(get_types_from_msg("int32 x", "my_pkg/msg/Foo"))
+    for name, topics in (("mixed", ["/foo", "question"]), ("foreign", ["/foo"])):
+        with Writer(tmp_path / name, version=8) as writer:
+            for ns, topic in enumerate(topics):
+                msgtype = "my_pkg/msg/Foo" if topic == "/foo" else "std_msgs/msg/String"
+                msg = store.types[msgtype](x=1) if topic == "/foo" else store.types[msgtype](data="Hi?")
+                writer.write(writer.add_connection(topic, msgtype, typestore=store), ns,
+                             store.serialize_cdr(msg, msgtype))
+    warning = "not playing /foo: its type my_pkg/msg/Foo cannot be imported here (No module named 'my_pkg')"
+    proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "mixed")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "played 1 messages" in proc.stdout and warning in proc.stderr, proc.stderr
+    proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "foreign")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and warning in proc.stderr, proc.stderr
+    assert "none of its topics has a message type that can be imported here" in proc.stderr
 
 
 def test_play_bag_stops_quietly_on_ctrl_c(tmp_path):
