@@ -272,9 +272,13 @@ class Engine:
     def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Iterator[str | Answer]:
         started = time.perf_counter()
-        if any(not c.strip() for c in request.choices):
+        stripped = [c.strip() for c in request.choices]
+        if not all(stripped):
             raise InvalidRequestError("choices must not be empty strings")
-        choices = [self.tokenizer.encode(c.strip(), markup=False) for c in request.choices]
+        if twice := next((c for i, c in enumerate(stripped) if c in stripped[:i]), None):
+            # they would share the probability and the first would always be the answer
+            raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
+        choices = [self.tokenizer.encode(c, markup=False) for c in stripped]
         prompt = self.prepare(request)
         timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
                           frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)

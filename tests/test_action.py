@@ -94,6 +94,9 @@ def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision
         assert vision.ask("What is there?", cameras=["front/image_raw"], max_new_tokens=2).ok
         empty = vision.ask("Which?", choices=["yes", ""])
         assert empty.status == "aborted" and empty.answer.error_code == Answer.INVALID_QUESTION
+        twice = vision.ask("Which?", choices=["yes", "no", "yes"])  # was answered: 'yes' at 0.5, 'yes' at 0.5
+        assert twice.status == "aborted" and twice.answer.error_code == Answer.INVALID_QUESTION
+        assert twice.answer.error_msg.endswith("choices must differ: 'yes' is given twice"), twice.answer.error_msg
 
 
 def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_on(tiny_model, tmp_path, vision):

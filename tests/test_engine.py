@@ -194,6 +194,8 @@ def test_request_errors(engine):
         engine.answer(Request("   "))
     with pytest.raises(InvalidRequestError, match="either images or video"):
         engine.answer(Request("?", images=[noise_image(8, 8)], video_frames=[noise_image(8, 8)]))
+    with pytest.raises(InvalidRequestError, match="choices must differ: 'yes' is given twice"):
+        engine.answer(Request("Is it?", choices=["yes", "no", " yes"]))
     with pytest.raises(InvalidRequestError, match="choices must not be empty strings"):
         engine.answer(Request("Which?", choices=["yes", " "]))
     with pytest.raises(PromptTooLongError, match="at most 1152"):
