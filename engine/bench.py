@@ -39,7 +39,6 @@ from .errors import InternVLError
 
 QUESTION = "Describe the images in detail."
 SECOND_QUESTION = "What colour dominates the images?"
-COLUMNS = ("vit_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s")
 
 
 def bench_images(count: int) -> list[np.ndarray]:
