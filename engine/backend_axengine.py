@@ -64,7 +64,7 @@ def import_axengine():
     except (ImportError, AssertionError) as e:  # off-board: no providers, or a library pyaxengine asserts on
         raise BackendError(f"the axengine backend needs pyaxengine and the board's NPU libraries ({e}); "
                            "install pyaxengine's wheel from https://github.com/AXERA-TECH/pyaxengine/releases "
-                           "(docs/board.md)") from None
+                           "(docs/board.md)") from e
     return axengine
 
 
@@ -90,7 +90,7 @@ class AxEngineSession:
             with _stdout_to_log():
                 self._session = axengine.InferenceSession(str(path), providers=[provider])
         except Exception as e:  # pyaxengine raises RuntimeError/ValueError/AssertionError
-            raise BackendError(f"axengine cannot load {path}: {e}") from None
+            raise BackendError(f"axengine cannot load {path}: {e}") from e
         self._inputs, self._outputs = [], []
         while True:  # pyaxengine has no public group count; get_inputs(g) fails past the last group
             try:
@@ -119,7 +119,7 @@ class AxEngineSession:
             with _stdout_to_log():
                 outputs = [_owned(o) for o in self._session.run(None, feeds, shape_group=group)]
         except Exception as e:
-            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from None
+            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from e
         finally:
             self.busy_s += time.perf_counter() - started
         self.bytes_moved += nbytes(feeds.values()) + nbytes(outputs)
@@ -131,7 +131,7 @@ class AxEngineSession:
             device = _DeviceIO(self._session, self._inputs, self._outputs)
         except Exception as e:  # anything missing or different in this pyaxengine or provider
             raise BackendError(f"{self.path.name}: pyaxengine's {self.provider} buffers cannot be driven directly "
-                               f"({type(e).__name__}: {e})") from None
+                               f"({type(e).__name__}: {e})") from e
         cache_bytes = rows * kv_dim * np.dtype(dtype).itemsize
         for index in (device.k_in, device.v_in):
             if device.buffers.input_size(index) < cache_bytes:
@@ -143,7 +143,7 @@ class AxEngineSession:
             device.clear_cache()
         except Exception as e:
             raise BackendError(f"{self.path.name}: the KV cache does not work in the device buffers "
-                               f"({type(e).__name__}: {e})") from None
+                               f"({type(e).__name__}: {e})") from e
         self._device = device
 
     def _probe(self, device: "_DeviceIO") -> None:
@@ -181,7 +181,7 @@ class AxEngineSession:
         try:
             hidden, moved = self._device.run(self._cast(feeds, group), group, start, rows)
         except Exception as e:
-            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from None
+            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from e
         finally:
             self.busy_s += time.perf_counter() - started
         self.bytes_moved += moved

@@ -46,7 +46,7 @@ class OrtSession:
             try:
                 self._sessions.append(ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]))
             except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-                raise BackendError(f"onnxruntime cannot load {p}: {str(e).strip().splitlines()[0]}") from None
+                raise BackendError(f"onnxruntime cannot load {p}: {str(e).strip().splitlines()[0]}") from e
         self.path = paths[0]
         self.groups = [{i.name: tuple(d if isinstance(d, int) else None for d in i.shape) for i in s.get_inputs()}
                        for s in self._sessions]
@@ -78,6 +78,6 @@ class OrtSession:
         try:
             return self._sessions[group].run(None, feeds)
         except Exception as e:
-            raise BackendError(f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}") from e
         finally:
             self.busy_s += time.perf_counter() - started

@@ -173,7 +173,7 @@ class ModelSpec:
                 ps_version=cfg.get("ps_version", "v2"),
             )
         except KeyError as e:
-            raise ModelDirError(f"config.json lacks required key {e}") from None
+            raise ModelDirError(f"config.json lacks required key {e}") from e
         except (ValueError, TypeError, AttributeError, ConfigError) as e:  # a value of the wrong type or range
             raise ModelDirError(f"config.json: {e}") from e
 
@@ -245,7 +245,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from e
 
 
 SEED_EMBEDDINGS = ("model.embed_tokens.weight.bfloat16.bin", "model.embed_tokens.weight.npy",

@@ -132,7 +132,7 @@ class Checkpoint:
                 handle = safe_open(str(f), framework="numpy")
                 self._where.update({k: handle for k in handle.keys()})
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ModelDirError(f"{hf_dir}: cannot read safetensors ({e})") from None
+            raise ModelDirError(f"{hf_dir}: cannot read safetensors ({e})") from e
 
     def keys(self) -> list[str]:
         return list(self._where)

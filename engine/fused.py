@@ -81,7 +81,7 @@ class FusedLLM(Decoder):
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-            raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
         inputs = {i.name: i.shape for i in session.get_inputs()}
         layers = len([name for name in inputs if name.startswith("past_key_")])
         past, rows = inputs.get("past_key_0"), inputs.get("inputs_embeds", [None])[-1]
@@ -116,7 +116,7 @@ class FusedLLM(Decoder):
             graph.session.run_with_iobinding(graph.binding)
         except Exception as e:
             raise BackendError(f"onnxruntime failed running {graph.path.name}: "
-                               f"{str(e).strip().splitlines()[0]}") from None
+                               f"{str(e).strip().splitlines()[0]}") from e
         finally:
             self._busy += time.perf_counter() - started
         self.length = total

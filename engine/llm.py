@@ -50,7 +50,7 @@ def load_embeddings(path: Path, vocab_size: int, hidden_size: int) -> np.ndarray
         if table.ndim == 1 and table.size == vocab_size * hidden_size:
             table = table.reshape(vocab_size, hidden_size)
     except ValueError as e:
-        raise ModelDirError(f"{path}: unreadable embedding table ({e})") from None
+        raise ModelDirError(f"{path}: unreadable embedding table ({e})") from e
     if table.shape != (vocab_size, hidden_size):
         raise ModelDirError(f"{path}: embedding table has shape {table.shape}, the model needs "
                             f"({vocab_size}, {hidden_size})")
@@ -77,9 +77,9 @@ class LayerShapes:
         for index, shapes in enumerate(session.groups):
             try:
                 t, total, history = shapes["indices"][1], shapes["mask"][2], shapes["K_cache"]
-            except (KeyError, IndexError):
+            except (KeyError, IndexError) as e:
                 raise BackendError(f"layer model inputs {sorted(shapes)} are not the decoder-layer contract "
-                                   "(K_cache, V_cache, indices, input, mask)") from None
+                                   "(K_cache, V_cache, indices, input, mask)") from e
             static = isinstance(t, int) and isinstance(total, int) and all(isinstance(d, int) for d in history)
             groups.append(Group(index, t, total - t, tuple(history)) if static else Group(index, None, None, None))
         if any(g.tokens is None for g in groups):

@@ -36,7 +36,7 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data: {e})") from None
+        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data: {e})") from e
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

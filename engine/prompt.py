@@ -109,7 +109,7 @@ class Tokenizer:
         except ModelDirError:
             raise
         except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-            raise ModelDirError(f"{model_dir}: cannot load the tokenizer ({str(e).strip().splitlines()[0]})") from None
+            raise ModelDirError(f"{model_dir}: cannot load the tokenizer ({str(e).strip().splitlines()[0]})") from e
         self.ids = {s: self._id(s) for s in (IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)}
         self.stop_ids = {self.ids[IM_END]} | ({self._id(EOS)} if self._tok.token_to_id(EOS) is not None else set())
 
