@@ -25,28 +25,33 @@ from .session import HostKV, nbytes
 _DTYPES = {"tensor(float)": np.float32, "tensor(uint32)": np.uint32, "tensor(int64)": np.int64}
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool = False) -> ort.SessionOptions:
+    """Sequential runs on ``threads`` intra-op threads (None or 0: every core). ``spinning``: let idle
+    threads spin between runs, only where sessions take turns seldom (see above)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
+
+
+def load_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
+        raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
 
 
 class OrtSession:
     def __init__(self, path: Path | list[Path], threads: int | None = None):
         paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
-        opts = _options(threads)
-        self._sessions = []
-        for p in paths:
-            try:
-                self._sessions.append(ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]))
-            except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-                raise BackendError(f"onnxruntime cannot load {p}: {str(e).strip().splitlines()[0]}") from e
+        options = session_options(threads)
+        self._sessions = [load_session(p, options) for p in paths]
         self.path = paths[0]
         self.groups = [{i.name: tuple(d if isinstance(d, int) else None for d in i.shape) for i in s.get_inputs()}
                        for s in self._sessions]

@@ -14,7 +14,6 @@ the per-layer layout's sessions do (there, idle spinning pools starve the workin
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from .backend_onnxruntime import load_session, session_options
 from .config import LayerBuild, TextSpec
 from .errors import BackendError, ModelDirError
 from .llm import Decoder
@@ -72,16 +72,7 @@ class FusedLLM(Decoder):
     @staticmethod
     def _open(path: Path, threads: int | None, cache: tuple, text: TextSpec) -> ort.InferenceSession:
         """A session of ``path``, checked to take the manifest's cache and rows."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-            raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+        session = load_session(path, session_options(threads, spinning=True))
         inputs = {i.name: i.shape for i in session.get_inputs()}
         layers = len([name for name in inputs if name.startswith("past_key_")])
         past, rows = inputs.get("past_key_0"), inputs.get("inputs_embeds", [None])[-1]
