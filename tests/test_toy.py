@@ -85,7 +85,7 @@ def test_model_card_matches_the_checkpoint():
     ("internvl-eval-toy", ["missing"], "missing: no such checkpoint directory"),  # a ModelDirError traceback
     # --lr nan: the encoder stage ran for minutes, then the decoder stage would have stepped by NaN
     ("internvl-train-toy", ["--lr", "nan"], "--steps and --batch-size must be >= 1, --lr a number > 0"),
-    ("internvl-train-toy", ["--steps", "0"], "--steps and --batch-size must be >= 1"),  # failed after stage 1
+    ("internvl-train-toy", ["--steps", "0"], "--steps and --batch-size must be >= 1"),  # the encoder stage ran first
     ("internvl-train-toy", ["--threads", "-1"], "--seed and --threads must be >= 0"),  # torch's traceback
     ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
 ])

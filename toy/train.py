@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                          "a question type added since")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    # Checked before minutes of encoder training: 0 steps or a NaN rate only showed in the decoder stage after it.
+    # Checked first: the encoder stage runs for minutes before --steps or --lr come into play.
     if args.steps < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
         ap.error("--steps and --batch-size must be >= 1, --lr a number > 0")
     if args.seed < 0 or (args.threads or 0) < 0:
