@@ -187,6 +187,10 @@ class Engine:
             dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
             self.llm = LLM(layers, session(layout.post), self._embeddings(layout), layout.build, self.spec.text.kv_dim,
                            dtype, resident_kv)
+        if self.backend == "onnxruntime":
+            from .backend_onnxruntime import back_with_huge_pages
+
+            log.debug("%d MiB of weights and buffers on 2 MiB pages", back_with_huge_pages() >> 20)
 
     def _check_vit(self, path: Path) -> None:
         """Refuse now, not at the first image, a ViT that does not take this model's tiles: another model

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import platform
+import re
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,3 +437,48 @@ def test_choices_keep_the_prompt_cache(engine, tiny_model):
     assert follow_up.timings.reused_tokens > engine.spec.num_image_token
     fresh = Engine(tiny_model).answer(Request("Which colour is it?", images=image), GenerationConfig(max_new_tokens=3))
     assert follow_up.token_ids == fresh.token_ids
+
+
+HUGE_PAGES_PROBE = """
+import ctypes, json, mmap
+from internvl_engine.backend_onnxruntime import back_with_huge_pages
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+def huge_kib():
+    return next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:"))
+
+def resident_pages(buffer):
+    pages = (len(buffer) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(buffer)), vector) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vector)
+
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+dense = mmap.mmap(-1, 32 << 20, flags=flags)
+guard = mmap.mmap(-1, mmap.PAGESIZE, flags=flags, prot=mmap.PROT_READ)  # keeps the two mappings apart
+sparse = mmap.mmap(-1, 32 << 20, flags=flags)
+dense.write(b"x" * (32 << 20))  # every page in use, as loaded weights are
+sparse[0] = 1  # one page in use, as in a thread's stack
+before = huge_kib()
+collapsed = back_with_huge_pages()
+print(json.dumps({"collapsed_kib": collapsed >> 10, "huge_kib_added": huge_kib() - before,
+                  "sparse_pages": resident_pages(sparse), "dense_intact": dense[:] == b"x" * (32 << 20)}))
+"""
+
+
+def test_dense_private_memory_goes_to_huge_pages_and_sparse_memory_does_not():
+    """back_with_huge_pages, run by every onnxruntime Engine after loading, in a process of its own:
+    a 32 MiB buffer whose pages are all in use goes to 2 MiB pages; one with a single page in use
+    stays as it is (collapsing it would make it 32 MiB resident)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here")
+    if tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2]) < (6, 1):
+        pytest.skip(f"MADV_COLLAPSE needs Linux 6.1, this is {platform.release()}")
+    run = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["collapsed_kib"] >= 30 << 10 and got["huge_kib_added"] >= 30 << 10, got  # all but its ends
+    assert got["sparse_pages"] == 1 and got["dense_intact"], got
