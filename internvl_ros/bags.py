@@ -33,7 +33,7 @@ STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
 # Each /clock tick is one publish from Python (about 10 us here). At a rate whose ticks take longer to
 # publish than the time they span, the player falls behind its own ticks and never reaches the next
-# message (1 GHz spun for ever); 1 kHz keeps far from that, and above what simulators publish.
+# message (1 GHz spun for ever); 1 kHz keeps far from that.
 MAX_CLOCK_HZ = 1000.0
 
 
