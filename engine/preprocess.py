@@ -123,24 +123,17 @@ def _native_stderr_silenced():
 
 def load_video_frames(path: str | Path, num_segments: int = 8) -> list[np.ndarray]:
     """Uniformly sampled RGB frames of a video file (read with OpenCV)."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such video file")
     with _native_stderr_silenced():
         return _read_video(path, num_segments)
 
 
 def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
     """Every frame of a video file, RGB, one at a time: a long clip is never in memory whole."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such video file")
-    with _native_stderr_silenced():  # around each call only: the caller's own stderr between frames is its own
-        cap = cv2.VideoCapture(str(path))
+    cap = _open_video(path)
     try:
-        if not cap.isOpened():
-            raise VideoError(f"{path}: cannot open video (unsupported format or corrupt data)")
         count = 0
         while True:
-            with _native_stderr_silenced():
+            with _native_stderr_silenced():  # around each call only: the caller's own stderr between frames is its own
                 ok, frame = cap.read()
             if not ok:
                 break
@@ -152,11 +145,20 @@ def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
         cap.release()
 
 
+def _open_video(path: str | Path) -> cv2.VideoCapture:
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such video file")
+    with _native_stderr_silenced():
+        cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise VideoError(f"{path}: cannot open video (unsupported format or corrupt data)")
+    return cap
+
+
 def _read_video(path: str | Path, num_segments: int) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
+    cap = _open_video(path)
     try:
-        if not cap.isOpened():
-            raise VideoError(f"{path}: cannot open video (unsupported format or corrupt data)")
         count = 0
         while cap.grab():  # the container's frame count is often wrong; count what decodes
             count += 1
@@ -164,7 +166,7 @@ def _read_video(path: str | Path, num_segments: int) -> list[np.ndarray]:
         if not wanted:
             raise VideoError(f"{path}: video has no frames")
         cap.release()
-        cap = cv2.VideoCapture(str(path))  # reopen: seeking back is not exact for every codec
+        cap = _open_video(path)  # reopen: seeking back is not exact for every codec
         frames, index = [], 0
         for target in sorted(set(wanted)):
             while index <= target:
