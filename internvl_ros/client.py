@@ -95,6 +95,11 @@ class _Spinner:
         self.node.destroy_node()
 
 
+def check_timeout(timeout: float) -> None:
+    if not (timeout > 0 and math.isfinite(timeout)):  # NaN would wait for ever
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout:g}")
+
+
 def check_sendable(text: str, what: str) -> None:
     """A ROS string ends at its first NUL character: refuse text that would arrive cut short."""
     if "\0" in text:
@@ -199,8 +204,7 @@ class AskClient:
         """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)`` sees
         the answer's pieces as they stream; an error it raises ends them, and comes out of ask() once the
         goal has ended."""
-        if not (timeout > 0 and math.isfinite(timeout)):  # NaN would wait for ever
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        check_timeout(timeout)
         for what, text in [("the question", question), *(("a choice", c) for c in choices)]:
             check_sendable(text, what)
         deadline = time.monotonic() + timeout
@@ -450,8 +454,10 @@ def main(argv=None) -> int:
     ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
     args = ap.parse_args(argv)
-    if not (args.timeout > 0 and math.isfinite(args.timeout)):  # NaN waited for ever
-        ap.error(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    try:
+        check_timeout(args.timeout)
+    except ValueError as e:
+        ap.error(f"--{e}")
     if any(not c.strip() for c in args.choices):
         ap.error("--choices must not hold empty choices")
     for option, text in [("--question", args.question)] + [("--choices", c) for c in args.choices]:
