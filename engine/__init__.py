@@ -8,7 +8,7 @@ Typical use::
         print(item if isinstance(item, str) else item.timings)
 """
 from .config import DEFAULT_SYSTEM_PROMPT
-from .engine import Answer, Engine, Prompt, Request, Timings
+from .engine import Answer, Engine, Prompt, Request, Timings, checked_choices
 from .errors import (BackendError, ConfigError, ImageError, InternVLError, InvalidRequestError, ModelDirError,
                      PromptTooLongError, VideoError)
 from .preprocess import load_image, load_video_frames
@@ -17,5 +17,5 @@ from .sampling import GenerationConfig
 __all__ = [
     "Answer", "BackendError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Engine", "GenerationConfig", "ImageError",
     "InternVLError", "InvalidRequestError", "ModelDirError", "Prompt", "PromptTooLongError", "Request", "Timings",
-    "VideoError", "load_image", "load_video_frames",
+    "VideoError", "checked_choices", "load_image", "load_video_frames",
 ]

@@ -146,6 +146,17 @@ def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[lis
     return np.array(scores)
 
 
+
+def checked_choices(choices) -> list[str]:
+    """The choices without surrounding blanks; InvalidRequestError for an empty or a repeated one."""
+    stripped = [c.strip() for c in choices]
+    if not all(stripped):
+        raise InvalidRequestError("choices must not be empty strings")
+    if twice := next((c for i, c in enumerate(stripped) if c in stripped[:i]), None):
+        # they would share the probability and the first would always be the answer
+        raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
+    return stripped
+
 class Engine:
     """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2 seed
     directory (``qwen2_p128_l{i}_together.axmodel``, ``qwen2_post.axmodel``, embedding file), which
@@ -276,13 +287,7 @@ class Engine:
     def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
                cancel: threading.Event | None = None) -> Iterator[str | Answer]:
         started = time.perf_counter()
-        stripped = [c.strip() for c in request.choices]
-        if not all(stripped):
-            raise InvalidRequestError("choices must not be empty strings")
-        if twice := next((c for i, c in enumerate(stripped) if c in stripped[:i]), None):
-            # they would share the probability and the first would always be the answer
-            raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
-        choices = [self.tokenizer.encode(c, markup=False) for c in stripped]
+        choices = [self.tokenizer.encode(c, markup=False) for c in checked_choices(request.choices)]
         prompt = self.prepare(request)
         timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
                           frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)

@@ -35,6 +35,8 @@ from rclpy.validate_node_name import validate_node_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
+from internvl_engine import InvalidRequestError, checked_choices
+
 from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS  # first: it says how to get internvl_msgs if missing
 from .params import MODES
 
@@ -458,8 +460,10 @@ def main(argv=None) -> int:
         check_timeout(args.timeout)
     except ValueError as e:
         ap.error(f"--{e}")
-    if any(not c.strip() for c in args.choices):
-        ap.error("--choices must not hold empty choices")
+    try:  # the node would refuse them (INVALID_QUESTION) after a round trip
+        checked_choices(args.choices)
+    except InvalidRequestError as e:
+        ap.error(f"--{e}")
     for option, text in [("--question", args.question)] + [("--choices", c) for c in args.choices]:
         try:
             text.encode()

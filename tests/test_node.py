@@ -122,6 +122,8 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
     (["--namespace", "robot 1"], "Invalid namespace: namespace must not contain characters other than"),
     (["--namespace", "robot/", "--action"], "Invalid namespace: namespace must not end with a '/'"),
     (["--node-name", "internvl-1"], "Invalid node name: node name must not contain characters other than"),
+    (["--choices", "yes,"], "--choices must not be empty strings"),
+    (["--choices", "yes,no, yes"], "--choices must differ: 'yes' is given twice"),  # was sent, then refused
 ])
 def test_internvl_ask_refuses_bad_options_before_asking(args, message):
     run = subprocess.run([str(BIN / "internvl-ask"), "-q", "Is the door open?", *args], capture_output=True,
