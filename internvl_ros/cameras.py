@@ -23,6 +23,7 @@ from internvl_engine import InternVLError
 
 IMAGE_TYPES = {Image: "sensor_msgs/msg/Image", CompressedImage: "sensor_msgs/msg/CompressedImage"}
 RELIABLE_CAMERA = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
+CLOCK_AT_ZERO = "this node's clock reads 0: use_sim_time is true and nothing has been published on /clock"
 
 
 class NoFreshFrameError(InternVLError):
@@ -79,8 +80,7 @@ class Camera:
         if age > max_age_s:
             return f"{self.topic}: last frame {age:.2f} s old (max_frame_age_s {max_age_s:g})"
         if -age > max_lead_s:
-            why = ("this node's clock reads 0: use_sim_time is true and nothing is published on /clock" if now == 0
-                   else "is the camera's clock ahead? Synchronise the machines' clocks")
+            why = CLOCK_AT_ZERO if now == 0 else "is the camera's clock ahead? Synchronise the machines' clocks"
             return (f"{self.topic}: last frame stamped {-age:.2f} s ahead of this node's clock (max_frame_lead_s "
                     f"{max_lead_s:g}): {why}")
         return None

@@ -49,7 +49,7 @@ from internvl_engine import (BackendError, Engine, ImageError, InternVLError, In
 from internvl_engine.preprocess import segment_centre_indices
 
 from . import params
-from .cameras import CameraSubscriber, CameraView, Cameras, Frame, NoFreshFrameError, UnknownCameraError
+from .cameras import CLOCK_AT_ZERO, CameraSubscriber, CameraView, Cameras, Frame, NoFreshFrameError, UnknownCameraError
 from .image_msgs import ImageConversionError, to_rgb
 
 ERROR_PREFIX = "ERROR: "
@@ -511,8 +511,8 @@ class InternVLNode(LifecycleNode):
                 self.get_logger().warning(problems[-1])
         self._twins = twins
         if self._now() == 0:
-            problems.append("this node's clock reads 0: use_sim_time is true and nothing has been published on /clock "
-                            "(play a bag with --clock), so every camera frame looks stamped in the future")
+            problems.append(f"{CLOCK_AT_ZERO} (play a bag with --clock), so every camera frame looks stamped in the "
+                            "future")
         level = WARN if problems or not active else OK
         message = "; ".join(problems) or ("busy" if busy else "idle" if active else values["state"])
         self._publish_status(level, "heartbeat", message, values)

@@ -93,7 +93,7 @@ def test_sim_time_before_the_first_clock_message_is_named(tiny_model, engine, tm
         deliver(client, "/image_raw", image_msg(image, "rgb8"))
         answer = client.ask_and_wait("What is there?")
         assert answer.startswith(ERROR + "no fresh camera frame: /image_raw: last frame stamped ") and answer.endswith(
-            "this node's clock reads 0: use_sim_time is true and nothing is published on /clock"), answer
+            "this node's clock reads 0: use_sim_time is true and nothing has been published on /clock"), answer
         clock = client.node.create_publisher(Clock, "/clock", 10)
 
         def clock_runs():
