@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BackendError
-from .session import HostKV, nbytes
+from .session import HostKV, nbytes, thread_count
 
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>
 HUGE_PAGE = 2 << 20
@@ -30,10 +29,10 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(uint32)": np.uint32, "tensor(int
 
 
 def session_options(threads: int | None, spinning: bool = False) -> ort.SessionOptions:
-    """Sequential runs on ``threads`` intra-op threads (None or 0: every core). ``spinning``: let idle
-    threads spin between runs, only where sessions take turns seldom (see above)."""
+    """Sequential runs on ``thread_count(threads)`` intra-op threads. ``spinning``: let idle threads spin
+    between runs, only where sessions take turns seldom (see above)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.intra_op_num_threads = thread_count(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

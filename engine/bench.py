@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InternVLError
+from .session import thread_count
 
 QUESTION = "Describe the images in detail."
 SECOND_QUESTION = "What colour dominates the images?"
@@ -96,7 +97,7 @@ def engine_runs(model_dir: str, hf_model: str | None, vit_model: str | None, bac
     return {"runs": results, "peak_rss_mb": peak_rss_mb(), "backend": engine.backend}
 
 
-def transformers_runs(hf_model: str, threads: int | None, image_counts: list[int], decode_tokens: int,
+def transformers_runs(hf_model: str, threads: int, image_counts: list[int], decode_tokens: int,
                       repeats: int, warmup: int) -> dict:
     import warnings
 
@@ -108,8 +109,7 @@ def transformers_runs(hf_model: str, threads: int | None, image_counts: list[int
     from .reference import load_reference
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' past_key_values rename
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     spec = ModelSpec.from_hf_config(read_hf_config(Path(hf_model)))
     tok = Tokenizer(Path(hf_model))
     model = load_reference(Path(hf_model), tok.ids[IMG_CONTEXT])
@@ -272,17 +272,15 @@ def decoder_round(kind: str, loader_args: tuple, contexts: list[int], decode_tok
     return out
 
 
-def memory_bandwidth(threads: int | None, size_mb: int = 1024) -> float:
-    """GB/s this machine reads at most with ``threads`` threads (default: all cores), each summing
+def memory_bandwidth(threads: int, size_mb: int = 1024) -> float:
+    """GB/s this machine reads at most with ``threads`` threads, each summing
     its share of a buffer far larger than the caches (numpy lets go of the GIL while it sums; best
     of 10): the bound for a decode step, which reads every weight once."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
-    count = threads or os.cpu_count() or 1
-    parts = np.array_split(np.ones(size_mb * 2**18, np.float32), count)
+    parts = np.array_split(np.ones(size_mb * 2**18, np.float32), threads)
     times = []
-    with ThreadPoolExecutor(count) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for _ in range(10):
             started = time.perf_counter()
             list(pool.map(np.sum, parts))
@@ -389,7 +387,7 @@ def decoder_tables(report: dict) -> str:
     contexts = list(next(iter(report["runtimes"].values()))["summary"])
     first, last = contexts[0], contexts[-1]
     bandwidth = report["bandwidth_gb_s"]
-    out = [f"memory read at most: {bandwidth:.1f} GB/s ({report['settings']['threads'] or 'all'} threads)", "",
+    out = [f"memory read at most: {bandwidth:.1f} GB/s ({report['settings']['threads']} threads)", "",
            f"| runtime | weights read per token MB | prefill {first} tokens ms | "
            + " | ".join(f"decode tok/s at {c}" for c in contexts)
            + (f" | {last} vs {first} |" if len(contexts) > 1 else " |") + f" weights GB/s at {first} (% of limit) |",
@@ -457,7 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-dir", type=Path,
                     help="where onnxruntime-genai's models are built and kept (default: a temporary directory)")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--threads", type=int, help="CPU threads (default, or 0: all cores)")
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads of every runtime (default, or 0: every core this process may use)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     ap.add_argument("--plot", type=Path, help="write a PNG: TTFT against image count, decode tokens/s")
     args = ap.parse_args(argv)
@@ -465,6 +464,9 @@ def main(argv=None) -> int:
         ap.error(f"--compare {' '.join(args.compare)} needs --hf-model")
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0 or min(args.images) < 0 or (args.threads or 0) < 0:
         ap.error("--decode-tokens and --repeats must be >= 1, --warmup, --images and --threads >= 0")
+    # one count for every runtime: their own defaults differ (onnxruntime-genai's ran on 1 of this box's
+    # 2 cores, at 0.6 of its decode speed on 2)
+    args.threads = thread_count(args.threads)
     if args.contexts:
         if min(args.contexts) < 1 or args.plot:
             ap.error("--contexts must be >= 1 and has no --plot")

@@ -168,7 +168,7 @@ class Engine:
                  vit_model: str | Path | None = None, provider: str | None = None, resident_kv: str = "auto",
                  prefix_reuse: bool = True):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise ConfigError(f"threads must be an integer >= 0 (0 or None: all cores), not {threads!r}")
+            raise ConfigError(f"threads must be an integer >= 0 (0 or None: every core), not {threads!r}")
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")

@@ -45,7 +45,7 @@ class Decoder:
 
 
 class EngineDecoder(Decoder):
-    def __init__(self, model_dir: str, threads: int | None):
+    def __init__(self, model_dir: str, threads: int):
         from .engine import Engine
 
         engine = Engine(model_dir, threads=threads)
@@ -62,7 +62,7 @@ class EngineDecoder(Decoder):
 
 
 class GenaiDecoder(Decoder):
-    def __init__(self, model_dir: str, precision: str, threads: int | None, context: int):
+    def __init__(self, model_dir: str, precision: str, threads: int, context: int):
         import onnxruntime_genai as og
 
         self.og = og
@@ -91,7 +91,7 @@ class GenaiDecoder(Decoder):
 
 
 class LlamaCppDecoder(Decoder):
-    def __init__(self, gguf: str, threads: int | None, context: int):
+    def __init__(self, gguf: str, threads: int, context: int):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
@@ -122,12 +122,11 @@ class LlamaCppDecoder(Decoder):
 class TransformersDecoder(Decoder):
     """transformers' Qwen2 on the checkpoint's language model (``export_qwen2``), fp32, eager attention."""
 
-    def __init__(self, qwen2_dir: str, threads: int | None):
+    def __init__(self, qwen2_dir: str, threads: int):
         import torch
         from transformers import AutoModelForCausalLM
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32,
                                                           attn_implementation="eager").eval()
@@ -192,7 +191,7 @@ def export_qwen2(hf_model: Path, out: Path) -> Path:
     return out
 
 
-def build_genai(hf_model: Path, precision: str, work: Path, threads: int | None) -> Path:
+def build_genai(hf_model: Path, precision: str, work: Path, threads: int) -> Path:
     """onnxruntime-genai's model of the checkpoint's decoder at ``precision`` (fp32/int8/int4), built
     once into ``work`` with its builder's CPU defaults; its sessions get ``threads`` threads."""
     out = work / f"onnxruntime-genai-{precision}"
@@ -207,10 +206,6 @@ def build_genai(hf_model: Path, precision: str, work: Path, threads: int | None)
             raise InternVLError(f"onnxruntime-genai's builder failed ({log})")
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
-    options = config["model"]["decoder"]["session_options"]
-    if threads:
-        options["intra_op_num_threads"] = threads
-    else:
-        options.pop("intra_op_num_threads", None)
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     config_path.write_text(json.dumps(config, indent=4))
     return out

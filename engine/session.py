@@ -12,6 +12,7 @@ backend, so the timings can report host traffic per decode step.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,17 @@ class Session(Protocol):
     def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None: ...
 
     def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray: ...
+
+
+def thread_count(threads: int | None) -> int:
+    """The CPU threads a session (or a peer runtime in the bench) gets: ``threads``, or for None or 0
+    every core this process may run on (``taskset``, a container's cpuset: more threads than cores
+    would take turns on them)."""
+    if threads:
+        return threads
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_backend(name: str, model_dir: Path) -> str:

@@ -12,6 +12,7 @@ from conftest import TINY_BUILD_ARGS, needs_torch
 
 from internvl_engine.config import LayerBuild
 from internvl_engine.export import export
+from internvl_engine.session import thread_count
 
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
 ENGINE_FIGURES = FIGURES | {"host_overhead_ms", "host_overhead_pct", "bytes_per_token", "second_question_ttft_ms",
@@ -99,9 +100,14 @@ def test_decoder_comparison(tiny_model, tiny_int4, tiny_hf, peers_dir):
                                      f"{int4} vs onnxruntime-genai int4"}
     assert report["bandwidth_gb_s"] > 0
     assert (peers_dir / "onnxruntime-genai-int4" / "genai_config.json").is_file()  # kept for the next run
-    table = bench("--model-dir", tiny_model, "--contexts", 16, "--decode-tokens", 2, "--repeats", 1, "--warmup", 0)
+    # without --threads every runtime gets every core: onnxruntime-genai's own default took 1 of 2 here
+    table = bench("--model-dir", tiny_int4, "--hf-model", tiny_hf, "--contexts", 16, "--decode-tokens", 2,
+                  "--repeats", 1, "--warmup", 0, "--compare", "onnxruntime-genai", "--peers-dir", peers_dir)
     assert table.returncode == 0, table.stderr
     assert "| runtime | weights read per token MB | prefill 16 tokens ms | decode tok/s at 16 |" in table.stdout
+    assert f"GB/s ({thread_count(None)} threads)" in table.stdout
+    genai_config = json.loads((peers_dir / "onnxruntime-genai-int4" / "genai_config.json").read_text())
+    assert genai_config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == thread_count(None)
 
 
 def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
