@@ -146,7 +146,6 @@ def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[lis
     return np.array(scores)
 
 
-
 def checked_choices(choices) -> list[str]:
     """The choices without surrounding blanks; InvalidRequestError for an empty or a repeated one."""
     stripped = [c.strip() for c in choices]
@@ -156,6 +155,7 @@ def checked_choices(choices) -> list[str]:
         # they would share the probability and the first would always be the answer
         raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
     return stripped
+
 
 class Engine:
     """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2 seed
