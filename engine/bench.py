@@ -456,7 +456,8 @@ def main(argv=None) -> int:
                     help="where onnxruntime-genai's models are built and kept (default: a temporary directory)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int,
-                    help="CPU threads of every runtime (default, or 0: every core this process may use)")
+                    help="CPU threads of every runtime (default, or 0: every core this process may use, within "
+                         "its CPU quota)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     ap.add_argument("--plot", type=Path, help="write a PNG: TTFT against image count, decode tokens/s")
     args = ap.parse_args(argv)

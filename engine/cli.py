@@ -41,7 +41,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--resident-kv", "--resident_kv", choices=RESIDENT_KV, default="auto",
                     help="keep the KV cache in the backend's buffers: auto (default: if a trial run agrees with "
                          "the plain path), on (required), off (hand every run the whole cache, as the seed does)")
-    ap.add_argument("--threads", type=int, help="CPU threads per session (default, or 0: every core it may use)")
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads per session (default, or 0: every core it may use, within its CPU quota)")
 
 
 def open_engine(args, **engine_args) -> Engine:

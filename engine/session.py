@@ -7,11 +7,13 @@ mishandles output-name subsets, so outputs are always taken by position).
 
 Decoder-layer sessions can also keep the KV cache in their own input buffers, as pyaxengine does
 with its device buffers: ``attach_kv`` sizes them (or raises BackendError saying why it cannot),
-``run_resident`` runs a group on the rows already there and appends the new rows. ``bytes_moved`` counts what the engine hands to and takes from the
-backend, so the timings can report host traffic per decode step.
+``run_resident`` runs a group on the rows already there and appends the new rows. ``bytes_moved``
+counts what the engine hands to and takes from the backend, so the timings can report host traffic
+per decode step.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Protocol
@@ -39,13 +41,48 @@ class Session(Protocol):
 
 def thread_count(threads: int | None) -> int:
     """The CPU threads a session (or a peer runtime in the bench) gets: ``threads``, or for None or 0
-    every core this process may run on (``taskset``, a container's cpuset: more threads than cores
-    would take turns on them)."""
+    every core this process may run on (``taskset``, a container's cpuset), and no more than its CPU
+    quota rounded up (``docker run --cpus``, a Kubernetes CPU limit): more threads than that would take
+    turns, and a thread pool waits for its slowest thread."""
     if threads:
         return threads
-    if hasattr(os, "sched_getaffinity"):  # not on macOS
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cpu_quota(root: Path = Path("/")) -> float | None:
+    """The CPUs this process's cgroups allow it (quota / period, the smallest along the way up), or
+    None where none is set or there are no cgroups. ``root``: where /proc and /sys are."""
+    try:
+        memberships = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    quotas = []
+    for line in memberships:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: "max 100000" or "150000 100000"
+            mount, files = root / "sys/fs/cgroup", ["cpu.max"]
+        elif "cpu" in controllers.split(","):  # cgroup v1: a quota of -1 means none
+            mount, files = root / "sys/fs/cgroup/cpu", ["cpu.cfs_quota_us", "cpu.cfs_period_us"]
+        else:
+            continue
+        # A limit on any ancestor holds too. In a container the process's own cgroup is the mount's
+        # root and the path (the host's) is not found under it: walking up reaches it.
+        directory = mount / path.strip("/")
+        for d in (directory, *directory.parents):
+            try:
+                quota, period = " ".join((d / f).read_text() for f in files).split()
+                if quota not in ("max", "-1"):
+                    quotas.append(int(quota) / int(period))
+            except (OSError, ValueError):  # not there (another hierarchy, or no cpu controller)
+                pass
+            if d == mount:
+                break
+    return min(quotas, default=None)
 
 
 def resolve_backend(name: str, model_dir: Path) -> str:

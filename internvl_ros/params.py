@@ -50,8 +50,8 @@ PARAMETERS: dict[str, Param] = {
     "resident_kv": Param("auto", "Keep the KV cache in the backend's buffers: auto (if a trial run at configure "
                          "agrees with the plain path), on (required), off (hand every run the whole cache, as the "
                          "seed demo).", read_only=True, choices=RESIDENT_KV),
-    "threads": Param(0, "CPU threads per model session (0: every core the node may use).", read_only=True,
-                     limits=(0, 256)),
+    "threads": Param(0, "CPU threads per model session (0: every core the node may use, within its CPU quota).",
+                     read_only=True, limits=(0, 256)),
     "autostart": Param(True, "Configure and activate at start-up. Set false when a lifecycle manager (nav2's "
                        "lifecycle_manager) brings the node up.", read_only=True),
     "image_topics": Param(["image_raw"], "Camera topics (relative names); one ending in /compressed is a "

@@ -25,6 +25,7 @@ from internvl_engine.export import export
 from internvl_engine.make_tiny import make_tiny
 from internvl_engine.prompt import TextStream
 from internvl_engine.sampling import Sampler
+from internvl_engine.session import cpu_quota
 
 
 def test_prompt_layout(engine):
@@ -498,3 +499,58 @@ def test_sessions_take_the_cores_this_process_may_run_on():
                          timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["1", "3"]
+
+
+def test_sessions_take_no_more_threads_than_the_cpu_quota():
+    """``docker run --cpus 1`` or a Kubernetes CPU limit is a cgroup quota, set on the process's cgroup
+    or one above it: two threads on one CPU's worth of time would take turns. A real cgroup, so root."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    mount = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/cpu")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to run on")
+    limited = mount / f"internvl-test-{os.getpid()}"
+    try:
+        limited.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup under {mount} ({e}): needs root and a cpu controller")
+    inner = limited / "inner"  # a cgroup with no quota of its own, below one with a quota
+    try:
+        if v2:
+            (limited / "cgroup.subtree_control").write_text("+cpu")  # lets the inner cgroup join
+            (limited / "cpu.max").write_text("100000 100000")
+        else:
+            (limited / "cpu.cfs_period_us").write_text("100000")
+            (limited / "cpu.cfs_quota_us").write_text("100000")
+        inner.mkdir()
+        probe = ("import sys; open(sys.argv[1], 'w').write('0'); "  # joins the cgroup: 0 means this process
+                 "from internvl_engine.backend_onnxruntime import session_options; "
+                 "from internvl_engine.session import cpu_quota; "
+                 "print(cpu_quota(), session_options(None).intra_op_num_threads, session_options(3).intra_op_num_threads)")
+        for cgroup in (limited, inner):
+            run = subprocess.run([sys.executable, "-c", probe, str(cgroup / "cgroup.procs")], capture_output=True,
+                                 text=True, timeout=60)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.split() == ["1.0", "1", "3"], cgroup
+    finally:
+        for cgroup in (inner, limited):
+            if cgroup.exists():
+                cgroup.rmdir()
+
+
+@pytest.mark.parametrize("layout, want", [
+    ({"proc/self/cgroup": "0::/\n", "sys/fs/cgroup/cpu.max": "max 100000\n"}, None),
+    ({"proc/self/cgroup": "0::/\n", "sys/fs/cgroup/cpu.max": "150000 100000\n"}, 1.5),
+    # in a container with the host's path in /proc/self/cgroup: the container's cgroup is the mount
+    ({"proc/self/cgroup": "0::/system.slice/docker-1.scope\n", "sys/fs/cgroup/cpu.max": "200000 100000\n"}, 2.0),
+    ({"proc/self/cgroup": "4:cpu,cpuacct:/docker/1\n1:memory:/docker/1\n",
+      "sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"proc/self/cgroup": "4:cpu,cpuacct:/a/b\n",  # the smaller of two quotas along the way up
+      "sys/fs/cgroup/cpu/a/cpu.cfs_quota_us": "50000\n", "sys/fs/cgroup/cpu/a/cpu.cfs_period_us": "100000\n",
+      "sys/fs/cgroup/cpu/cpu.cfs_quota_us": "300000\n", "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ({}, None),  # no /proc: not Linux
+])
+def test_the_cpu_quota_is_read_from_cgroup_v1_and_v2(tmp_path, layout, want):
+    for name, text in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == want
