@@ -47,6 +47,7 @@ from std_msgs.msg import Header, String
 from internvl_engine import (BackendError, Engine, ImageError, InternVLError, InvalidRequestError, ModelDirError,
                              PromptTooLongError, Request, VideoError)
 from internvl_engine.preprocess import segment_centre_indices
+from internvl_engine.session import thread_count
 
 from . import params
 from .cameras import CLOCK_AT_ZERO, CameraSubscriber, CameraView, Cameras, Frame, NoFreshFrameError, UnknownCameraError
@@ -172,8 +173,14 @@ class InternVLNode(LifecycleNode):
                              provider=p["provider"] or None, resident_kv=p["resident_kv"])
         self.cameras = Cameras(topics)
         self._subscriber = CameraSubscriber(self, self.cameras, p["camera_qos"], self._on_image)
-        self.get_logger().info(f"model {p['model_dir']} loaded on {self.engine.backend}"
-                               f"{' (KV cache in the backend buffers)' if self.engine.llm.resident else ''}; "
+        notes = []
+        if self.engine.backend == "onnxruntime":  # what a CPU quota or taskset left it: a slow node's first clue
+            n = thread_count(p["threads"])
+            notes.append(f"{n} CPU thread{'s' * (n != 1)} per session")
+        if self.engine.llm.resident:
+            notes.append("KV cache in the backend buffers")
+        how = f" ({', '.join(notes)})" if notes else ""
+        self.get_logger().info(f"model {p['model_dir']} loaded on {self.engine.backend}{how}; "
                                f"cameras: {', '.join(topics) or 'none'}")
 
     def on_activate(self, state) -> TransitionCallbackReturn:

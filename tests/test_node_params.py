@@ -13,6 +13,7 @@ from ros_harness import ERROR, NodeProcess, image_msg
 from test_node import deliver, running_node
 
 from internvl_engine import GenerationConfig, Request
+from internvl_engine.session import thread_count
 from internvl_ros.params import PARAMETERS
 
 
@@ -61,6 +62,16 @@ def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path)
         assert client.last_set_reason == "temperature: must be a number, not 'warm'"
         assert client.set_parameter("temperature", 11) is False and "must be in [0, 10]" in client.last_set_reason
         assert client.set_parameter("model_dir", "/elsewhere") is False  # read-only: needs a restart
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_the_start_up_line_names_the_cpu_threads(tiny_model, tmp_path, threads):
+    """A slow node in a container: the launch output says how many threads its CPU quota or cpuset left
+    each session (0: as many as the process may use)."""
+    n = thread_count(threads)
+    with running_node(tiny_model, tmp_path, threads=threads) as (proc, _):
+        pass
+    assert f"loaded on onnxruntime ({n} CPU thread{'s' * (n != 1)} per session, " in proc.log(), proc.log()
 
 
 # Every parameter that may change at run time, and the test below that observes its effect.
