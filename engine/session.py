@@ -42,8 +42,8 @@ class Session(Protocol):
 def thread_count(threads: int | None) -> int:
     """The CPU threads a session (or a peer runtime in the bench) gets: ``threads``, or for None or 0
     every core this process may run on (``taskset``, a container's cpuset), and no more than its CPU
-    quota rounded up (``docker run --cpus``, a Kubernetes CPU limit): more threads than that would take
-    turns, and a thread pool waits for its slowest thread."""
+    quota rounded up (``docker run --cpus``, a Kubernetes CPU limit). Above the quota every thread
+    waits once it is spent: 16 threads on a quota of 2 decoded 5x slower than 2 (docs/benchmarks.md)."""
     if threads:
         return threads
     if hasattr(os, "sched_getaffinity"):
