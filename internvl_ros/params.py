@@ -130,7 +130,7 @@ def declare(node: Node) -> None:
         try:
             value = node.declare_parameter(name, p.default, _descriptor(name, p)).value
         except ParameterException as e:  # rclpy refuses a value of the wrong type or out of range
-            raise ParameterError(f"{name}: {e}") from e
+            raise ParameterError(f"{name}: {str(e).removesuffix(f': {name}')}") from e  # rclpy ends with the name
         if why := check(name, value):
             raise ParameterError(f"{name}: {why}")
 

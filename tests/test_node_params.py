@@ -29,6 +29,8 @@ def ros():
     ("tiny", {"mode": "bogus"}, "cannot start: mode: must be one of image, video, text, not 'bogus'"),
     ("tiny", {"camera_qos": "fast"}, "cannot start: camera_qos: must be one of auto, sensor_data, reliable, not 'fast'"),
     ("tiny", {"max_new_tokens": 0}, "cannot start: max_new_tokens: "),
+    ("tiny", {"threads": -1}, "cannot start: threads: Invalid parameter value (-1) for parameter. Reason: Parameter "
+     "threads out of range. Min: 0, Max: 256, value: -1"),
     ("tiny", {"temperature": -1.0}, "cannot start: temperature: "),
     ("tiny", {"top_p": 0.0}, "cannot start: top_p: must be in (0, 1], not 0.0"),
     ("tiny", {"image_topics": "['bad topic!']"}, "cannot start: image_topics: 'bad topic!' is not a valid topic name"),
@@ -50,6 +52,7 @@ def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, t
     assert "Traceback" not in log, log
     lines = [line for line in log.splitlines() if "cannot start: " in line]
     assert len(lines) == 1 and message in lines[0], log
+    assert not any(lines[0].endswith(f": {name}") for name in params), lines[0]  # named once, at the start
 
 
 def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):
