@@ -503,7 +503,8 @@ def test_sessions_take_the_cores_this_process_may_run_on():
 
 def test_sessions_take_no_more_threads_than_the_cpu_quota():
     """``docker run --cpus 1`` or a Kubernetes CPU limit is a cgroup quota, set on the process's cgroup
-    or one above it: two threads on one CPU's worth of time would take turns. A real cgroup, so root."""
+    or one above it. Threads above it wait once it is spent (16 threads on a quota of 2 decoded 5x
+    slower than 2: docs/benchmarks.md). A real cgroup, so root."""
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
     mount = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/cpu")
     if len(os.sched_getaffinity(0)) < 2:
