@@ -26,7 +26,7 @@ from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
 from .sampling import GenerationConfig, Sampler, not_finite
-from .session import open_session, resolve_backend
+from .session import open_session, resolve_backend, thread_count
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class Engine:
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
         self.backend = resolve_backend(backend, model_dir)
+        self.threads = thread_count(threads)  # per onnxruntime session: affinity and quota are read once, here
         layout = ModelLayout.find(model_dir, tokenizer_dir, vit_model)
         self.spec = layout.spec
         self.system_prompt = system_prompt
@@ -180,7 +181,7 @@ class Engine:
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
 
         def session(path):
-            return open_session(self.backend, path, threads, provider)
+            return open_session(self.backend, path, self.threads, provider)
 
         self.vit = session(layout.vit) if layout.vit else None
         if self.vit is not None:
@@ -191,7 +192,7 @@ class Engine:
                 raise BackendError(f"{layout.decoder.name} is a fused decoder for onnxruntime, not for {self.backend}")
             from .fused import FusedLLM
 
-            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, threads,
+            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, self.threads,
                                 layout.prompt_decoder)
         else:
             layers = [session(p) for p in layout.layers]

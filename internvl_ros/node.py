@@ -47,7 +47,6 @@ from std_msgs.msg import Header, String
 from internvl_engine import (BackendError, Engine, ImageError, InternVLError, InvalidRequestError, ModelDirError,
                              PromptTooLongError, Request, VideoError)
 from internvl_engine.preprocess import segment_centre_indices
-from internvl_engine.session import thread_count
 
 from . import params
 from .cameras import CLOCK_AT_ZERO, CameraSubscriber, CameraView, Cameras, Frame, NoFreshFrameError, UnknownCameraError
@@ -175,7 +174,7 @@ class InternVLNode(LifecycleNode):
         self._subscriber = CameraSubscriber(self, self.cameras, p["camera_qos"], self._on_image)
         notes = []
         if self.engine.backend == "onnxruntime":  # what a CPU quota or taskset left it: a slow node's first clue
-            n = thread_count(p["threads"])
+            n = self.engine.threads
             notes.append(f"{n} CPU thread{'s' * (n != 1)} per session")
         if self.engine.llm.resident:
             notes.append("KV cache in the backend buffers")
