@@ -47,8 +47,9 @@ def back_with_huge_pages() -> int:
     """Back this process's private memory that is in use (chiefly the weights onnxruntime has just
     loaded) with 2 MiB pages, and return how many bytes now are. A decode step streams every weight
     once, and with 4 KiB pages the CPU also walks the page tables for each: int4 decoding ran 1.06×
-    as fast at 384 tokens with huge pages, 1.03× at 2000 (docs/benchmarks.md). Only 2 MiB blocks with at least 3/4 of
-    their pages in use are collapsed, so sparse memory (thread stacks, reserved heap) does not grow.
+    as fast at 384 tokens with huge pages, 1.03× at 2000 (docs/benchmarks.md). Only 2 MiB blocks with
+    at least 3/4 of their pages in use are collapsed, so sparse memory (thread stacks, reserved heap)
+    does not grow.
     Linux with transparent huge pages not "never"; MADV_COLLAPSE needs Linux 6.1, and before it the
     advice alone lets khugepaged collapse the blocks in the background. Elsewhere nothing happens."""
     maps = Path("/proc/self/maps")
