@@ -17,6 +17,7 @@ CANCELLED (ROS 2 lets a goal end canceled only when its client asked).
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -573,11 +574,17 @@ def main(args=None) -> int:
     if "-h" in own or "--help" in own:
         print(usage())
         return 0
-    rclpy.init(args=args)
+    logger = rclpy.logging.get_logger("internvl")
+    try:
+        rclpy.init(args=args)
+    except RuntimeError as e:  # rcl refused the ROS arguments: a -p rule, a parameter file, an unknown option
+        reason = re.sub(r", at \S+:\d+", "", str(e))  # rcl's source locations say nothing to a user
+        logger.fatal(f"cannot start: rclpy.init refused the command line: {type(e).__name__}: {reason}")
+        return 1
     try:
         node = InternVLNode()
     except InternVLError as e:
-        rclpy.logging.get_logger("internvl").fatal(f"cannot start: {e}")
+        logger.fatal(f"cannot start: {e}")
         rclpy.try_shutdown()
         return 1
     code = 0

@@ -16,9 +16,9 @@ BIN = Path(sys.executable).parent
 
 
 def node_command(model_dir: Path, params: dict | None = None, namespace: str = "",
-                 remaps: dict | None = None) -> list[str]:
+                 remaps: dict | None = None, ros_args: list[str] | None = None) -> list[str]:
     """The command launch_ros builds for internvl.launch.py: the package's parameter file, then
-    overrides, the node name, namespace and remappings."""
+    overrides, the node name, namespace and remappings; then any other ROS arguments."""
     cmd = [str(BIN / "internvl_node"), "--ros-args", "-r", "__node:=internvl",
            "--params-file", str(ROOT / "config" / "internvl.yaml"), "-p", f"model_dir:={model_dir}"]
     for key, value in (params or {}).items():
@@ -27,7 +27,7 @@ def node_command(model_dir: Path, params: dict | None = None, namespace: str = "
         cmd += ["-r", f"__ns:={namespace}"]
     for src, dst in (remaps or {}).items():
         cmd += ["-r", f"{src}:={dst}"]
-    return cmd
+    return cmd + (ros_args or [])
 
 
 class NodeProcess:

@@ -55,6 +55,26 @@ def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, t
     assert not any(lines[0].endswith(f": {name}") for name in params), lines[0]  # named once, at the start
 
 
+@pytest.mark.parametrize("ros_args, message", [
+    (["-p", "threads:=[1, 2.5]"], "RCLError: failed to initialize rcl: Couldn't parse parameter override rule: "
+     "'-p threads:=[1, 2.5]'. Error: Sequence should be of same type."),
+    (["--params-file", "/no/such.yaml"], "RCLError: failed to initialize rcl: Couldn't parse params file: "
+     "'--params-file /no/such.yaml'. Error: Error opening YAML file"),
+    (["--bogus"], "UnknownROSArgsError: ['--bogus']"),
+])
+def test_a_command_line_rcl_refuses_stops_with_one_clear_line(tiny_model, tmp_path, ros_args, message):
+    proc = NodeProcess(tiny_model, tmp_path / "node.log", ros_args=ros_args)
+    try:
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if "cannot start: " in line]
+    assert len(lines) == 1 and f"cannot start: rclpy.init refused the command line: {message}" in lines[0], log
+    assert ".c:" not in lines[0], lines[0]  # without rcl's source locations
+
+
 def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):
     with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=8, temperature=1, seed=3) as (_, client):
         sampled = engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)).text
