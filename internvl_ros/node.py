@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import rclpy
@@ -107,9 +108,11 @@ class Job:
 
 
 class InternVLNode(LifecycleNode):
-    def __init__(self, **kwargs):
+    def __init__(self, command_line: Sequence[str] = (), **kwargs):
         super().__init__("internvl", **kwargs)
-        params.declare(self)  # ParameterError: main() prints it and exits 1
+        # ParameterError: main() prints it and exits 1
+        params.check_command_line(command_line, self.get_fully_qualified_name())
+        params.declare(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: Engine | None = None
         self.cameras = Cameras([])
@@ -582,7 +585,7 @@ def main(args=None) -> int:
         logger.fatal(f"cannot start: rclpy.init refused the command line: {type(e).__name__}: {reason}")
         return 1
     try:
-        node = InternVLNode()
+        node = InternVLNode(command_line=argv)
     except InternVLError as e:
         logger.fatal(f"cannot start: {e}")
         rclpy.try_shutdown()

@@ -1,7 +1,8 @@
 """Every parameter of the node, declared in one place with its description, limits and choices.
 
 ``declare(node)`` declares them and checks the start-up values (a bad one raises ParameterError
-naming it); the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
+naming it), after ``check_command_line`` has refused any ``-p`` override of a type its parameter does
+not take; the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
 accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
 ``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
 change takes effect at the next question; read-only ones are fixed when the node starts (ROS refuses
@@ -9,8 +10,13 @@ to set them): restart the node to change them. A clean-up and configure reloads 
 """
 from __future__ import annotations
 
+import math
+import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import ParameterException
 from rclpy.node import Node
@@ -133,6 +139,118 @@ def declare(node: Node) -> None:
             raise ParameterError(f"{name}: {str(e).removesuffix(f': {name}')}") from e  # rclpy ends with the name
         if why := check(name, value):
             raise ParameterError(f"{name}: {why}")
+
+
+# How rcl_yaml_param_parser types a plain (unquoted) scalar: these words are booleans, then what C's
+# strtol (base 0) reads whole without overflow is an integer, then what strtod reads so is a double.
+_RCL_BOOLS = {"Y", "y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON",
+              "N", "n", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"}
+_YAML_INF_NAN = {".nan", ".NaN", ".NAN"} | {sign + inf for sign in ("", "+", "-") for inf in (".inf", ".Inf", ".INF")}
+_C_INTEGER = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_C_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_C_HEX_FLOAT = re.compile(r"[+-]?0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)([pP][+-]?\d+)?")
+_C_INF_NAN = re.compile(r"[+-]?(inf|infinity|nan(\([0-9A-Za-z_]*\))?)", re.IGNORECASE)
+
+
+def _is_c_long(text: str) -> bool:
+    if not _C_INTEGER.fullmatch(text):
+        return False
+    digits = text.lstrip("+-")
+    value = int(text, 16 if digits[:2] in ("0x", "0X") else 8 if digits.startswith("0") else 10)
+    return -2**63 <= value < 2**63
+
+
+def _is_c_double(text: str) -> bool:
+    if text in _YAML_INF_NAN or _C_INF_NAN.fullmatch(text):
+        return True
+    if match := _C_HEX_FLOAT.fullmatch(text):
+        value = float.fromhex(text)
+    elif match := _C_DECIMAL.fullmatch(text):
+        value = float(text)
+    else:
+        return False
+    # strtod reports overflow and underflow (a subnormal result too) as errors: rcl then takes a string
+    zero = not re.search(r"[1-9a-fA-F]", match.group(1))
+    return math.isfinite(value) and (abs(value) >= sys.float_info.min or zero)
+
+
+def _rcl_scalar_type(node: yaml.ScalarNode) -> str:
+    if node.style in ("'", '"'):
+        return "string"
+    if node.value in _RCL_BOOLS:
+        return "bool"
+    return "integer" if _is_c_long(node.value) else "double" if _is_c_double(node.value) else "string"
+
+
+def rcl_type(value: str) -> str | None:
+    """The type rcl gives the value of ``-p name:=value``: bool, integer, double, string or one of them
+    followed by " array"; "empty list" for ``[]`` (rcl gives it no value at all); None for what rcl
+    refuses at start-up itself (a list of mixed types, a mapping) or reads oddly (nested lists)."""
+    try:
+        node = yaml.compose(value)
+    except yaml.YAMLError:
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        return _rcl_scalar_type(node)
+    if isinstance(node, yaml.SequenceNode):
+        if not node.value:
+            return "empty list"
+        if all(isinstance(item, yaml.ScalarNode) for item in node.value):
+            types = {_rcl_scalar_type(item) for item in node.value}
+            return f"{types.pop()} array" if len(types) == 1 else None
+    return None
+
+
+def _declared_types(p: Param) -> tuple[str, ...]:
+    if isinstance(p.default, bool):
+        return ("bool",)
+    if isinstance(p.default, float):
+        return ("double", "integer")
+    return {int: ("integer",), str: ("string",), list: ("string array",)}[type(p.default)]
+
+
+def _a(type_name: str) -> str:
+    return f"{'an' if type_name[0] in 'aeiou' else 'a'} {type_name}"
+
+
+def command_line_overrides(ros_args: Sequence[str], fully_qualified_name: str) -> dict[str, str]:
+    """The ``-p [node:]name:=value`` rules of a command line that reach this node, by parameter name (the
+    last rule of each name, as rcl takes them).
+
+    Only rules inside ``--ros-args`` sections count; a rule with a node name applies to ``/<that name>``.
+    """
+    rules: dict[str, str] = {}
+    in_ros_args = False
+    for arg, rule in zip(ros_args, [*ros_args[1:], ""]):
+        if arg in ("--ros-args", "--"):
+            in_ros_args = arg == "--ros-args"
+        elif in_ros_args and arg in ("-p", "--param"):
+            target, assigns, _ = rule.partition(":=")
+            node, _, name = target.rpartition(":")
+            if assigns and (not node or f"/{node}" == fully_qualified_name):
+                rules[name] = rule
+    return rules
+
+
+def check_command_line(ros_args: Sequence[str], fully_qualified_name: str) -> None:
+    """Refuse (ParameterError) a ``-p`` override of a type its parameter does not take.
+
+    rcl holds one value per type for each parameter: after a parameter file's ``threads: 0``, ``-p
+    threads:=two`` adds a string beside the integer, and rclpy reads the integer. The override would be
+    lost without a word (without a parameter file, rclpy refuses it), so the node refuses it first.
+    """
+    for name, rule in command_line_overrides(ros_args, fully_qualified_name).items():
+        p = PARAMETERS.get(name)
+        value = rule.partition(":=")[2]
+        given = rcl_type(value)
+        if p is None or given is None or given in (takes := _declared_types(p)):
+            continue
+        if given == "empty list":
+            raise ParameterError(f"{name}: -p {rule} is an empty list, which rcl gives no value (not even its "
+                                 "type), so the parameter would keep its value")
+        example = {"string": f"-p '{name}:=\"{value}\"'", "string array": f"-p '{name}:=[{value}]'"}.get(takes[0])
+        hint = f" (for {_a(takes[0])}: {example})" if example else ""
+        raise ParameterError(f"{name}: -p {rule} is {_a(given)}, not {_a(takes[0])}{hint}")
 
 
 def validate(params) -> SetParametersResult:

@@ -36,6 +36,12 @@ def ros():
     ("tiny", {"image_topics": "['bad topic!']"}, "cannot start: image_topics: 'bad topic!' is not a valid topic name"),
     ("tiny", {"image_topics": "[image_raw, back/image_raw, /image_raw]"},
      "cannot start: image_topics: /image_raw named more than once"),
+    # given after a parameter file that sets them, rcl would keep the file's value without a word
+    ("tiny", {"threads": "two"}, "cannot start: threads: -p threads:=two is a string, not an integer"),
+    ("tiny", {"internvl:autostart": "maybe"}, "cannot start: autostart: -p internvl:autostart:=maybe is a string, "
+     "not a bool"),
+    ("tiny", {"image_topics": "[]"}, "cannot start: image_topics: -p image_topics:=[] is an empty list, which rcl "
+     "gives no value"),
     # an error the engine does not foresee is named too (rclpy's lifecycle would end the transition silently)
     ("huge cache", {}, "cannot start: internal error: MemoryError: Unable to allocate"),
 ])
