@@ -24,6 +24,20 @@ def ros():
     rclpy.shutdown()
 
 
+def refusal(model_dir, tmp_path, **kwargs) -> str:
+    """Start the node, which must exit with status 1 and one "cannot start" line, no traceback: that line."""
+    proc = NodeProcess(model_dir, tmp_path / "node.log", **kwargs)
+    try:
+        assert proc.proc.wait(60) == 1
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if "cannot start: " in line]
+    assert len(lines) == 1, log
+    return lines[0]
+
+
 @pytest.mark.parametrize("model, params, message", [
     ("missing", {}, "no such model directory"),
     ("tiny", {"mode": "bogus"}, "cannot start: mode: must be one of image, video, text, not 'bogus'"),
@@ -49,16 +63,9 @@ def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, t
     model_dir = {"tiny": tiny_model, "missing": tmp_path / "no_model", "huge cache": tmp_path / "huge"}[model]
     if model == "huge cache":  # a per-layer export takes any cache length: this one does not fit in memory
         with_manifest(tiny_layers_model, model_dir, "build.kv_cache_len", lambda _: 10 ** 15)
-    proc = NodeProcess(model_dir, tmp_path / "node.log", params=params)
-    try:
-        assert proc.proc.wait(60) == 1
-    finally:
-        proc.stop()
-    log = proc.log()
-    assert "Traceback" not in log, log
-    lines = [line for line in log.splitlines() if "cannot start: " in line]
-    assert len(lines) == 1 and message in lines[0], log
-    assert not any(lines[0].endswith(f": {name}") for name in params), lines[0]  # named once, at the start
+    line = refusal(model_dir, tmp_path, params=params)
+    assert message in line
+    assert not any(line.endswith(f": {name}") for name in params), line  # named once, at the start
 
 
 @pytest.mark.parametrize("ros_args, message", [
@@ -69,16 +76,9 @@ def test_bad_start_up_stops_with_one_clear_line(tiny_model, tiny_layers_model, t
     (["--bogus"], "UnknownROSArgsError: ['--bogus']"),
 ])
 def test_a_command_line_rcl_refuses_stops_with_one_clear_line(tiny_model, tmp_path, ros_args, message):
-    proc = NodeProcess(tiny_model, tmp_path / "node.log", ros_args=ros_args)
-    try:
-        assert proc.proc.wait(60) == 1
-    finally:
-        proc.stop()
-    log = proc.log()
-    assert "Traceback" not in log, log
-    lines = [line for line in log.splitlines() if "cannot start: " in line]
-    assert len(lines) == 1 and f"cannot start: rclpy.init refused the command line: {message}" in lines[0], log
-    assert ".c:" not in lines[0], lines[0]  # without rcl's source locations
+    line = refusal(tiny_model, tmp_path, ros_args=ros_args)
+    assert f"cannot start: rclpy.init refused the command line: {message}" in line
+    assert ".c:" not in line, line  # without rcl's source locations
 
 
 def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):
