@@ -1,8 +1,9 @@
 """Every parameter of the node, declared in one place with its description, limits and choices.
 
 ``declare(node)`` declares them and checks the start-up values (a bad one raises ParameterError
-naming it), after ``check_command_line`` has refused any ``-p`` override of a type its parameter does
-not take; the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
+naming it), after ``check_command_line`` has refused a value on the command line (``-p`` or a
+parameter file) of a type its parameter does not take, or one rcl would drop for an earlier value;
+the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
 accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
 ``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
 change takes effect at the next question; read-only ones are fixed when the node starts (ROS refuses
@@ -15,6 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
@@ -182,14 +184,7 @@ def _rcl_scalar_type(node: yaml.ScalarNode) -> str:
     return "integer" if _is_c_long(node.value) else "double" if _is_c_double(node.value) else "string"
 
 
-def rcl_type(value: str) -> str | None:
-    """The type rcl gives the value of ``-p name:=value``: bool, integer, double, string or one of them
-    followed by " array"; "empty list" for ``[]`` (rcl gives it no value at all); None for what rcl
-    refuses at start-up itself (a list of mixed types, a mapping) or reads oddly (nested lists)."""
-    try:
-        node = yaml.compose(value)
-    except yaml.YAMLError:
-        return None
+def _rcl_node_type(node: yaml.Node) -> str | None:
     if isinstance(node, yaml.ScalarNode):
         return _rcl_scalar_type(node)
     if isinstance(node, yaml.SequenceNode):
@@ -199,6 +194,17 @@ def rcl_type(value: str) -> str | None:
             types = {_rcl_scalar_type(item) for item in node.value}
             return f"{types.pop()} array" if len(types) == 1 else None
     return None
+
+
+def rcl_type(value: str) -> str | None:
+    """The type rcl gives the value of ``-p name:=value`` (or ``name: value`` in a parameter file): bool,
+    integer, double, string or one of them followed by " array"; "empty list" for ``[]`` (rcl gives it no
+    value at all); None for what rcl refuses at start-up itself (a list of mixed types, a mapping) or
+    reads oddly (nested lists)."""
+    try:
+        return _rcl_node_type(yaml.compose(value))
+    except yaml.YAMLError:
+        return None
 
 
 def _declared_types(p: Param) -> tuple[str, ...]:
@@ -213,44 +219,127 @@ def _a(type_name: str) -> str:
     return f"{'an' if type_name[0] in 'aeiou' else 'a'} {type_name}"
 
 
-def command_line_overrides(ros_args: Sequence[str], fully_qualified_name: str) -> dict[str, str]:
-    """The ``-p [node:]name:=value`` rules of a command line that reach this node, by parameter name (the
-    last rule of each name, as rcl takes them).
+@dataclass(frozen=True)
+class GivenValue:
+    """A value the command line gives a parameter: a ``-p`` rule, or an entry of a ``--params-file``."""
+    name: str
+    node_key: str  # the node name it is given under, as rcl keeps it: "/**" for a -p rule without one
+    type: str | None  # as rcl_type says
+    text: str  # the value as written
+    file: str | None = None  # None for a -p rule
 
-    Only rules inside ``--ros-args`` sections count; a rule with a node name applies to ``/<that name>``.
-    """
-    rules: dict[str, str] = {}
+    @property
+    def where(self) -> str:
+        return f"-p {self._target}:={self.text}" if self.file is None else f"{self.text} in {self.file}"
+
+    @property
+    def _target(self) -> str:
+        return self.name if self.node_key == "/**" else f"{self.node_key}:{self.name}"
+
+    def written_as(self, type_name: str) -> str:
+        """How to write this value as a string or a string array, or "" for other types."""
+        value = {"string": f'"{self.text}"', "string array": f"[{self.text}]"}.get(type_name)
+        if value is None:
+            return ""
+        return f"{self.name}: {value}" if self.file else f"-p '{self._target}:={value}'"
+
+
+def _reaches(node_key: str, fully_qualified_name: str) -> bool:
+    """Whether parameters given under ``node_key`` reach the node: its full name, its name alone (which
+    rcl takes as /name), or a pattern where /** stands for any namespaces and /* for one."""
+    pattern = re.escape(node_key if node_key.startswith("/") else f"/{node_key}")
+    pattern = pattern.replace(r"/\*\*", "(/[^/]+)*").replace(r"/\*", "/[^/]+")
+    return re.fullmatch(pattern, fully_qualified_name) is not None
+
+
+def _items(node: yaml.Node) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    """A mapping's entries with plain keys (rcl refuses the others)."""
+    is_mapping = isinstance(node, yaml.MappingNode)
+    return [(key, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)] if is_mapping else []
+
+
+def _file_values(path: str) -> list[GivenValue]:
+    """The entries of a parameter file, under the node names they are given for (nested names join with
+    /, as rcl joins them; nested parameter names join with .)."""
+    try:
+        text = Path(path).read_text()
+        root = yaml.compose(text)
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return []  # rcl read it before this (or refused it): nothing here to add
+
+    def written(node: yaml.Node) -> str:
+        return " ".join(text[node.start_mark.index:node.end_mark.index].split())
+
+    def entries(node: yaml.Node, node_key: str, prefix: str):
+        for key, value in _items(node):
+            if isinstance(value, yaml.MappingNode):
+                yield from entries(value, node_key, f"{prefix}{key.value}.")
+            else:
+                yield GivenValue(prefix + key.value, node_key, _rcl_node_type(value), written(value), path)
+
+    def nodes(node: yaml.Node, path_keys: list[str]):
+        for key, value in _items(node):
+            if key.value == "ros__parameters":
+                yield from entries(value, "/".join(path_keys), "")
+            else:
+                yield from nodes(value, [*path_keys, key.value])
+
+    return list(nodes(root, []))
+
+
+def given_values(ros_args: Sequence[str], fully_qualified_name: str) -> list[GivenValue]:
+    """What the command line gives this node's parameters, in its order: the ``-p [node:]name:=value``
+    rules and the entries of the ``--params-file`` files in ``--ros-args`` sections, under node names
+    that reach this node."""
+    values: list[GivenValue] = []
     in_ros_args = False
-    for arg, rule in zip(ros_args, [*ros_args[1:], ""]):
+    for arg, following in zip(ros_args, [*ros_args[1:], ""]):
         if arg in ("--ros-args", "--"):
             in_ros_args = arg == "--ros-args"
         elif in_ros_args and arg in ("-p", "--param"):
-            target, assigns, _ = rule.partition(":=")
+            target, assigns, value = following.partition(":=")
             node, _, name = target.rpartition(":")
-            if assigns and (not node or f"/{node}" == fully_qualified_name):
-                rules[name] = rule
-    return rules
+            if assigns:
+                values.append(GivenValue(name, node or "/**", rcl_type(value), value))
+        elif in_ros_args and arg == "--params-file":
+            values += _file_values(following)
+    return [v for v in values if _reaches(v.node_key, fully_qualified_name)]
+
+
+# The order in which rclpy reads a parameter's values when rcl holds several (one of each type).
+_RCLPY_READS = ("bool", "integer", "double", "string", "bool array", "integer array", "double array", "string array")
 
 
 def check_command_line(ros_args: Sequence[str], fully_qualified_name: str) -> None:
-    """Refuse (ParameterError) a ``-p`` override of a type its parameter does not take.
+    """Refuse (ParameterError) a value on the command line that the node would not take or would lose.
 
-    rcl holds one value per type for each parameter: after a parameter file's ``threads: 0``, ``-p
-    threads:=two`` adds a string beside the integer, and rclpy reads the integer. The override would be
-    lost without a word (without a parameter file, rclpy refuses it), so the node refuses it first.
+    rcl holds one value of each type for a parameter under one node name: after a parameter file's
+    ``threads: 0``, ``-p threads:=two`` (or a second file's ``threads: two``) adds a string beside the
+    integer, and rclpy reads the integer; after ``temperature: 1``, a later ``temperature: 0.5`` is lost
+    the same way. Only the last value given under each node name counts: it must be of the parameter's
+    type and be the one rclpy reads. (A value alone of the wrong type rclpy refuses too, less clearly.)
     """
-    for name, rule in command_line_overrides(ros_args, fully_qualified_name).items():
-        p = PARAMETERS.get(name)
-        value = rule.partition(":=")[2]
-        given = rcl_type(value)
-        if p is None or given is None or given in (takes := _declared_types(p)):
+    by_node_and_name: dict[tuple[str, str], list[GivenValue]] = {}
+    for value in given_values(ros_args, fully_qualified_name):
+        if value.name in PARAMETERS:
+            by_node_and_name.setdefault((value.node_key, value.name), []).append(value)
+    for (_, name), values in by_node_and_name.items():
+        last, takes = values[-1], _declared_types(PARAMETERS[name])
+        if last.type is None:
             continue
-        if given == "empty list":
-            raise ParameterError(f"{name}: -p {rule} is an empty list, which rcl gives no value (not even its "
+        if last.type == "empty list":
+            raise ParameterError(f"{name}: {last.where} is an empty list, which rcl gives no value (not even its "
                                  "type), so the parameter would keep its value")
-        example = {"string": f"-p '{name}:=\"{value}\"'", "string array": f"-p '{name}:=[{value}]'"}.get(takes[0])
-        hint = f" (for {_a(takes[0])}: {example})" if example else ""
-        raise ParameterError(f"{name}: -p {rule} is {_a(given)}, not {_a(takes[0])}{hint}")
+        if last.type not in takes:
+            example = last.written_as(takes[0])
+            hint = f" (for {_a(takes[0])}: {example})" if example else ""
+            raise ParameterError(f"{name}: {last.where} is {_a(last.type)}, not {_a(takes[0])}{hint}")
+        latest = {v.type: v for v in values}
+        read = latest[next(t for t in _RCLPY_READS if t in latest)]
+        if read is not last:
+            raise ParameterError(f"{name}: {last.where} would be lost: rcl keeps one value of each type, and rclpy "
+                                 f"reads {read.where} instead, {_a(read.type)} (write each value of {name} as "
+                                 f"{_a(last.type)})")
 
 
 def validate(params) -> SetParametersResult:

@@ -81,6 +81,14 @@ def test_a_command_line_rcl_refuses_stops_with_one_clear_line(tiny_model, tmp_pa
     assert ".c:" not in line, line  # without rcl's source locations
 
 
+def test_a_second_parameter_file_is_checked_with_the_first(tiny_model, tmp_path):
+    # the package file gives max_new_tokens as an integer: rclpy would read it and drop this double silently
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("/**:\n  ros__parameters:\n    max_new_tokens: 64.0\n")
+    line = refusal(tiny_model, tmp_path, ros_args=["--params-file", str(overlay)])
+    assert f"cannot start: max_new_tokens: 64.0 in {overlay} is a double, not an integer" in line
+
+
 def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):
     with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=8, temperature=1, seed=3) as (_, client):
         sampled = engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)).text

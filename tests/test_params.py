@@ -1,6 +1,9 @@
 """The node's command-line check without a node process: the type it expects rcl to give a ``-p`` value
-is the type rcl gives it (asked of rcl itself, through rclpy), and it finds the rules that reach the node."""
+is the type rcl gives it, it refuses exactly the layered values that rclpy would not read (both asked of
+rcl itself, through rclpy), and it finds the rules and parameter file entries that reach the node."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import rclpy
@@ -8,7 +11,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.context import Context
 from rclpy.node import Node
 
-from internvl_ros.params import ParameterError, check_command_line, command_line_overrides, rcl_type
+from internvl_ros.params import PARAMETERS, ParameterError, check_command_line, given_values, rcl_type
 
 # Plain, quoted and list values, with C's and YAML's number forms, their limits and near misses.
 VALUES = ["two", "2", "+5", "-3", "010", "08", "0x10", "0X1F", "-0x1", "0b1", "0x", "1_000",
@@ -45,14 +48,75 @@ def test_what_rcl_refuses_is_left_to_rcl(value):
         rclpy.init(args=["--ros-args", "-p", f"p:={value}"], context=Context())
 
 
-def test_the_rules_that_reach_the_node():
+def test_the_rules_and_file_entries_that_reach_the_node(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("""
+/**: {ros__parameters: {mode: text, image: {max_tiles: 2}}}
+/*: {ros__parameters: {top_p: 0.5}}
+/**/internvl: {ros__parameters: {seed: 7}}
+internvl: {ros__parameters: {top_k: "9"}}
+robot: {internvl: {ros__parameters: {queue_size: 3}}}
+/other: {ros__parameters: {threads: 1}}
+""")
     command_line = ["--threads", "-p", "threads:=9", "--ros-args", "-p", "threads:=two", "--param", "mode:=video",
-                    "-p", "threads:=3", "-r", "__ns:=/robot", "-p", "internvl:top_k:=5", "-p", "other:top_p:=0.5",
-                    "--", "-p", "seed:=1", "--ros-args", "-p", "robot/internvl:seed:=2", "-p", "bad"]
-    assert command_line_overrides(command_line, "/internvl") == {
-        "threads": "threads:=3", "mode": "mode:=video", "top_k": "internvl:top_k:=5"}
-    assert command_line_overrides(command_line, "/robot/internvl") == {
-        "threads": "threads:=3", "mode": "mode:=video", "seed": "robot/internvl:seed:=2"}
+                    "--params-file", str(params_file), "-r", "__ns:=/robot", "-p", "internvl:top_k:=5",
+                    "-p", "other:top_p:=0.5", "--", "-p", "seed:=1", "--params-file", "x", "--ros-args", "-p", "bad"]
+
+    def reaching(fully_qualified_name):
+        return [(v.node_key, v.name, v.text, v.type, v.file is not None)
+                for v in given_values(command_line, fully_qualified_name)]
+    common = [("/**", "threads", "two", "string", False), ("/**", "mode", "video", "string", False),
+              ("/**", "mode", "text", "string", True), ("/**", "image.max_tiles", "2", "integer", True)]
+    assert reaching("/internvl") == [*common, ("/*", "top_p", "0.5", "double", True),
+                                     ("/**/internvl", "seed", "7", "integer", True),
+                                     ("internvl", "top_k", '"9"', "string", True),
+                                     ("internvl", "top_k", "5", "integer", False)]
+    assert reaching("/robot/internvl") == [*common, ("/**/internvl", "seed", "7", "integer", True),
+                                           ("robot/internvl", "queue_size", "3", "integer", True)]
+
+
+# Values of each type for parameters of each type, given first in a parameter file and then by -p or a
+# second file, all under one node name: rcl keeps one value of each type there.
+LAYERED = {"temperature": ["1", "0.5", "on", "warm"], "threads": ["2", "2.0", "two", "[2]"],
+           "autostart": ["false", "0", "'no'"], "system_prompt": ["hi", "7", "[hi]"],
+           "image_topics": ["[a]", "b", "[1]"]}
+
+
+@pytest.mark.parametrize("second", ["-p", "--params-file"])
+def test_a_layered_value_is_refused_exactly_when_rclpy_would_not_read_it(tmp_path, second):
+    cases = [(name, first, then) for name, values in LAYERED.items() for first in values for then in values]
+    args = ["--ros-args"]
+    for i, (name, first, then) in enumerate(cases):
+        for layer, value in (("first", first), ("then", then)):
+            if layer == "then" and second == "-p":
+                args += ["-p", f"case{i}:{name}:={value}"]
+            else:
+                (tmp_path / f"{layer}{i}.yaml").write_text(f"case{i}:\n  ros__parameters:\n    {name}: {value}\n")
+                args += ["--params-file", str(tmp_path / f"{layer}{i}.yaml")]
+    context = Context()
+    rclpy.init(args=args, context=context)
+    try:
+        read = {}
+        for i, (name, _, _) in enumerate(cases):
+            node = Node(f"case{i}", context=context)
+            read[i] = node.declare_parameter(name, descriptor=ParameterDescriptor(dynamic_typing=True)).type_.name
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    refused = set()
+    for i, (name, first, then) in enumerate(cases):
+        try:
+            check_command_line(args, f"/case{i}")
+        except ParameterError as e:
+            assert str(e).startswith(f"{name}: "), e
+            refused.add(i)
+    takes = {name: {"temperature": {"DOUBLE", "INTEGER"}, "threads": {"INTEGER"}, "autostart": {"BOOL"},
+                    "system_prompt": {"STRING"}, "image_topics": {"STRING_ARRAY"}}[name] for name in LAYERED}
+    # refused: rclpy would read the first value, or the last one is of a type the parameter does not take
+    expected = {i for i, (name, _, then) in enumerate(cases)
+                if read[i] != rclpy_type(rcl_type(then)) or read[i] not in takes[name]}
+    assert refused == expected
+    assert set(takes) <= set(PARAMETERS)
 
 
 @pytest.mark.parametrize("rule, message", [
@@ -80,3 +144,34 @@ def test_an_override_of_another_type_is_refused(rule, message):
                                   "unknown:=two", "other:threads:=two"])
 def test_an_override_of_a_type_the_parameter_takes_passes(rule):
     check_command_line(["--ros-args", "-p", rule], "/internvl")  # or rcl itself refuses it (mixed list)
+
+
+@pytest.mark.parametrize("first, then, message", [
+    ("threads: 0", "threads: two", "threads: two in {then} is a string, not an integer"),
+    ("threads: 0", "threads: '2'", "threads: '2' in {then} is a string, not an integer"),
+    ("image_topics: [a]", "image_topics: b", "image_topics: b in {then} is a string, not a string array (for a string "
+     "array: image_topics: [b])"),
+    ("system_prompt: hi", "system_prompt: 42", 'system_prompt: 42 in {then} is an integer, not a string (for a string: '
+     'system_prompt: "42")'),
+    ("image_topics: [a]", "image_topics: []", "image_topics: [] in {then} is an empty list, which rcl gives no value"),
+    ("temperature: 1", "temperature: 0.5", "temperature: 0.5 in {then} would be lost: rcl keeps one value of each type, "
+     "and rclpy reads 1 in {first} instead, an integer (write each value of temperature as a double)"),
+    ("image: {max_tiles: 2}", "image:\n      max_tiles: 2.5", "image.max_tiles: 2.5 in {then} is a double, not an "
+     "integer"),
+])
+def test_a_second_parameter_file_is_checked_with_the_first(tmp_path, first, then, message):
+    files = {}
+    for layer, entry in (("first", first), ("then", then)):
+        files[layer] = tmp_path / f"{layer}.yaml"
+        files[layer].write_text(f"/**:\n  ros__parameters:\n    {entry}\n")
+    with pytest.raises(ParameterError) as e:
+        check_command_line(["--ros-args", "--params-file", str(files["first"]), "--params-file", str(files["then"])],
+                           "/internvl")
+    assert str(e.value).startswith(message.format(**files))
+
+
+def test_the_package_parameter_file_passes_and_an_unreadable_one_is_left_to_rcl(tmp_path):
+    config = Path(__file__).parents[1] / "config" / "internvl.yaml"
+    (tmp_path / "bad.yaml").write_text("/**: {ros__parameters: {threads: [}")
+    check_command_line(["--ros-args", "--params-file", str(config), "--params-file", str(tmp_path / "bad.yaml"),
+                        "--params-file", str(tmp_path / "missing.yaml")], "/internvl")
