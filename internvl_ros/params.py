@@ -100,6 +100,29 @@ PARAMETERS: dict[str, Param] = {
 }
 
 
+def _declared_types(p: Param) -> tuple[str, ...]:
+    """The types a parameter takes, as rcl names them, its default's first: a float parameter takes
+    integers too, so that 1 means 1.0 in YAML, -p and ros2 param set alike."""
+    if isinstance(p.default, bool):
+        return ("bool",)
+    if isinstance(p.default, float):
+        return ("double", "integer")
+    return {int: ("integer",), str: ("string",), list: ("string array",)}[type(p.default)]
+
+
+_PYTHON_TYPES = {bool: "bool", int: "integer", float: "double", str: "string"}
+_TYPE_WORDS = {"bool": "a bool", "integer": "an integer", "double": "a number", "string": "a string",
+               "string array": "a list of strings"}
+
+
+def _value_type(value) -> str | None:
+    """The type of a parameter's Python value, as rcl names it (an empty list is one of strings)."""
+    if isinstance(value, list):
+        types = {_PYTHON_TYPES.get(type(item)) for item in value} or {"string"}
+        return f"{types.pop()} array" if len(types) == 1 and None not in types else None
+    return _PYTHON_TYPES.get(type(value))
+
+
 def _descriptor(name: str, p: Param) -> ParameterDescriptor:
     extras = {}
     if p.limits and isinstance(p.default, float):
@@ -109,20 +132,14 @@ def _descriptor(name: str, p: Param) -> ParameterDescriptor:
     choices = f" One of: {', '.join(p.choices)}." if p.choices else ""
     # dynamic typing lets an integer through to a float parameter; check() keeps the type honest.
     return ParameterDescriptor(name=name, description=p.description + choices, read_only=p.read_only,
-                               dynamic_typing=isinstance(p.default, float), **extras)
+                               dynamic_typing=len(_declared_types(p)) > 1, **extras)
 
 
 def check(name: str, value) -> str | None:
     """Why ``value`` is not acceptable for parameter ``name``, or None."""
     p = PARAMETERS[name]
-    if isinstance(p.default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number, not {value!r}"
-    elif isinstance(p.default, list):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return f"must be a list of strings, not {value!r}"
-    elif type(value) is not type(p.default):
-        return f"must be a {type(p.default).__name__}, not {value!r}"
+    if _value_type(value) not in (takes := _declared_types(p)):
+        return f"must be {_TYPE_WORDS[takes[0]]}, not {value!r}"
     if p.limits:
         low, high = p.limits
         if not (low < value if p.low_open else low <= value) or value > high:
@@ -205,14 +222,6 @@ def rcl_type(value: str) -> str | None:
         return _rcl_node_type(yaml.compose(value))
     except yaml.YAMLError:
         return None
-
-
-def _declared_types(p: Param) -> tuple[str, ...]:
-    if isinstance(p.default, bool):
-        return ("bool",)
-    if isinstance(p.default, float):
-        return ("double", "integer")
-    return {int: ("integer",), str: ("string",), list: ("string array",)}[type(p.default)]
 
 
 def _a(type_name: str) -> str:

@@ -1,6 +1,7 @@
 """The node's command-line check without a node process: the type it expects rcl to give a ``-p`` value
 is the type rcl gives it, it refuses exactly the layered values that rclpy would not read (both asked of
-rcl itself, through rclpy), and it finds the rules and parameter file entries that reach the node."""
+rcl itself, through rclpy), and it finds the rules and parameter file entries that reach the node; and
+the type check of a value set at run time or start-up."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.context import Context
 from rclpy.node import Node
 
-from internvl_ros.params import PARAMETERS, ParameterError, check_command_line, given_values, rcl_type
+from internvl_ros.params import PARAMETERS, ParameterError, check, check_command_line, given_values, rcl_type
 
 # Plain, quoted and list values, with C's and YAML's number forms, their limits and near misses.
 VALUES = ["two", "2", "+5", "-3", "010", "08", "0x10", "0X1F", "-0x1", "0b1", "0x", "1_000",
@@ -175,3 +176,16 @@ def test_the_package_parameter_file_passes_and_an_unreadable_one_is_left_to_rcl(
     (tmp_path / "bad.yaml").write_text("/**: {ros__parameters: {threads: [}")
     check_command_line(["--ros-args", "--params-file", str(config), "--params-file", str(tmp_path / "bad.yaml"),
                         "--params-file", str(tmp_path / "missing.yaml")], "/internvl")
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("temperature", 1, None), ("temperature", 0.5, None), ("temperature", True, "must be a number, not True"),
+    ("temperature", "1", "must be a number, not '1'"), ("threads", 2, None),
+    ("threads", 2.0, "must be an integer, not 2.0"), ("threads", False, "must be an integer, not False"),
+    ("autostart", True, None), ("autostart", 1, "must be a bool, not 1"), ("mode", "text", None),
+    ("mode", ["text"], "must be a string, not ['text']"), ("image_topics", ["a", "b"], None),
+    ("image_topics", ["a", 1], "must be a list of strings, not ['a', 1]"),
+    ("image_topics", "a", "must be a list of strings, not 'a'"), ("threads", 257, "must be in [0, 256], not 257"),
+])
+def test_a_set_value_is_checked_against_the_parameters_type(name, value, why):
+    assert check(name, value) == why
