@@ -254,6 +254,9 @@ class Engine:
 
         ids = encode(used)
         limit = self.llm.build.max_prompt_tokens
+        if len(ids) > limit and len(text := encode([])) > limit:  # fewer pictures would not help
+            raise PromptTooLongError(f"prompt has {len(ids)} tokens; this model build accepts at most {limit} (the "
+                                     f"question and system prompt alone take {len(text)}: shorten them)")
         if video and len(ids) > limit:
             for count in range(len(pictures) - 1, 1, -1):
                 fewer = segment_centre_indices(len(pictures), count)
