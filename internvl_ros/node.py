@@ -111,7 +111,9 @@ class InternVLNode(LifecycleNode):
     def __init__(self, command_line: Sequence[str] = (), **kwargs):
         super().__init__("internvl", **kwargs)
         # ParameterError: main() prints it and exits 1
-        params.check_command_line(command_line, self.get_fully_qualified_name())
+        for warning in params.check_command_line(command_line, self.get_fully_qualified_name(),
+                                                 rclpy_parameters=self.get_parameters_by_prefix("")):
+            self.get_logger().warning(warning)
         params.declare(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: Engine | None = None

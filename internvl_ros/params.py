@@ -2,8 +2,8 @@
 
 ``declare(node)`` declares them and checks the start-up values (a bad one raises ParameterError
 naming it), after ``check_command_line`` has refused a value on the command line (``-p`` or a
-parameter file) of a type its parameter does not take, or one rcl would drop for an earlier value;
-the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
+parameter file) of a type its parameter does not take, one rcl would drop for an earlier value, or
+one for a parameter the node does not have (which rclpy would ignore); the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
 accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
 ``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
 change takes effect at the next question; read-only ones are fixed when the node starts (ROS refuses
@@ -11,10 +11,11 @@ to set them): restart the node to change them. A clean-up and configure reloads 
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -242,6 +243,11 @@ class GivenValue:
         return f"-p {self._target}:={self.text}" if self.file is None else f"{self.text} in {self.file}"
 
     @property
+    def given(self) -> str:
+        """Where its name is given: the -p rule, or the file and the node name it is under."""
+        return self.where if self.file is None else f"in {self.file} under {self.node_key}"
+
+    @property
     def _target(self) -> str:
         return self.name if self.node_key == "/**" else f"{self.node_key}:{self.name}"
 
@@ -319,19 +325,35 @@ def given_values(ros_args: Sequence[str], fully_qualified_name: str) -> list[Giv
 _RCLPY_READS = ("bool", "integer", "double", "string", "bool array", "integer array", "double array", "string array")
 
 
-def check_command_line(ros_args: Sequence[str], fully_qualified_name: str) -> None:
-    """Refuse (ParameterError) a value on the command line that the node would not take or would lose.
+def check_command_line(ros_args: Sequence[str], fully_qualified_name: str,
+                       rclpy_parameters: Collection[str] = ()) -> list[str]:
+    """Refuse (ParameterError) a value on the command line that the node would not take or would lose;
+    return warnings about names it would ignore that are not certainly meant for it.
 
     rcl holds one value of each type for a parameter under one node name: after a parameter file's
     ``threads: 0``, ``-p threads:=two`` (or a second file's ``threads: two``) adds a string beside the
     integer, and rclpy reads the integer; after ``temperature: 1``, a later ``temperature: 0.5`` is lost
     the same way. Only the last value given under each node name counts: it must be of the parameter's
     type and be the one rclpy reads. (A value alone of the wrong type rclpy refuses too, less clearly.)
+
+    rclpy ignores a name the node does not declare (neither one of PARAMETERS nor ``rclpy_parameters``,
+    those rclpy declares itself): a misspelt ``max_new_token`` would leave ``max_new_tokens`` as it was.
+    Given by ``-p`` or under this node's own name it is refused; under a wildcard, which other nodes
+    read too, it is a warning when it is close to one of the node's names.
     """
     by_node_and_name: dict[tuple[str, str], list[GivenValue]] = {}
+    warnings: dict[str, str] = {}
     for value in given_values(ros_args, fully_qualified_name):
         if value.name in PARAMETERS:
             by_node_and_name.setdefault((value.node_key, value.name), []).append(value)
+        elif value.name not in rclpy_parameters:
+            close = difflib.get_close_matches(value.name, PARAMETERS, n=1)
+            suggestion = f"; did you mean {close[0]}?" if close else ""
+            if value.file is None or "*" not in value.node_key:
+                raise ParameterError(f"{value.name}: the node has no such parameter ({value.given}){suggestion}")
+            if close:
+                warnings.setdefault(value.name, f"{value.name}: the node has no such parameter ({value.given}, which "
+                                                f"other nodes may read){suggestion}")
     for (_, name), values in by_node_and_name.items():
         last, takes = values[-1], _declared_types(PARAMETERS[name])
         if last.type is None:
@@ -349,6 +371,7 @@ def check_command_line(ros_args: Sequence[str], fully_qualified_name: str) -> No
             raise ParameterError(f"{name}: {last.where} would be lost: rcl keeps one value of each type, and rclpy "
                                  f"reads {read.where} instead, {_a(read.type)} (write each value of {name} as "
                                  f"{_a(last.type)})")
+    return list(warnings.values())
 
 
 def validate(params) -> SetParametersResult:

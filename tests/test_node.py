@@ -33,10 +33,11 @@ def ros():
 
 
 @contextmanager
-def running_node(model_dir, tmp_path, namespace="", remaps=None, ready=True, **params):
+def running_node(model_dir, tmp_path, namespace="", remaps=None, ready=True, ros_args=None, **params):
     """The node as its own process and a client; ``ready``: wait until the node is active."""
     params = {"heartbeat_period_s": 0.1, **params}
-    proc = NodeProcess(model_dir, tmp_path / "node.log", params=params, namespace=namespace, remaps=remaps)
+    proc = NodeProcess(model_dir, tmp_path / "node.log", params=params, namespace=namespace, remaps=remaps,
+                       ros_args=ros_args)
     client = Client(namespace)
     try:
         if ready:

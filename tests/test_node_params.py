@@ -56,6 +56,9 @@ def refusal(model_dir, tmp_path, **kwargs) -> str:
      "not a bool"),
     ("tiny", {"image_topics": "[]"}, "cannot start: image_topics: -p image_topics:=[] is an empty list, which rcl "
      "gives no value"),
+    # rclpy would ignore it, and max_new_tokens would stay 128
+    ("tiny", {"max_new_token": 64}, "cannot start: max_new_token: the node has no such parameter (-p "
+     "max_new_token:=64); did you mean max_new_tokens?"),
     # an error the engine does not foresee is named too (rclpy's lifecycle would end the transition silently)
     ("huge cache", {}, "cannot start: internal error: MemoryError: Unable to allocate"),
 ])
@@ -87,6 +90,16 @@ def test_a_second_parameter_file_is_checked_with_the_first(tiny_model, tmp_path)
     overlay.write_text("/**:\n  ros__parameters:\n    max_new_tokens: 64.0\n")
     line = refusal(tiny_model, tmp_path, ros_args=["--params-file", str(overlay)])
     assert f"cannot start: max_new_tokens: 64.0 in {overlay} is a double, not an integer" in line
+
+
+def test_a_misspelt_name_in_a_file_for_every_node_is_a_warning(tiny_model, tmp_path):
+    shared = tmp_path / "shared.yaml"  # read by other nodes too: their parameters are none of this node's business
+    shared.write_text("/**:\n  ros__parameters:\n    max_new_token: 8\n    controller_frequency: 20.0\n")
+    with running_node(tiny_model, tmp_path, ros_args=["--params-file", str(shared)]) as (proc, _):
+        pass
+    assert (f"max_new_token: the node has no such parameter (in {shared} under /**, which other nodes may read); "
+            "did you mean max_new_tokens?") in proc.log()
+    assert "controller_frequency" not in proc.log()
 
 
 def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path):

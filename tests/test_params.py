@@ -142,7 +142,7 @@ def test_an_override_of_another_type_is_refused(rule, message):
 
 @pytest.mark.parametrize("rule", ["temperature:=1", "temperature:=.inf", "threads:=0x2", "autostart:=on",
                                   "system_prompt:='42'", "image_topics:=[cam, '1']", "mode:=[1, 2.5]",
-                                  "unknown:=two", "other:threads:=two"])
+                                  "other:threads:=two"])
 def test_an_override_of_a_type_the_parameter_takes_passes(rule):
     check_command_line(["--ros-args", "-p", rule], "/internvl")  # or rcl itself refuses it (mixed list)
 
@@ -189,3 +189,46 @@ def test_the_package_parameter_file_passes_and_an_unreadable_one_is_left_to_rcl(
 ])
 def test_a_set_value_is_checked_against_the_parameters_type(name, value, why):
     assert check(name, value) == why
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["-p", "max_new_token:=64"], "max_new_token: the node has no such parameter (-p max_new_token:=64); did you mean "
+     "max_new_tokens?"),
+    (["-p", "internvl:qos_overrides./answer.publisher.depth:=3"], "qos_overrides./answer.publisher.depth: the node has "
+     "no such parameter (-p internvl:qos_overrides./answer.publisher.depth:=3)"),
+    (["--params-file", "{file}"], "image.max_tile: the node has no such parameter (in {file} under internvl); did you "
+     "mean image.max_tiles?"),
+])
+def test_a_name_given_to_this_node_that_it_does_not_have_is_refused(tmp_path, args, refusal):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("internvl:\n  ros__parameters:\n    image:\n      max_tile: 2\n")
+    with pytest.raises(ParameterError) as e:
+        check_command_line(["--ros-args", *(arg.format(file=params_file) for arg in args)], "/internvl")
+    assert str(e.value) == refusal.format(file=params_file)
+
+
+def test_a_name_under_a_wildcard_is_a_warning_only_when_close_to_one_of_the_nodes(tmp_path):
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("/**:\n  ros__parameters:\n    max_new_token: 8\n    controller_frequency: 20.0\n"
+                      "    use_sim_time: true\n/*/internvl:\n  ros__parameters:\n    temprature: 0.5\n"
+                      "other:\n  ros__parameters:\n    seeed: 1\n")
+    warnings = check_command_line(["--ros-args", "--params-file", str(shared), "-p", "other:max_new_token:=1"],
+                                  "/robot/internvl", rclpy_parameters={"use_sim_time"})
+    assert warnings == [
+        f"max_new_token: the node has no such parameter (in {shared} under /**, which other nodes may read); did you "
+        "mean max_new_tokens?",
+        f"temprature: the node has no such parameter (in {shared} under /*/internvl, which other nodes may read); did "
+        "you mean temperature?"]
+
+
+def test_rclpy_ignores_a_name_the_node_does_not_declare():
+    """Why the check refuses one: the value goes nowhere, and the parameter meant keeps its default."""
+    context = Context()
+    rclpy.init(args=["--ros-args", "-p", "max_new_token:=64"], context=context)
+    try:
+        node = Node("internvl", context=context)
+        assert node.declare_parameter("max_new_tokens", 128).value == 128
+        assert not node.has_parameter("max_new_token")
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
