@@ -3,8 +3,9 @@
 ``declare(node)`` declares them and checks the start-up values (a bad one raises ParameterError
 naming it), after ``check_command_line`` has refused a value on the command line (``-p`` or a
 parameter file) of a type its parameter does not take, one rcl would drop for an earlier value, or
-one for a parameter the node does not have (which rclpy would ignore); the same checks refuse bad ``ros2 param set`` values with a reason. Numbers are
-accepted for float parameters whether written as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
+one for a parameter the node does not have (which rclpy would ignore); the same checks refuse bad
+``ros2 param set`` values with a reason. Numbers are accepted for float parameters whether written
+as ``1`` or ``1.0`` (YAML, ``-p``, ``ros2 param set``).
 ``Settings.read(node)`` takes a consistent snapshot that the worker uses for one question, so a
 change takes effect at the next question; read-only ones are fixed when the node starts (ROS refuses
 to set them): restart the node to change them. A clean-up and configure reloads the model's files.
