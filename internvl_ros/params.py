@@ -322,6 +322,9 @@ def given_values(ros_args: Sequence[str], fully_qualified_name: str) -> list[Giv
     return [v for v in values if _reaches(v.node_key, fully_qualified_name)]
 
 
+# Parameters rclpy declares on every node in one distro or another (Humble has only the first): a
+# parameter dump taken under one distro must load under another.
+_RCLPY_NODE_PARAMETERS = ("use_sim_time", "start_type_description_service")
 # The order in which rclpy reads a parameter's values when rcl holds several (one of each type).
 _RCLPY_READS = ("bool", "integer", "double", "string", "bool array", "integer array", "double array", "string array")
 
@@ -337,8 +340,8 @@ def check_command_line(ros_args: Sequence[str], fully_qualified_name: str,
     the same way. Only the last value given under each node name counts: it must be of the parameter's
     type and be the one rclpy reads. (A value alone of the wrong type rclpy refuses too, less clearly.)
 
-    rclpy ignores a name the node does not declare (neither one of PARAMETERS nor ``rclpy_parameters``,
-    those rclpy declares itself): a misspelt ``max_new_token`` would leave ``max_new_tokens`` as it was.
+    rclpy ignores a name the node does not declare (one of PARAMETERS, or of ``rclpy_parameters``, those
+    rclpy has declared itself, or of _RCLPY_NODE_PARAMETERS): a misspelt ``max_new_token`` would leave ``max_new_tokens`` as it was.
     Given by ``-p`` or under this node's own name it is refused; under a wildcard, which other nodes
     read too, it is a warning when it is close to one of the node's names.
     """
@@ -347,7 +350,7 @@ def check_command_line(ros_args: Sequence[str], fully_qualified_name: str,
     for value in given_values(ros_args, fully_qualified_name):
         if value.name in PARAMETERS:
             by_node_and_name.setdefault((value.node_key, value.name), []).append(value)
-        elif value.name not in rclpy_parameters:
+        elif value.name not in rclpy_parameters and value.name not in _RCLPY_NODE_PARAMETERS:
             close = difflib.get_close_matches(value.name, PARAMETERS, n=1)
             suggestion = f"; did you mean {close[0]}?" if close else ""
             if value.file is None or "*" not in value.node_key:

@@ -221,6 +221,13 @@ def test_a_name_under_a_wildcard_is_a_warning_only_when_close_to_one_of_the_node
         "you mean temperature?"]
 
 
+def test_a_parameter_dump_of_another_distro_loads(tmp_path):
+    dump = tmp_path / "dump.yaml"  # ros2 param dump under Kilted; Humble has no start_type_description_service
+    dump.write_text("/internvl:\n  ros__parameters:\n    max_new_tokens: 64\n    start_type_description_service: true\n"
+                    "    use_sim_time: false\n")
+    assert check_command_line(["--ros-args", "--params-file", str(dump)], "/internvl") == []
+
+
 def test_rclpy_ignores_a_name_the_node_does_not_declare():
     """Why the check refuses one: the value goes nowhere, and the parameter meant keeps its default."""
     context = Context()
