@@ -469,8 +469,10 @@ def main(argv=None) -> int:
     # 2 cores, at 0.6 of its decode speed on 2)
     args.threads = thread_count(args.threads)
     if args.contexts:
-        if min(args.contexts) < 1 or args.plot:
-            ap.error("--contexts must be >= 1 and has no --plot")
+        if min(args.contexts) < 1:
+            ap.error("--contexts must be >= 1")
+        if args.plot:
+            ap.error("--plot draws TTFT against image count: not with --contexts")
         return compare_main(args)
     if args.gguf or "onnxruntime-genai" in (args.compare or []):
         ap.error("onnxruntime-genai and llama.cpp take token ids, not images: time them with --contexts")

@@ -30,6 +30,8 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (InternVL's ``Image.open(path).convert("RGB")``)."""
+    if Path(path).is_dir():
+        raise ImageError(f"{path}: a directory, not an image file")
     if not Path(path).is_file():
         raise ImageError(f"{path}: no such image file")
     try:

@@ -95,6 +95,8 @@ def test_unreadable_inputs_raise_specific_errors(tmp_path):
         load_image(junk)
     with pytest.raises(ImageError, match="no such image"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="a directory, not an image file"):
+        load_image(tmp_path)
     empty = tmp_path / "empty.avi"
     cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
     for read in (load_video_frames, lambda path: list(iter_video_frames(path))):
