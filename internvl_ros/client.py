@@ -285,7 +285,7 @@ class Client:
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
         self.questions = node.create_publisher(String, "question", QUESTION_QOS)
         self._image_pubs = {}
-        self.node_fqn = f"{namespace.rstrip('/')}/{node_name}" if namespace else f"/{node_name}"
+        self.node_fqn = f"{node.get_namespace().rstrip('/')}/{node_name}"  # rclpy makes "robot" "/robot"
         self.set_params = node.create_client(SetParameters, f"{self.node_fqn}/set_parameters")
         self._spinner.start()
 
@@ -306,12 +306,13 @@ class Client:
         """Block until ``predicate()`` (called under the lock) is true, or raise TimeoutError."""
         with self._changed:
             if not self._changed.wait_for(predicate, timeout):
-                raise TimeoutError(f"timed out waiting for {what}; answers so far: {self.answers[-5:]}")
+                so_far = f"; answers so far: {self.answers[-5:]}" if self.answers else ""
+                raise TimeoutError(f"timed out waiting for {what}{so_far}")
 
     def wait_ready(self, timeout: float = 60.0):
         """The node is up when it is active and subscribes to our questions."""
         self.wait_for(lambda: self.heartbeats and self.status_values(self.heartbeats[-1]).get("state") == "active"
-                      and self.questions.get_subscription_count() > 0, timeout, "the node to be active")
+                      and self.questions.get_subscription_count() > 0, timeout, f"{self.node_fqn} to be active")
 
     def ask(self, text: str) -> None:
         check_sendable(text, "the question")

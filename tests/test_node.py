@@ -110,6 +110,19 @@ def test_internvl_ask_prints_each_answer_with_its_status(tiny_model, engine, tmp
             assert f"  generated_tokens: {len(expected.token_ids)}\n" in run.stdout
 
 
+def test_internvl_ask_takes_a_relative_namespace(tiny_model, engine, tmp_path):
+    """--namespace robot means /robot, as it does for the node itself (it once waited for heartbeats of
+    "robot/internvl", a name no node has, until the timeout)."""
+    expected = engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=6)).text
+    ask = [str(BIN / "internvl-ask"), "-q", "Hello", "--namespace", "robot"]
+    with running_node(tiny_model, tmp_path, namespace="/robot", mode="text", max_new_tokens=6):
+        for how in ([], ["--action"]):
+            run = subprocess.run(ask + how, capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and f"answer   >> {expected}" in run.stdout, run.stdout + run.stderr
+    run = subprocess.run(ask + ["--timeout", "2"], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stderr) == (2, "internvl-ask: error: timed out waiting for /robot/internvl to be active\n")
+
+
 def test_internvl_ask_refuses_text_that_is_not_utf8():
     for args, option in [(["-q", b"Is the door open?\xff"], b"--question"),
                          (["-q", "Is the door open?", "--choices", b"yes,n\xe9"], b"--choices")]:
