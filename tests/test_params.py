@@ -111,13 +111,13 @@ def test_a_layered_value_is_refused_exactly_when_rclpy_would_not_read_it(tmp_pat
         except ParameterError as e:
             assert str(e).startswith(f"{name}: "), e
             refused.add(i)
-    takes = {name: {"temperature": {"DOUBLE", "INTEGER"}, "threads": {"INTEGER"}, "autostart": {"BOOL"},
-                    "system_prompt": {"STRING"}, "image_topics": {"STRING_ARRAY"}}[name] for name in LAYERED}
+    takes = {"temperature": {"DOUBLE", "INTEGER"}, "threads": {"INTEGER"}, "autostart": {"BOOL"},
+             "system_prompt": {"STRING"}, "image_topics": {"STRING_ARRAY"}}
     # refused: rclpy would read the first value, or the last one is of a type the parameter does not take
     expected = {i for i, (name, _, then) in enumerate(cases)
                 if read[i] != rclpy_type(rcl_type(then)) or read[i] not in takes[name]}
     assert refused == expected
-    assert set(takes) <= set(PARAMETERS)
+    assert set(takes) == set(LAYERED) and set(takes) <= set(PARAMETERS)
 
 
 @pytest.mark.parametrize("rule, message", [
