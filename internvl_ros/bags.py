@@ -97,7 +97,7 @@ def write_bag(path: Path, frames: Iterable[tuple[float, np.ndarray]], questions:
 def _timed_question(text: str) -> tuple[float, str]:
     seconds, sep, question = text.partition(":")
     try:
-        if not sep or not float(seconds) >= 0:  # NaN too
+        if not sep or not 0 <= float(seconds) < math.inf:  # NaN too
             raise ValueError
         return float(seconds), question
     except ValueError:
@@ -132,6 +132,14 @@ def make_bag_main(argv=None) -> int:
         ap.error("--fps must be > 0")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
+    for option, topic in (("--topic", args.topic), ("--question-topic", args.question_topic)):
+        try:  # the node could never subscribe to it: the bag would play to no one
+            validate_topic_name(topic)
+        except InvalidTopicNameException as e:
+            ap.error(f"{option}: {topic!r} is not a valid topic name ({e})")
     if args.out.exists():  # before anything is written: a failed write removes what it made
         print(f"internvl-make-bag: error: {args.out} exists already", file=sys.stderr)
         return 2

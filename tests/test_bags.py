@@ -63,7 +63,10 @@ def test_make_bag_refuses_bad_input(tmp_path):
                           (["--question", "nan:Hi?"], "'nan:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
                           (["--fps", "0"], "--fps must be > 0"),  # was a ZeroDivisionError traceback
                           (["--fps", "nan"], "--fps must be > 0"), (["--fps", "inf"], "--fps must be > 0"),
-                          (["--repeat", "0"], "--repeat must be >= 1")]:
+                          (["--question", "1e400:Hi?"], "'1e400:Hi?': expected SECONDS:QUESTION, SECONDS >= 0"),
+                          (["--repeat", "0"], "--repeat must be >= 1"),
+                          (["--topic", "front camera"], "--topic: 'front camera' is not a valid topic name"),
+                          (["--question-topic", ""], "--question-topic: '' is not a valid topic name")]:
         proc = subprocess.run([str(BIN / "internvl-make-bag"), "--images", "x.png", "--out", str(tmp_path / "b"),
                                *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
