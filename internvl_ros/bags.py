@@ -194,10 +194,13 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     from rclpy.serialization import deserialize_message
     from rosgraph_msgs.msg import Clock
 
-    remap = remap or {}
+    def absolute(topic: str) -> str:  # bags hold "image_raw" or "/image_raw"; the player runs in /
+        return "/" + topic.lstrip("/")
+
+    remap = {absolute(source): target for source, target in (remap or {}).items()}
     own = node is None
     if own:
-        rclpy.init()
+        rclpy.init(args=[])  # not this process's arguments: rcl would take a --remap value for its own rule
         node = rclpy.create_node("internvl_play_bag")
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
     clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)) \
@@ -205,6 +208,9 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     sent = 0
     try:
         with Reader(path) as reader:
+            if unknown := sorted(set(remap) - {absolute(c.topic) for c in reader.connections}):
+                topics = ", ".join(sorted(c.topic for c in reader.connections)) or "none"
+                raise ValueError(f"cannot remap {unknown[0]}: {path} has no such topic (its topics: {topics})")
             publishers, playable = {}, []
             for c in reader.connections:
                 try:
@@ -213,7 +219,7 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                     node.get_logger().warning(f"not playing {c.topic}: its type {c.msgtype} cannot be imported here "
                                               f"({e}); source the workspace that builds it")
                     continue
-                publishers[c.topic] = (node.create_publisher(cls, remap.get(c.topic, c.topic), qos), cls)
+                publishers[c.topic] = (node.create_publisher(cls, remap.get(absolute(c.topic), c.topic), qos), cls)
                 playable.append(c)
             if reader.connections and not playable:
                 raise ValueError(f"{path}: none of its topics has a message type that can be imported here")

@@ -129,7 +129,8 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
     spinner = threading.Thread(target=lambda: [rclpy.spin_once(node, timeout_sec=0.05) for _ in iter(stop.is_set, True)])
     spinner.start()
     try:
-        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--rate", "2", "--remap", "question:=/remapped",
+        # the bag holds "question"; ros2 bag record writes "/question": either name picks it
+        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--rate", "2", "--remap", "/question:=/remapped",
                                "--wait-for-subscribers", "20", "--subscribers", "2"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -149,6 +150,8 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
 
 
 def test_play_bag_refuses_bad_input(tmp_path):
+    from internvl_ros.bags import write_bag
+
     for args, message in [(["--rate", "0"], "--rate must be > 0"),
                           (["--rate", "nan"], "--rate must be > 0"),  # it spun for ever, deaf to SIGTERM
                           (["--subscribers", "0"], "--subscribers must be >= 1"),
@@ -161,6 +164,11 @@ def test_play_bag_refuses_bad_input(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = subprocess.run([str(BIN / "internvl-play-bag"), str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
+    bag = write_bag(tmp_path / "bag", [], [(0.0, "hi")], question_topic="question")
+    proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--remap", "image_raw:=/cam"], capture_output=True,
+                          text=True, timeout=60)  # the rule would do nothing, and the camera stay silent
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"internvl-play-bag: error: cannot remap /image_raw: {bag} has no such topic (its topics: question)\n"
 
 
 def test_play_bag_leaves_out_topics_of_types_it_cannot_import(tmp_path):
