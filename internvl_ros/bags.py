@@ -105,6 +105,9 @@ def _timed_question(text: str) -> tuple[float, str]:
 
 
 def make_bag_main(argv=None) -> int:
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
     ap = argparse.ArgumentParser(
         prog="internvl-make-bag", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a camera clip (a video file or images) and timed questions to a rosbag2, with rosbags\n"
@@ -132,9 +135,6 @@ def make_bag_main(argv=None) -> int:
         ap.error("--fps must be > 0")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
-    from rclpy.exceptions import InvalidTopicNameException
-    from rclpy.validate_topic_name import validate_topic_name
-
     for option, topic in (("--topic", args.topic), ("--question-topic", args.question_topic)):
         try:  # the node could never subscribe to it: the bag would play to no one
             validate_topic_name(topic)
