@@ -342,8 +342,8 @@ def check_command_line(ros_args: Sequence[str], fully_qualified_name: str,
 
     rclpy ignores a name the node does not declare (one of PARAMETERS, ``rclpy_parameters``, those rclpy
     has declared itself, or _RCLPY_NODE_PARAMETERS): a misspelt ``max_new_token`` would leave
-    ``max_new_tokens`` as it was. Given by ``-p`` or under this node's own name it is refused; under a wildcard, which other nodes
-    read too, it is a warning when it is close to one of the node's names.
+    ``max_new_tokens`` as it was. Given by ``-p`` or under this node's own name it is refused; under a
+    wildcard, which other nodes read too, it is a warning when it is close to one of the node's names.
     """
     by_node_and_name: dict[tuple[str, str], list[GivenValue]] = {}
     warnings: dict[str, str] = {}

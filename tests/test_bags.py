@@ -130,8 +130,8 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
     spinner.start()
     try:
         # the bag holds "question"; ros2 bag record writes "/question": either name picks it
-        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--rate", "2", "--remap", "/question:=/remapped",
-                               "--wait-for-subscribers", "20", "--subscribers", "2"],
+        proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--rate", "2",
+                               "--remap", "/question:=/remapped", "--wait-for-subscribers", "20", "--subscribers", "2"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         deadline = time.monotonic() + 10
@@ -168,7 +168,8 @@ def test_play_bag_refuses_bad_input(tmp_path):
     proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--remap", "image_raw:=/cam"], capture_output=True,
                           text=True, timeout=60)  # the rule would do nothing, and the camera stay silent
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == f"internvl-play-bag: error: cannot remap /image_raw: {bag} has no such topic (its topics: question)\n"
+    assert proc.stderr == (f"internvl-play-bag: error: cannot remap /image_raw: {bag} has no such topic (its topics: "
+                           "question)\n")
 
 
 def test_play_bag_leaves_out_topics_of_types_it_cannot_import(tmp_path):

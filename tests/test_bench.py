@@ -134,7 +134,7 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png")
     assert run.returncode == 2 and "--plot draws TTFT against image count: not with --contexts" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 0)
-    assert run.returncode == 2 and "--contexts must be >= 1" in run.stderr and "--plot" not in run.stderr.splitlines()[-1]
+    assert run.returncode == 2 and run.stderr.splitlines()[-1] == "internvl-bench: error: --contexts must be >= 1"
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--gguf", tmp_path / "missing.gguf", "--repeats", 1)
     assert run.returncode == 2 and "missing.gguf" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1)  # over the build's limit

@@ -120,7 +120,8 @@ def test_internvl_ask_takes_a_relative_namespace(tiny_model, engine, tmp_path):
             run = subprocess.run(ask + how, capture_output=True, text=True, timeout=60)
             assert run.returncode == 0 and f"answer   >> {expected}" in run.stdout, run.stdout + run.stderr
     run = subprocess.run(ask + ["--timeout", "2"], capture_output=True, text=True, timeout=60)
-    assert (run.returncode, run.stderr) == (2, "internvl-ask: error: timed out waiting for /robot/internvl to be active\n")
+    assert run.returncode == 2
+    assert run.stderr == "internvl-ask: error: timed out waiting for /robot/internvl to be active\n"
 
 
 def test_internvl_ask_refuses_text_that_is_not_utf8():
