@@ -334,48 +334,78 @@ def check_command_line(ros_args: Sequence[str], fully_qualified_name: str,
     """Refuse (ParameterError) a value on the command line that the node would not take or would lose;
     return warnings about names it would ignore that are not certainly meant for it.
 
-    rcl holds one value of each type for a parameter under one node name: after a parameter file's
-    ``threads: 0``, ``-p threads:=two`` (or a second file's ``threads: two``) adds a string beside the
-    integer, and rclpy reads the integer; after ``temperature: 1``, a later ``temperature: 0.5`` is lost
-    the same way. Only the last value given under each node name counts: it must be of the parameter's
-    type and be the one rclpy reads. (A value alone of the wrong type rclpy refuses too, less clearly.)
-
     rclpy ignores a name the node does not declare (one of PARAMETERS, ``rclpy_parameters``, those rclpy
     has declared itself, or _RCLPY_NODE_PARAMETERS): a misspelt ``max_new_token`` would leave
     ``max_new_tokens`` as it was. Given by ``-p`` or under this node's own name it is refused; under a
     wildcard, which other nodes read too, it is a warning when it is close to one of the node's names.
+    For the node's parameters, the last value given must be of the parameter's type and be the one
+    rclpy reads: see _check_under_one_node_name and _check_across_node_names.
     """
-    by_node_and_name: dict[tuple[str, str], list[GivenValue]] = {}
+    given = given_values(ros_args, fully_qualified_name)
     warnings: dict[str, str] = {}
-    for value in given_values(ros_args, fully_qualified_name):
-        if value.name in PARAMETERS:
-            by_node_and_name.setdefault((value.node_key, value.name), []).append(value)
-        elif value.name not in rclpy_parameters and value.name not in _RCLPY_NODE_PARAMETERS:
-            close = difflib.get_close_matches(value.name, PARAMETERS, n=1)
-            suggestion = f"; did you mean {close[0]}?" if close else ""
-            if value.file is None or "*" not in value.node_key:
-                raise ParameterError(f"{value.name}: the node has no such parameter ({value.given}){suggestion}")
-            if close:
-                warnings.setdefault(value.name, f"{value.name}: the node has no such parameter ({value.given}, which "
-                                                f"other nodes may read){suggestion}")
-    for (_, name), values in by_node_and_name.items():
-        last, takes = values[-1], _declared_types(PARAMETERS[name])
-        if last.type is None:
+    for value in given:
+        if value.name in PARAMETERS or value.name in rclpy_parameters or value.name in _RCLPY_NODE_PARAMETERS:
             continue
-        if last.type == "empty list":
-            raise ParameterError(f"{name}: {last.where} is an empty list, which rcl gives no value (not even its "
-                                 "type), so the parameter would keep its value")
-        if last.type not in takes:
-            example = last.written_as(takes[0])
-            hint = f" (for {_a(takes[0])}: {example})" if example else ""
-            raise ParameterError(f"{name}: {last.where} is {_a(last.type)}, not {_a(takes[0])}{hint}")
-        latest = {v.type: v for v in values}
-        read = latest[next(t for t in _RCLPY_READS if t in latest)]
-        if read is not last:
-            raise ParameterError(f"{name}: {last.where} would be lost: rcl keeps one value of each type, and rclpy "
-                                 f"reads {read.where} instead, {_a(read.type)} (write each value of {name} as "
-                                 f"{_a(last.type)})")
+        close = difflib.get_close_matches(value.name, PARAMETERS, n=1)
+        suggestion = f"; did you mean {close[0]}?" if close else ""
+        if value.file is None or "*" not in value.node_key:
+            raise ParameterError(f"{value.name}: the node has no such parameter ({value.given}){suggestion}")
+        if close:
+            warnings.setdefault(value.name, f"{value.name}: the node has no such parameter ({value.given}, which "
+                                            f"other nodes may read){suggestion}")
+    node_names = list(dict.fromkeys(v.node_key for v in given))  # as rcl lists them: by first appearance
+    by_name: dict[str, list[GivenValue]] = {}
+    for value in given:
+        if value.name in PARAMETERS:
+            by_name.setdefault(value.name, []).append(value)
+    for name, values in by_name.items():
+        for node_key in dict.fromkeys(v.node_key for v in values):
+            _check_under_one_node_name(name, [v for v in values if v.node_key == node_key])
+        _check_across_node_names(name, values, node_names)
     return list(warnings.values())
+
+
+def _check_under_one_node_name(name: str, values: list[GivenValue]) -> None:
+    """rcl holds one value of each type for a parameter under one node name: after a parameter file's
+    ``threads: 0``, ``-p threads:=two`` (or a second file's ``threads: two``) adds a string beside the
+    integer, and rclpy reads the integer; after ``temperature: 1``, a later ``temperature: 0.5`` is lost
+    the same way. (A value alone of the wrong type rclpy refuses too, less clearly.)"""
+    last, takes = values[-1], _declared_types(PARAMETERS[name])
+    if last.type is None:
+        return
+    if last.type == "empty list":
+        raise ParameterError(f"{name}: {last.where} is an empty list, which rcl gives no value (not even its "
+                             "type), so the parameter would keep its value")
+    if last.type not in takes:
+        example = last.written_as(takes[0])
+        hint = f" (for {_a(takes[0])}: {example})" if example else ""
+        raise ParameterError(f"{name}: {last.where} is {_a(last.type)}, not {_a(takes[0])}{hint}")
+    latest = {v.type: v for v in values}
+    read = latest[next(t for t in _RCLPY_READS if t in latest)]
+    if read is not last:
+        raise ParameterError(f"{name}: {last.where} would be lost: rcl keeps one value of each type, and rclpy "
+                             f"reads {read.where} instead, {_a(read.type)} (write each value of {name} as "
+                             f"{_a(last.type)})")
+
+
+def _check_across_node_names(name: str, values: list[GivenValue], node_names: list[str]) -> None:
+    """rclpy merges what the node names that reach the node give. Kilted's (run here) takes the node name
+    rcl lists last, and rcl lists them in the order they first appear on the command line: after a
+    ``/**`` file and an ``/internvl`` file, a later ``-p threads:=3`` (under ``/**``) is lost. Humble's
+    reads ``/**``, then the node's own name over it, whatever the order, and no other pattern."""
+    last = values[-1]
+    keys = sorted({v.node_key for v in values}, key=node_names.index)
+    if len(keys) < 2 or last.type is None:
+        return
+    own = [k for k in keys if "*" not in k]
+    humble = own[-1] if own else "/**" if "/**" in keys else None
+    for winner, why in ((keys[-1], "rcl lists node names in the order they first appear, and rclpy takes the "
+                                   "last"),
+                        (humble, "Humble's rclpy takes the node's own name over /**, whatever the order")):
+        if winner is not None and winner != last.node_key:
+            read = [v for v in values if v.node_key == winner][-1]
+            raise ParameterError(f"{name}: {last.where} would be lost: rclpy reads {read.where}, given under "
+                                 f"{winner}, instead ({why}; give every value of {name} under one node name)")
 
 
 def validate(params) -> SetParametersResult:

@@ -239,3 +239,36 @@ def test_rclpy_ignores_a_name_the_node_does_not_declare():
         node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
+
+
+def rclpy_reads(args: list[str], name: str):
+    """The value a node named internvl starts with, as this rclpy (Kilted) reads the command line."""
+    context = Context()
+    rclpy.init(args=args, context=context)
+    try:
+        node = Node("internvl", context=context)
+        value = node.declare_parameter(name, descriptor=ParameterDescriptor(dynamic_typing=True)).value
+        node.destroy_node()
+        return value
+    finally:
+        rclpy.shutdown(context=context)
+
+
+def test_a_value_under_another_node_name_is_refused_when_an_earlier_name_wins(tmp_path):
+    every_node, own = tmp_path / "every_node.yaml", tmp_path / "own.yaml"
+    every_node.write_text("/**:\n  ros__parameters:\n    threads: 0\n")
+    own.write_text("/internvl:\n  ros__parameters:\n    threads: 2\n")
+    args = ["--ros-args", "--params-file", str(every_node), "--params-file", str(own), "-p", "threads:=3"]
+    assert rclpy_reads(args, "threads") == 2  # rcl lists /** first: the -p joins it, and /internvl wins
+    with pytest.raises(ParameterError) as e:
+        check_command_line(args, "/internvl")
+    assert str(e.value) == (f"threads: -p threads:=3 would be lost: rclpy reads 2 in {own}, given under /internvl, "
+                            "instead (rcl lists node names in the order they first appear, and rclpy takes the last; "
+                            "give every value of threads under one node name)")
+    # Kilted reads the -p here, Humble the file's value: the node's own name wins there
+    with pytest.raises(ParameterError, match="Humble's rclpy takes the node's own name over /"):
+        check_command_line(["--ros-args", "--params-file", str(own), "-p", "threads:=3"], "/internvl")
+    files = ["--ros-args", "--params-file", str(every_node), "--params-file", str(own)]  # as the launch file gives
+    for args, read in ((files, 2), (files + ["-p", "internvl:threads:=3"], 3)):
+        assert check_command_line(args, "/internvl") == []
+        assert rclpy_reads(args, "threads") == read
