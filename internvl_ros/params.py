@@ -401,7 +401,8 @@ def _check_across_node_names(name: str, values: list[GivenValue], node_names: li
     humble = own[-1] if own else "/**" if "/**" in keys else None
     for winner, why in ((keys[-1], "rcl lists node names in the order they first appear, and rclpy takes the "
                                    "last"),
-                        (humble, "Humble's rclpy takes the node's own name over /**, whatever the order")):
+                        (humble, "Humble's rclpy takes the node's own name over /**, whatever the order" if own
+                         else "Humble's rclpy reads no pattern but /**")):
         if winner is not None and winner != last.node_key:
             read = [v for v in values if v.node_key == winner][-1]
             raise ParameterError(f"{name}: {last.where} would be lost: rclpy reads {read.where}, given under "

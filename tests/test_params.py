@@ -268,6 +268,10 @@ def test_a_value_under_another_node_name_is_refused_when_an_earlier_name_wins(tm
     # Kilted reads the -p here, Humble the file's value: the node's own name wins there
     with pytest.raises(ParameterError, match="Humble's rclpy takes the node's own name over /"):
         check_command_line(["--ros-args", "--params-file", str(own), "-p", "threads:=3"], "/internvl")
+    pattern = tmp_path / "pattern.yaml"
+    pattern.write_text("/*:\n  ros__parameters:\n    threads: 4\n")
+    with pytest.raises(ParameterError, match="Humble's rclpy reads no pattern but /"):
+        check_command_line(["--ros-args", "--params-file", str(every_node), "--params-file", str(pattern)], "/internvl")
     files = ["--ros-args", "--params-file", str(every_node), "--params-file", str(own)]  # as the launch file gives
     for args, read in ((files, 2), (files + ["-p", "internvl:threads:=3"], 3)):
         assert check_command_line(args, "/internvl") == []
