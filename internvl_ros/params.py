@@ -403,8 +403,8 @@ def _check_across_node_names(name: str, values: list[GivenValue], node_names: li
                                    "last"),
                         (humble, "Humble's rclpy takes the node's own name over /**, whatever the order" if own
                          else "Humble's rclpy reads no pattern but /**")):
-        if winner is not None and winner != last.node_key:
-            read = [v for v in values if v.node_key == winner][-1]
+        read = [v for v in values if v.node_key == winner][-1] if winner is not None else last
+        if (read.type, read.text) != (last.type, last.text):  # the same value given twice loses nothing
             raise ParameterError(f"{name}: {last.where} would be lost: rclpy reads {read.where}, given under "
                                  f"{winner}, instead ({why}; give every value of {name} under one node name)")
 

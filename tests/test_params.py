@@ -273,6 +273,6 @@ def test_a_value_under_another_node_name_is_refused_when_an_earlier_name_wins(tm
     with pytest.raises(ParameterError, match="Humble's rclpy reads no pattern but /"):
         check_command_line(["--ros-args", "--params-file", str(every_node), "--params-file", str(pattern)], "/internvl")
     files = ["--ros-args", "--params-file", str(every_node), "--params-file", str(own)]  # as the launch file gives
-    for args, read in ((files, 2), (files + ["-p", "internvl:threads:=3"], 3)):
+    for args, read in ((files, 2), (files + ["-p", "internvl:threads:=3"], 3), (files + ["-p", "threads:=2"], 2)):
         assert check_command_line(args, "/internvl") == []
         assert rclpy_reads(args, "threads") == read
