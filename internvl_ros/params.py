@@ -102,16 +102,6 @@ PARAMETERS: dict[str, Param] = {
 }
 
 
-def _declared_types(p: Param) -> tuple[str, ...]:
-    """The types a parameter takes, as rcl names them, its default's first: a float parameter takes
-    integers too, so that 1 means 1.0 in YAML, -p and ros2 param set alike."""
-    if isinstance(p.default, bool):
-        return ("bool",)
-    if isinstance(p.default, float):
-        return ("double", "integer")
-    return {int: ("integer",), str: ("string",), list: ("string array",)}[type(p.default)]
-
-
 _PYTHON_TYPES = {bool: "bool", int: "integer", float: "double", str: "string"}
 _TYPE_WORDS = {"bool": "a bool", "integer": "an integer", "double": "a number", "string": "a string",
                "string array": "a list of strings"}
@@ -123,6 +113,13 @@ def _value_type(value) -> str | None:
         types = {_PYTHON_TYPES.get(type(item)) for item in value} or {"string"}
         return f"{types.pop()} array" if len(types) == 1 and None not in types else None
     return _PYTHON_TYPES.get(type(value))
+
+
+def _declared_types(p: Param) -> tuple[str, ...]:
+    """The types a parameter takes, as rcl names them, its default's first: a float parameter takes
+    integers too, so that 1 means 1.0 in YAML, -p and ros2 param set alike."""
+    default = _value_type(p.default)
+    return (default, "integer") if default == "double" else (default,)
 
 
 def _descriptor(name: str, p: Param) -> ParameterDescriptor:
