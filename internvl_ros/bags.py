@@ -50,7 +50,7 @@ def camera_message(rgb: np.ndarray, encoding: str, stamp_ns: int, frame_id: str 
         return "sensor_msgs/msg/CompressedImage", TYPESTORE.types["sensor_msgs/msg/CompressedImage"](
             header=header, format=encoding, data=data.reshape(-1))
     pixels = np.ascontiguousarray(rgb_to_pixels(rgb, encoding))
-    h, w = pixels.shape[:2]
+    h, w = rgb.shape[:2]
     return "sensor_msgs/msg/Image", TYPESTORE.types["sensor_msgs/msg/Image"](
         header=header, height=h, width=w, encoding=encoding, is_bigendian=int(sys.byteorder == "big"),
         step=pixels.strides[0], data=pixels.reshape(-1).view(np.uint8))

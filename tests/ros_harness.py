@@ -67,7 +67,7 @@ def image_msg(rgb, encoding: str, padding: int = 0, big_endian: bool = False) ->
     if pixels.dtype == np.uint16:  # a low byte unlike the high one, so a byte-order mistake shows
         pixels = ((pixels & 0xFF00) | 0x3C).astype(">u2" if big_endian else "<u2")
     h, w = rgb.shape[:2]
-    rows = np.ascontiguousarray(pixels).reshape(h, -1).view(np.uint8)
+    rows = np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)  # NV21: 1.5 h rows
     rows = np.pad(rows, ((0, 0), (0, padding)), constant_values=77)
     return Image(height=h, width=w, encoding=encoding, is_bigendian=int(big_endian), step=rows.shape[1],
                  data=rows.tobytes())
