@@ -7,8 +7,8 @@ plain topics (question in, answer and stream out, /diagnostics) and records ever
 says; the tests use it. Both spin their own node in a background thread, so a script needs no
 executor of its own.
 
-``internvl-ask -q "What is in front of me?" [--mode video] [--choices yes,no] [--action]`` asks
-from the shell and prints the streamed answer and its status.
+``internvl-ask -q "What is in front of me?" [--mode video] [--choices yes,no] [--cameras front/image_raw]
+[--max-new-tokens 32] [--action]`` asks from the shell and prints the streamed answer and its status.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from std_msgs.msg import String
 from internvl_engine import InvalidRequestError, checked_choices
 
 from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS  # first: it says how to get internvl_msgs if missing
-from .params import MODES
+from .params import MAX_NEW_TOKENS, MODES
 
 from internvl_msgs.action import Ask  # noqa: I100
 from internvl_msgs.msg import Answer as AnswerMsg
@@ -422,7 +422,8 @@ def _ask_action(args) -> int:
     client = AskClient(args.namespace)
     try:
         print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
-        result = client.ask(args.question, choices=args.choices, mode=args.mode or "", timeout=args.timeout,
+        result = client.ask(args.question, choices=args.choices, mode=args.mode or "", cameras=args.cameras,
+                            max_new_tokens=args.max_new_tokens, timeout=args.timeout,
                             on_chunk=lambda text: print(text, end="", flush=True))
         if result.answer is None:
             print(f"\ninternvl-ask: error: {result.status} (is the node running, and active?)", file=sys.stderr)
@@ -452,6 +453,10 @@ def main(argv=None) -> int:
                     "action: for this question only)")
     ap.add_argument("--choices", type=lambda text: text.split(","), default=[], metavar="A,B,...",
                     help="answer with the most likely of these comma-separated choices (uses the action)")
+    ap.add_argument("--cameras", type=lambda text: text.split(","), default=[], metavar="TOPIC,...",
+                    help="use only these of the node's cameras (image_topics names; uses the action)")
+    ap.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
+                    help="longest answer in tokens, for this question only (default: the node's; uses the action)")
     ap.add_argument("--action", action="store_true", help="ask through the ask action instead of the question topic")
     ap.add_argument("--namespace", default="", help="the node's namespace")
     ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
@@ -465,7 +470,13 @@ def main(argv=None) -> int:
         checked_choices(args.choices)
     except InvalidRequestError as e:
         ap.error(f"--{e}")
-    for option, text in [("--question", args.question)] + [("--choices", c) for c in args.choices]:
+    if "" in args.cameras:
+        ap.error(f"--cameras must not be empty names: {','.join(args.cameras)!r}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # the node would refuse it after a round trip
+        ap.error(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS} tokens (0: the node's max_new_tokens), "
+                 f"not {args.max_new_tokens}")
+    for option, text in ([("--question", args.question)] + [("--choices", c) for c in args.choices]
+                         + [("--cameras", c) for c in args.cameras]):
         try:
             text.encode()
         except UnicodeEncodeError:  # Python keeps the bytes it could not decode as lone surrogates
@@ -486,7 +497,8 @@ def main(argv=None) -> int:
         signal.signal(signum, stop)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # rclpy's would shut ROS down under the waits
     try:
-        return _ask_action(args) if args.action or args.choices else _ask_topic(args)
+        per_question = args.choices or args.cameras or args.max_new_tokens  # only a goal carries them
+        return _ask_action(args) if args.action or per_question else _ask_topic(args)
     except TimeoutError as e:
         print(f"internvl-ask: error: {e}", file=sys.stderr)
         return 2

@@ -289,6 +289,9 @@ class InternVLNode(LifecycleNode):
         try:
             if goal.mode and goal.mode not in params.MODES:
                 raise InvalidRequestError(f"mode {goal.mode!r} is not one of {', '.join(params.MODES)}")
+            if goal.max_new_tokens > params.MAX_NEW_TOKENS:
+                raise InvalidRequestError(f"max_new_tokens {goal.max_new_tokens} is above {params.MAX_NEW_TOKENS}, "
+                                          "the most the max_new_tokens parameter takes")
             job.cameras = tuple(self._resolve_camera(c) for c in goal.cameras)
         except InternVLError as e:
             self._answer_error(job, e)

@@ -32,6 +32,7 @@ from internvl_engine.session import BACKENDS
 MODES = ("image", "video", "text")
 BUSY_POLICIES = ("queue", "drop", "preempt")
 CAMERA_QOS = ("auto", "sensor_data", "reliable")
+MAX_NEW_TOKENS = 4096  # the most an answer may be given, by the parameter or a goal
 
 
 class ParameterError(InternVLError):
@@ -92,7 +93,7 @@ PARAMETERS: dict[str, Param] = {
     "queue_size": Param(4, "Queue policy: questions waiting at most; more are answered with an error.",
                         limits=(1, 1000)),
     "system_prompt": Param(DEFAULT_SYSTEM_PROMPT, "System prompt of the chat template."),
-    "max_new_tokens": Param(128, "Longest answer in tokens.", limits=(1, 4096)),
+    "max_new_tokens": Param(128, "Longest answer in tokens.", limits=(1, MAX_NEW_TOKENS)),
     "temperature": Param(0.0, "Sampling temperature (0: greedy).", limits=(0.0, 10.0)),
     "top_k": Param(0, "Sample among the k most likely tokens (0: all).", limits=(0, 1_000_000)),
     "top_p": Param(1.0, "Nucleus sampling probability mass: above 0, at most 1.", limits=(0.0, 1.0), low_open=True),

@@ -97,6 +97,10 @@ def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision
         twice = vision.ask("Which?", choices=["yes", "no", "yes"])  # was answered: 'yes' at 0.5, 'yes' at 0.5
         assert twice.status == "aborted" and twice.answer.error_code == Answer.INVALID_QUESTION
         assert twice.answer.error_msg.endswith("choices must differ: 'yes' is given twice"), twice.answer.error_msg
+        endless = vision.ask("What is there?", max_new_tokens=4097)  # ran to the end of the KV cache
+        assert endless.status == "aborted" and endless.answer.error_code == Answer.INVALID_QUESTION
+        assert endless.answer.error_msg == ("max_new_tokens 4097 is above 4096, the most the max_new_tokens "
+                                            "parameter takes"), endless.answer.error_msg
 
 
 def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_on(tiny_model, tmp_path, vision):

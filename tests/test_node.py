@@ -124,6 +124,24 @@ def test_internvl_ask_takes_a_relative_namespace(tiny_model, engine, tmp_path):
     assert run.stderr == "internvl-ask: error: timed out waiting for /robot/internvl to be active\n"
 
 
+def test_internvl_ask_asks_one_camera_for_a_few_tokens(tiny_model, engine, tmp_path):
+    """--cameras and --max-new-tokens hold for this question only, so they go as a goal: the answer
+    is the back camera's alone, as long as asked, and the node's parameters stay as they were."""
+    front, back = noise_image(40, 48, seed=8), noise_image(40, 48, seed=9)
+    expected = engine.answer(Request("What is there?", images=[back]), GenerationConfig(max_new_tokens=3))
+    with running_node(tiny_model, tmp_path, max_new_tokens=10, camera_qos="reliable", max_frame_age_s=60.0,
+                      image_topics="[front/image_raw, back/image_raw]") as (_, client):  # a client takes seconds to start
+        deliver(client, "/front/image_raw", image_msg(front, "rgb8"))
+        deliver(client, "/back/image_raw", image_msg(back, "rgb8"))
+        run = subprocess.run([str(BIN / "internvl-ask"), "-q", "What is there?", "--cameras", "back/image_raw",
+                              "--max-new-tokens", "3"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"answer   >> {expected.text}\n" in run.stdout and "  finish_reason: length\n" in run.stdout
+        assert "  frames: /back/image_raw@" in run.stdout and "/front/image_raw" not in run.stdout, run.stdout
+        both = engine.answer(Request("What is there?", images=[front, back]), GenerationConfig(max_new_tokens=10))
+        assert client.ask_and_wait("What is there?") == both.text
+
+
 def test_internvl_ask_refuses_text_that_is_not_utf8():
     for args, option in [(["-q", b"Is the door open?\xff"], b"--question"),
                          (["-q", "Is the door open?", "--choices", b"yes,n\xe9"], b"--choices")]:
@@ -139,6 +157,9 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
     (["--node-name", "internvl-1"], "Invalid node name: node name must not contain characters other than"),
     (["--choices", "yes,"], "--choices must not be empty strings"),
     (["--choices", "yes,no, yes"], "--choices must differ: 'yes' is given twice"),  # was sent, then refused
+    (["--cameras", "front/image_raw,"], "--cameras must not be empty names: 'front/image_raw,'"),
+    (["--max-new-tokens", "4097"], "--max-new-tokens must be from 1 to 4096 tokens (0: the node's max_new_tokens), "
+                                   "not 4097"),
 ])
 def test_internvl_ask_refuses_bad_options_before_asking(args, message):
     run = subprocess.run([str(BIN / "internvl-ask"), "-q", "Is the door open?", *args], capture_output=True,
