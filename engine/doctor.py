@@ -161,7 +161,8 @@ def check_runs(report: Report, engine: Engine) -> None:
         try:
             features = engine.encode_tile(np.zeros(engine.vit.groups[0]["image"], np.float32))
         except ModelDirError as e:
-            report.problem(str(e), "export and compile the ViT from this checkpoint (internvl-export, then pulsar2 build)")
+            report.problem(str(e), "export the ViT again from this checkpoint (internvl-export" +
+                           (")" if engine.backend == "onnxruntime" else ", then pulsar2 build)"))
         else:
             ms = (time.perf_counter() - started) * 1e3
             if np.isfinite(np.asarray(features, np.float32)).all():
@@ -211,8 +212,12 @@ def diagnose(args, report: Report) -> None:
         report.problem(f"model directory: {e}", "lay it out as docs/board.md shows (Model files)")
         return
     except BackendError as e:
-        report.problem(f"cannot run the models: {e}", "copy or compile the named file again for this chip; "
-                       f"check pyaxengine and the board SDK ({BOARD_GUIDE})")
+        if backend == "onnxruntime":
+            report.problem(f"cannot run the models: {e}", "export the model again (internvl-export) with the "
+                           "onnxruntime that runs it (requirements/engine.txt)")
+        else:
+            report.problem(f"cannot run the models: {e}", "copy or compile the named file again for this chip; "
+                           f"check pyaxengine and the board SDK ({BOARD_GUIDE})")
         return
     except InternVLError as e:
         report.problem(str(e), BOARD_GUIDE)

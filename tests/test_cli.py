@@ -149,9 +149,15 @@ def test_doctor_on_a_cpu_export(tiny_model, tmp_path):
             (broken / p.name).write_bytes(p.read_bytes())
     proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
     assert proc.returncode == 1 and "PROBLEM  model directory: " in proc.stdout and decoder in proc.stdout
+    (broken / decoder).write_bytes((tiny_model / decoder).read_bytes()[:5000])  # a copy cut short
+    proc = run(BIN / "internvl-doctor", "--model-dir", broken, check=False)
+    assert proc.returncode == 1 and f"PROBLEM  cannot run the models: onnxruntime cannot load {broken / decoder}" \
+        in proc.stdout and proc.stdout.splitlines()[-2].endswith("-> export the model again (internvl-export) with "
+                                                                  "the onnxruntime that runs it (requirements/engine.txt)")
     # the ViT and the manifest disagree on the tokens per tile: only running the ViT shows it
     ratio = with_manifest(tiny_model, tmp_path / "ratio", "spec.downsample_ratio", lambda ratio: 2 * ratio)
     proc = run(BIN / "internvl-doctor", "--model-dir", ratio, check=False)
     assert proc.returncode == 1, proc.stdout
     problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
     assert len(problems) == 1 and " features per tile, the model needs " in problems[0], proc.stdout
+    assert problems[0].endswith("-> export the ViT again from this checkpoint (internvl-export)"), problems[0]
