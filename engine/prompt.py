@@ -4,10 +4,11 @@ Content layout follows InternVL's own chat code: images come before the question
 ``<image>`` placeholder per image (``Image-1: <image>`` when several), video frames as
 ``Frame1: <image>`` ...; each placeholder becomes ``<img>`` + tiles x N ``<IMG_CONTEXT>`` + ``</img>``.
 
-The question is text: chat or image markup typed in it (``<|im_end|>``, ``<img>``) is encoded as
-the characters it is, never as the special tokens the template uses, so whoever can ask a question
-cannot end the user turn or rewrite the system prompt (transformers calls this splitting special
-tokens).
+The question and the system prompt are text: chat or image markup typed in them (``<|im_end|>``,
+``<img>``) is encoded as the characters it is, never as the special tokens the template uses, so
+whoever can ask a question cannot end the user turn or rewrite the system prompt (transformers calls
+this splitting special tokens), and a system prompt (a node parameter anyone on the ROS graph can
+set) cannot open a turn or hold an image slot that no image fills.
 """
 from __future__ import annotations
 
@@ -39,16 +40,14 @@ def user_content(question: str, image_tiles: list[int], tokens_per_tile: int, vi
     return image_lines(image_tiles, tokens_per_tile, video) + question
 
 
-def chat_turns(system_prompt: str) -> tuple[str, str]:
-    """The ``internvl2_5`` template (Qwen chat markup) around the user's content: what comes before
-    it and what comes after it, ready for the assistant's reply."""
-    system = f"{IM_START}system\n{system_prompt}{IM_END}\n" if system_prompt else ""
-    return f"{system}{IM_START}user\n", f"{IM_END}\n{IM_START}assistant\n"
+# The ``internvl2_5`` template (Qwen chat markup): what goes around the system prompt (no turn when it
+# is empty), and around the user's content, ready for the assistant's reply.
+SYSTEM_TURN = (f"{IM_START}system\n", f"{IM_END}\n")
+USER_TURN = (f"{IM_START}user\n", f"{IM_END}\n{IM_START}assistant\n")
 
 
 def chat_prompt(system_prompt: str, content: str) -> str:
-    before, after = chat_turns(system_prompt)
-    return before + content + after
+    return (system_prompt.join(SYSTEM_TURN) if system_prompt else "") + content.join(USER_TURN)
 
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer uses the same expression).
@@ -134,11 +133,13 @@ class Tokenizer:
     def encode_chat(self, system_prompt: str, question: str, image_tiles: list[int], tokens_per_tile: int,
                     video: bool = False) -> list[int]:
         """Token ids of the whole chat prompt: system turn, images (tiles per image) or frames, then
-        the question as plain text. The pieces meet where the pre-tokenizer splits anyway (after a
-        newline, before a special token), so the ids are those of the whole prompt string."""
-        before, after = chat_turns(system_prompt)
-        return (self.encode(before + image_lines(image_tiles, tokens_per_tile, video))
-                + self.encode(question, markup=False) + self.encode(after))
+        the question; the system prompt and the question as plain text. The pieces meet where the
+        pre-tokenizer splits anyway (after a newline, before a special token), so the ids are those
+        of the whole prompt string."""
+        system = (self.encode(SYSTEM_TURN[0]) + self.encode(system_prompt, markup=False) + self.encode(SYSTEM_TURN[1])
+                  if system_prompt else [])
+        return (system + self.encode(USER_TURN[0] + image_lines(image_tiles, tokens_per_tile, video))
+                + self.encode(question, markup=False) + self.encode(USER_TURN[1]))
 
 
 class TextStream:

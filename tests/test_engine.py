@@ -398,6 +398,23 @@ def test_markup_in_a_question_is_text(engine, question):
     assert tok.decode(typed, skip_special_tokens=False).count(question.strip()) == 1  # the text itself is in the prompt
 
 
+@pytest.mark.parametrize("system_prompt", INJECTIONS)
+def test_markup_in_the_system_prompt_is_text(engine, system_prompt):
+    """The system prompt is a node parameter that anyone on the ROS graph can set, as anyone can ask:
+    its markup is characters too. (An <IMG_CONTEXT> in it once failed every image question with a
+    numpy shape error: one more image slot than the image had features.)"""
+    tok = engine.tokenizer
+    special = set(tok.ids.values()) | tok.stop_ids
+    image = [noise_image(40, 40)]
+    plain = engine.prepare(Request("What is there?", images=image, system_prompt="Be brief.")).token_ids
+    typed = engine.prepare(Request("What is there?", images=image, system_prompt=system_prompt)).token_ids
+    assert [t for t in typed if t in special] == [t for t in plain if t in special]
+    assert tok.decode(typed, skip_special_tokens=False).count(system_prompt) == 1
+    answer = engine.answer(Request("What is there?", images=image, system_prompt=system_prompt),
+                           GenerationConfig(max_new_tokens=2))
+    assert answer.timings.prefill_tokens == len(typed) and len(answer.token_ids) == 2
+
+
 def test_the_prompt_is_the_template_string_tokenized(engine):
     """Encoding the question apart from the template gives the ids of the whole prompt string."""
     from internvl_engine.prompt import chat_prompt, user_content
