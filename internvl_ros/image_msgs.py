@@ -64,7 +64,7 @@ def image_to_rgb(msg) -> np.ndarray:
     if h == 0 or w == 0:
         raise ImageConversionError(f"empty image ({w}x{h})")
     if problem := encoding.size_problem(w, h):
-        raise ImageConversionError(f"a {name} image: {problem}")
+        raise ImageConversionError(f"{name}: {problem}")
     row = w * encoding.channels * encoding.depth
     rows = h * 3 // 2 if encoding.chroma_plane else h
     if step < row:
