@@ -11,6 +11,7 @@ import importlib
 import itertools
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -192,6 +193,7 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     import rclpy
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rclpy.serialization import deserialize_message
+    from rclpy.signals import SignalHandlerOptions
     from rosgraph_msgs.msg import Clock
 
     def absolute(topic: str) -> str:  # bags hold "image_raw" or "/image_raw"; the player runs in /
@@ -200,7 +202,10 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
     remap = {absolute(source): target for source, target in (remap or {}).items()}
     own = node is None
     if own:
-        rclpy.init(args=[])  # not this process's arguments: rcl would take a --remap value for its own rule
+        # Not this process's arguments: rcl would take a --remap value for its own rule. Not rclpy's
+        # signal handlers: they shut the context down and return, and a player waiting for a message
+        # due much later, or looping over a bag with no messages, never noticed; Python's own stop it.
+        rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
         node = rclpy.create_node("internvl_play_bag")
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
     clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)) \
@@ -228,7 +233,7 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                                                           for p, _ in publishers.values()):
                 time.sleep(0.05)
             while True:
-                started, first = time.monotonic(), reader.start_time
+                started, first, sent_before = time.monotonic(), reader.start_time, sent
                 next_tick = started
 
                 def publish_clock(ns: int) -> None:
@@ -256,13 +261,9 @@ def play_bag(path: Path, rate: float = 1.0, loop: bool = False, restamp: bool = 
                     else:
                         publisher.publish(bytes(raw))
                     sent += 1
-                if not loop:
+                if not loop or sent == sent_before:  # a bag with nothing to play would loop for ever
                     break
             time.sleep(0.2)  # let reliable writers deliver the tail before the process exits
-    except Exception:
-        if own and not rclpy.ok():  # Ctrl-C: rclpy's signal handler shut the context down mid-publish
-            raise KeyboardInterrupt from None
-        raise
     finally:
         if own:
             node.destroy_node()
@@ -310,6 +311,8 @@ def play_bag_main(argv=None) -> int:
     if bad := [r for r in args.remap if not all(r.partition(":=")[::2])]:
         ap.error(f"--remap takes FROM:=TO, not {bad[0]!r}")
     remap = dict(r.split(":=", 1) for r in args.remap)
+    exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a script started it with SIGINT ignored
     try:
         sent = play_bag(args.bag, args.rate, args.loop, args.restamp, args.wait_for_subscribers, args.subscribers,
                         remap, args.clock)

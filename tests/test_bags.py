@@ -194,19 +194,33 @@ def test_play_bag_leaves_out_topics_of_types_it_cannot_import(tmp_path):
     assert "none of its topics has a message type that can be imported here" in proc.stderr
 
 
-def test_play_bag_stops_quietly_on_ctrl_c(tmp_path):
-    """A looping player stopped with SIGINT ends with 130 and says nothing, also where it inherited
-    SIGINT ignored (a process a script starts in the background does: the demo under nohup, CI):
-    then Python raises no KeyboardInterrupt, rclpy's own handler shuts the context down, and the next
-    publish fails, which must not be reported as an error."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_play_bag_stops_quietly_and_at_once_on_a_signal(tmp_path, signum):
+    """A looping player stopped by Ctrl-C or SIGTERM ends at once with 128 + the signal and says
+    nothing, also while it waits for a message due much later, and where it inherited SIGINT ignored
+    (a process a script starts in the background does: the demo under nohup, CI). rclpy's handlers
+    only shut the context down: a player asleep until its next message slept on, deaf to SIGTERM."""
     from internvl_ros.bags import write_bag
 
-    bag = write_bag(tmp_path / "bag", [], [(0.05 * i, f"q{i}") for i in range(20)], question_topic="question")
+    questions = [(0.05 * i, f"q{i}") for i in range(20)] + [(120.0, "much later")]
+    bag = write_bag(tmp_path / "bag", [], questions, question_topic="question")
     for inherited in (signal.SIG_DFL, signal.SIG_IGN):
         proc = subprocess.Popen([str(BIN / "internvl-play-bag"), str(bag), "--loop"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
+        time.sleep(3.0)  # past the first 20: waiting for the last
+        sent = time.monotonic()
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130 and err == "", (inherited, proc.returncode, err)
+        assert proc.returncode == 128 + signum and err == "", (inherited, proc.returncode, err)
+        assert time.monotonic() - sent < 5
+
+
+def test_play_bag_of_nothing_ends_even_with_loop(tmp_path):
+    """A bag with no messages played with --loop spun for ever, publishing nothing."""
+    from internvl_ros.bags import write_bag
+
+    bag = write_bag(tmp_path / "bag", [], [])
+    proc = subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--loop"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"played 0 messages from {bag}\n", proc.stdout + proc.stderr
