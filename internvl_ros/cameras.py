@@ -24,6 +24,8 @@ from internvl_engine import InternVLError
 IMAGE_TYPES = {Image: "sensor_msgs/msg/Image", CompressedImage: "sensor_msgs/msg/CompressedImage"}
 RELIABLE_CAMERA = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
 CLOCK_AT_ZERO = "this node's clock reads 0: use_sim_time is true and nothing has been published on /clock"
+# A stamp below this (2001-09-09) beside a clock above it is no wall time: a camera's time since boot.
+SINCE_BOOT_BELOW = 1e9
 
 
 class NoFreshFrameError(InternVLError):
@@ -78,7 +80,11 @@ class Camera:
             return f"{self.topic}: no frame received" + (f" ({problem})" if (problem := self.type_problem()) else "")
         age = now - self.latest.stamp
         if age > max_age_s:
-            return f"{self.topic}: last frame {age:.2f} s old (max_frame_age_s {max_age_s:g})"
+            why = ""
+            if self.latest.stamp < SINCE_BOOT_BELOW <= now:
+                why = (f": stamped {self.latest.stamp:.0f} s after 1970, like a clock since boot (V4L2's), not ROS "
+                       "time: stamp frames with ROS time")
+            return f"{self.topic}: last frame {age:.2f} s old (max_frame_age_s {max_age_s:g}){why}"
         if -age > max_lead_s:
             why = CLOCK_AT_ZERO if now == 0 else "is the camera's clock ahead? Synchronise the machines' clocks"
             return (f"{self.topic}: last frame stamped {-age:.2f} s ahead of this node's clock (max_frame_lead_s "

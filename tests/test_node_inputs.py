@@ -67,7 +67,7 @@ def test_auto_camera_qos_follows_the_publishers_and_every_reliable_frame_arrives
         assert not client.ask_and_wait("What is there?").startswith(ERROR)
 
 
-def test_future_stamped_frames_are_not_used(tiny_model, tmp_path):
+def test_frames_stamped_ahead_or_since_boot_are_not_used_and_say_why(tiny_model, tmp_path):
     frame = image_msg(noise_image(40, 40, seed=2), "rgb8")
     with running_node(tiny_model, tmp_path, max_new_tokens=2, camera_qos="reliable") as (_, client):
         ahead = client.node.get_clock().now().nanoseconds + 60 * 10**9
@@ -77,6 +77,12 @@ def test_future_stamped_frames_are_not_used(tiny_model, tmp_path):
         assert re.fullmatch(re.escape(ERROR) + r"no fresh camera frame: /image_raw: last frame stamped (59|60)\.\d\d s ahead "
                             r"of this node's clock \(max_frame_lead_s 0\.5\): is the camera's clock ahead\? Synchronise "
                             r"the machines' clocks", answer), answer
+        frame.header.stamp.sec, frame.header.stamp.nanosec = 8215, 0  # 2 h 17 min since the camera's boot
+        deliver(client, "/image_raw", frame, stamp=False)
+        answer = client.ask_and_wait("What is there?")
+        assert re.fullmatch(re.escape(ERROR) + r"no fresh camera frame: /image_raw: last frame \d+\.\d\d s old "
+                            r"\(max_frame_age_s 2\): stamped 8215 s after 1970, like a clock since boot \(V4L2's\), "
+                            r"not ROS time: stamp frames with ROS time", answer), answer
         slightly = client.node.get_clock().now().nanoseconds + 2 * 10**8  # 0.2 s ahead: within tolerance
         frame.header.stamp.sec, frame.header.stamp.nanosec = divmod(slightly, 10**9)
         deliver(client, "/image_raw", frame, stamp=False)
