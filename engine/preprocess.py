@@ -43,6 +43,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """Accept gray [H, W], RGB [H, W, 3] or RGBA [H, W, 4] uint8; return RGB uint8."""
+    if isinstance(image, (str, Path)):
+        raise ImageError(f"images are pixel arrays, not file names: read {str(image)!r} with load_image")
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ImageError(f"images must be uint8, got {image.dtype}")

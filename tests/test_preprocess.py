@@ -32,6 +32,8 @@ def test_as_rgb_accepts_gray_and_rgba():
         as_rgb(np.zeros((4, 5, 2), np.uint8))
     with pytest.raises(ImageError):
         as_rgb(np.zeros((4, 5, 3), np.float32))
+    with pytest.raises(ImageError, match="images are pixel arrays, not file names: read 'door.jpg' with load_image"):
+        as_rgb("door.jpg")  # was "images must be uint8, got <U8"
 
 
 @pytest.mark.parametrize("size, max_tiles, grid", [
