@@ -30,7 +30,8 @@ class Encoding:
         return None
 
 
-# OpenCV names a Bayer conversion by the second row's pattern: rggb is its BayerBG (as cv_bridge maps it).
+# OpenCV names a Bayer pattern by the second row's second and third pixels: rggb is its BayerBG (as cv_bridge
+# maps it).
 BAYER = {"rggb": cv2.COLOR_BayerBG2RGB, "bggr": cv2.COLOR_BayerRG2RGB, "gbrg": cv2.COLOR_BayerGR2RGB,
          "grbg": cv2.COLOR_BayerGB2RGB}
 # sensor_msgs/image_encodings names
@@ -99,7 +100,7 @@ def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
             mosaic[i // 2::2, i % 2::2] = rgb[i // 2::2, i % 2::2, "rgb".index(colour)]
         pixels = mosaic
     elif encoding.startswith(("yuv", "nv")):
-        return _rgb_to_yuv(rgb, encoding)
+        pixels = _rgb_to_yuv(rgb, encoding)
     else:
         to_encoding = {"rgb": None, "bgr": cv2.COLOR_RGB2BGR, "rgba": cv2.COLOR_RGB2RGBA, "bgra": cv2.COLOR_RGB2BGRA,
                        "mono": cv2.COLOR_RGB2GRAY}[encoding.rstrip("168")]
