@@ -47,8 +47,12 @@ ENCODINGS = {
     "yuv422_yuy2": Encoding(1, 2, cv2.COLOR_YUV2RGB_YUY2, even_width=True),  # Y U Y V
     "nv21": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV21, even_width=True, chroma_plane=True),
 }
-# Single-channel measurements, not pictures: named in the refusal, as the likeliest mix-up.
-MEASUREMENTS = {"16uc1": "a depth image", "32fc1": "a depth image"}
+# Encodings refused with what they likely are: a depth camera's measurements, or pixels whose channel
+# order is not given (cv_bridge's cv2_to_imgmsg without an encoding writes these).
+DEPTH = "a depth image: image_topics takes colour or grey cameras"
+UNORDERED = "pixels without a channel order, as cv2_to_imgmsg writes without an encoding: publish them as {}"
+REFUSED = {"16uc1": DEPTH, "32fc1": DEPTH, "8uc1": UNORDERED.format("mono8"), "8uc3": UNORDERED.format("bgr8"),
+           "8uc4": UNORDERED.format("bgra8")}
 
 
 class ImageConversionError(InternVLError):
@@ -58,7 +62,7 @@ class ImageConversionError(InternVLError):
 def image_to_rgb(msg) -> np.ndarray:
     name = msg.encoding.lower()
     if name not in ENCODINGS:
-        what = f" ({MEASUREMENTS[name]}: image_topics takes colour or grey cameras)" if name in MEASUREMENTS else ""
+        what = f" ({REFUSED[name]})" if name in REFUSED else ""
         raise ImageConversionError(f"unsupported encoding {msg.encoding!r}{what} (supported: {', '.join(ENCODINGS)})")
     encoding = ENCODINGS[name]
     h, w, step = msg.height, msg.width, msg.step
@@ -129,7 +133,8 @@ def compressed_to_rgb(msg) -> np.ndarray:
     data = np.frombuffer(memoryview(msg.data), np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise ImageConversionError(f"cannot decode compressed image (format {msg.format!r}, {data.size} bytes)")
+        what = f" ({DEPTH})" if "compresseddepth" in msg.format.lower() else ""
+        raise ImageConversionError(f"cannot decode compressed image (format {msg.format!r}, {data.size} bytes){what}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

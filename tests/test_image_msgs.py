@@ -95,6 +95,10 @@ def test_compressed_keeps_channel_order(fmt):
 @pytest.mark.parametrize("msg, message", [
     (Image(height=2, width=2, encoding="nv24", step=2, data=b"\0" * 12), "unsupported encoding 'nv24'"),
     (Image(height=2, width=2, encoding="16UC1", step=4, data=b"\0" * 8), r"'16UC1' \(a depth image: image_topics"),
+    (Image(height=2, width=2, encoding="8UC3", step=6, data=b"\0" * 12),
+     r"'8UC3' \(pixels without a channel order, as cv2_to_imgmsg writes without an encoding: publish them as bgr8\)"),
+    (CompressedImage(format="16UC1; compressedDepth png", data=b"\0" * 12 + b"\x89PNG"),
+     r"cannot decode compressed image \(format '16UC1; compressedDepth png', 16 bytes\) \(a depth image: "),
     (Image(height=2, width=3, encoding="yuv422", step=6, data=b"\0" * 12),
      r"yuv422: its width must be even \(pixels share their colour\), not 3x2"),
     (Image(height=3, width=4, encoding="nv21", step=4, data=b"\0" * 24),
