@@ -133,7 +133,7 @@ class InternVLNode(LifecycleNode):
         self._result_pub = self.create_publisher(AnswerMsg, "answer/result", ANSWER_QOS)
         self._chunk_pub = self.create_publisher(AnswerChunk, "answer/chunks", ANSWER_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", ANSWER_QOS)
-        self.create_subscription(String, "question", self._on_question, QUESTION_QOS)
+        self._questions = self.create_subscription(String, "question", self._on_question, QUESTION_QOS)
         self._goals = ReentrantCallbackGroup()
         self._action = ActionServer(self, Ask, "ask", execute_callback=self._execute_goal,
                                     goal_callback=lambda _: GoalResponse.ACCEPT, cancel_callback=self._cancel_goal,
@@ -141,6 +141,7 @@ class InternVLNode(LifecycleNode):
         self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
         self._last_beat = (time.monotonic(), {})
         self._twins = 0  # other nodes of this name, as the last heartbeat saw them
+        self._unheard: list[str] = []  # best-effort question publishers, as the last heartbeat saw them
         # Steady time, not the node's clock: with use_sim_time and nothing on /clock yet, ROS time stands
         # at 0 and its timers never fire; the heartbeat must still beat, and say so.
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -525,6 +526,18 @@ class InternVLNode(LifecycleNode):
             if twins != self._twins:
                 self.get_logger().warning(problems[-1])
         self._twins = twins
+        # A reliable subscription does not match a best-effort publisher: its questions would vanish unseen.
+        topic = self._questions.topic_name
+        unheard = sorted(f"{p.node_namespace.rstrip('/')}/{p.node_name}"
+                         for p in self.get_publishers_info_by_topic(topic)
+                         if p.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT)
+        if unheard:
+            problems.append(f"best-effort publisher(s) on {topic} ({', '.join(unheard)}): their questions never reach "
+                            "this node, whose question subscription is reliable so that none is lost; publish "
+                            "questions reliable")
+            if unheard != self._unheard:
+                self.get_logger().warning(problems[-1])
+        self._unheard = unheard
         if self._now() == 0:
             problems.append(f"{CLOCK_AT_ZERO} (play a bag with --clock), so every camera frame looks stamped in the "
                             "future")

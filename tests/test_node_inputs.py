@@ -16,6 +16,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 from ros_harness import ERROR, NodeProcess, compressed_msg, image_msg
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
 from test_node import deliver, running_node
 
 from internvl_engine import GenerationConfig, Request
@@ -130,6 +131,28 @@ def test_a_second_node_of_the_same_name_is_named(tiny_model, tmp_path):
         finally:
             second.stop()
         client.wait_for(lambda: twin not in client.heartbeats[-1].message, 30, "the twin to be gone")
+    assert len(warnings()) == 1  # logged once, not at every beat
+
+
+def test_a_best_effort_question_publisher_is_named(tiny_model, tmp_path):
+    """A reliable subscription does not match a best-effort publisher (a bridge, a device on micro-ROS):
+    its questions vanished unseen. The node logs it once, and its heartbeat names the publisher while it
+    is there."""
+    unheard = "best-effort publisher(s) on /question (/phone_bridge): their questions never reach this node"
+    warnings = lambda: [line for line in proc.log().splitlines() if unheard in line and "[WARN]" in line]  # noqa: E731
+    with running_node(tiny_model, tmp_path) as (proc, client):
+        assert unheard not in client.heartbeats[-1].message
+        bridge = rclpy.create_node("phone_bridge")
+        try:
+            best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+            bridge.create_publisher(String, "/question", best_effort)
+            client.wait_for(lambda: unheard in client.heartbeats[-1].message, 30, "the heartbeat to name the publisher")
+            assert client.heartbeats[-1].level == client.heartbeats[-1].WARN
+            client.wait_for(warnings, 10, "the node to log the publisher")
+        finally:
+            bridge.destroy_node()
+        client.wait_for(lambda: unheard not in client.heartbeats[-1].message, 30, "the publisher to be gone")
+        assert client.heartbeats[-1].level == client.heartbeats[-1].OK
     assert len(warnings()) == 1  # logged once, not at every beat
 
 
