@@ -140,8 +140,7 @@ class InternVLNode(LifecycleNode):
                                     callback_group=self._goals, feedback_pub_qos_profile=ANSWER_QOS)
         self._wake = self.create_guard_condition(lambda: None)  # resumes goals waiting for their answer
         self._last_beat = (time.monotonic(), {})
-        self._twins = 0  # other nodes of this name, as the last heartbeat saw them
-        self._unheard: list[str] = []  # best-effort question publishers, as the last heartbeat saw them
+        self._graph_seen: dict[str, object] = {}  # what the last heartbeat saw of each graph problem
         # Steady time, not the node's clock: with use_sim_time and nothing on /clock yet, ROS time stands
         # at 0 and its timers never fire; the heartbeat must still beat, and say so.
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -519,31 +518,32 @@ class InternVLNode(LifecycleNode):
                 problems.append(problem)
         me = (self.get_name(), self.get_namespace())
         twins = self.get_node_names_and_namespaces().count(me) - 1  # launched twice, say
-        if twins > 0:
-            problems.append(f"{twins} other node(s) also named {self.get_fully_qualified_name()}: they share its "
-                            "topics and its ask action, and a question is answered by each; give each a namespace "
-                            "or a name of its own")
-            if twins != self._twins:
-                self.get_logger().warning(problems[-1])
-        self._twins = twins
+        self._graph_problem(problems, "twins", twins, f"{twins} other node(s) also named "
+                            f"{self.get_fully_qualified_name()}: they share its topics and its ask action, and a "
+                            "question is answered by each; give each a namespace or a name of its own")
         # A reliable subscription does not match a best-effort publisher: its questions would vanish unseen.
         topic = self._questions.topic_name
         unheard = sorted(f"{p.node_namespace.rstrip('/')}/{p.node_name}"
                          for p in self.get_publishers_info_by_topic(topic)
                          if p.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT)
-        if unheard:
-            problems.append(f"best-effort publisher(s) on {topic} ({', '.join(unheard)}): their questions never reach "
-                            "this node, whose question subscription is reliable so that none is lost; publish "
-                            "questions reliable")
-            if unheard != self._unheard:
-                self.get_logger().warning(problems[-1])
-        self._unheard = unheard
+        self._graph_problem(problems, "unheard", unheard, f"best-effort publisher(s) on {topic} "
+                            f"({', '.join(unheard)}): their questions never reach this node, whose question "
+                            "subscription is reliable so that none is lost; publish questions reliable")
         if self._now() == 0:
             problems.append(f"{CLOCK_AT_ZERO} (play a bag with --clock), so every camera frame looks stamped in the "
                             "future")
         level = WARN if problems or not active else OK
         message = "; ".join(problems) or ("busy" if busy else "idle" if active else values["state"])
         self._publish_status(level, "heartbeat", message, values)
+
+    def _graph_problem(self, problems: list[str], kind: str, seen, message: str) -> None:
+        """A problem the ROS graph shows (``seen``: what shows it; empty or 0 when nothing does): in the
+        heartbeat while it lasts, logged once each time what shows it changes, not at every beat."""
+        if seen:
+            problems.append(message)
+            if seen != self._graph_seen.get(kind):
+                self.get_logger().warning(message)
+        self._graph_seen[kind] = seen
 
     def _check_cameras(self) -> None:
         for change in self._subscriber.check():
