@@ -161,8 +161,8 @@ def check_runs(report: Report, engine: Engine) -> None:
         try:
             features = engine.encode_tile(np.zeros(engine.vit.groups[0]["image"], np.float32))
         except ModelDirError as e:
-            report.problem(str(e), "export the ViT again from this checkpoint (internvl-export" +
-                           (")" if engine.backend == "onnxruntime" else ", then pulsar2 build)"))
+            how = "internvl-export" if engine.backend == "onnxruntime" else "internvl-export, then pulsar2 build"
+            report.problem(str(e), f"export the ViT again from this checkpoint ({how})")
         else:
             ms = (time.perf_counter() - started) * 1e3
             if np.isfinite(np.asarray(features, np.float32)).all():
