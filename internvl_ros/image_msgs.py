@@ -95,21 +95,21 @@ def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
     """The inverse of ``image_to_rgb`` (native byte order), for writing camera data: rows of the
     encoding's samples. Bayer and YUV keep less than the RGB (one colour per pixel, shared chroma)."""
     h, w = rgb.shape[:2]
-    if problem := ENCODINGS[encoding].size_problem(w, h):
+    spec = ENCODINGS[encoding]
+    if problem := spec.size_problem(w, h):
         raise ValueError(f"{encoding}: {problem}")
     if encoding.startswith("bayer_"):
         pattern = encoding[len("bayer_"):len("bayer_") + 4]
-        mosaic = np.empty((h, w), rgb.dtype)
+        pixels = np.empty((h, w), rgb.dtype)
         for i, colour in enumerate(pattern):  # 2x2 cells: the pattern's colours row by row
-            mosaic[i // 2::2, i % 2::2] = rgb[i // 2::2, i % 2::2, "rgb".index(colour)]
-        pixels = mosaic
+            pixels[i // 2::2, i % 2::2] = rgb[i // 2::2, i % 2::2, "rgb".index(colour)]
     elif encoding.startswith(("yuv", "nv")):
         pixels = _rgb_to_yuv(rgb, encoding)
     else:
         to_encoding = {"rgb": None, "bgr": cv2.COLOR_RGB2BGR, "rgba": cv2.COLOR_RGB2RGBA, "bgra": cv2.COLOR_RGB2BGRA,
                        "mono": cv2.COLOR_RGB2GRAY}[encoding.rstrip("168")]
         pixels = rgb if to_encoding is None else cv2.cvtColor(rgb, to_encoding)
-    return pixels.astype(np.uint16) * 257 if ENCODINGS[encoding].depth == 2 else pixels
+    return pixels.astype(np.uint16) * 257 if spec.depth == 2 else pixels
 
 
 def _rgb_to_yuv(rgb: np.ndarray, name: str) -> np.ndarray:
