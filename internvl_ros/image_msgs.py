@@ -1,8 +1,8 @@
 """sensor_msgs/Image and CompressedImage -> RGB uint8 numpy arrays (numpy/OpenCV, no cv_bridge).
 
 Honours ``step`` row padding and ``is_bigendian``; 16-bit encodings are scaled to 8 bits. Raw
-cameras' Bayer mosaics are demosaiced, and YUV (4:2:2 from USB cameras, NV21) is read as ITU-R BT.601
-video range, as V4L2 cameras send it and OpenCV decodes it.
+cameras' Bayer mosaics are demosaiced, and YUV (4:2:2 from USB cameras; NV12, NV21 and NV24 from
+video pipelines) is read as ITU-R BT.601 video range, as V4L2 cameras send it and OpenCV decodes it.
 """
 from __future__ import annotations
 
@@ -17,17 +17,23 @@ from internvl_engine import InternVLError
 @dataclass(frozen=True)
 class Encoding:
     depth: int  # bytes per sample
-    channels: int  # samples per pixel as stored (4:2:2: two, a Y and a U or V in turn)
+    channels: int  # samples per pixel as stored (4:2:2: two, a Y and a U or V in turn; semi-planar: the Y)
     to_rgb: int | None  # OpenCV conversion to RGB; None: already RGB
     even_width: bool = False  # chroma shared by pixel pairs
-    chroma_plane: bool = False  # NV21: the Y rows, then a half-height plane of V,U pairs (even height too)
+    # Semi-planar YUV: the Y rows, then a plane of U,V pairs, one pair for each 2x2 pixels (420: nv12, nv21; even
+    # height too) or for each pixel (444: nv24, its rows twice as long as the Y rows, as V4L2 lays them out).
+    chroma_plane: int = 0
 
     def size_problem(self, w: int, h: int) -> str | None:
         """Why a w x h picture cannot be held in this encoding, or None."""
-        if (self.even_width and w % 2) or (self.chroma_plane and h % 2):
-            return (f"its width{' and height' * self.chroma_plane} must be even (pixels share their colour), "
-                    f"not {w}x{h}")
+        even_height = self.chroma_plane == 420
+        if (self.even_width and w % 2) or (even_height and h % 2):
+            return f"its width{' and height' * even_height} must be even (pixels share their colour), not {w}x{h}"
         return None
+
+    def rows(self, h: int) -> int:
+        """How many rows of ``step`` bytes an h-row picture takes."""
+        return h + {0: 0, 420: h // 2, 444: 2 * h}[self.chroma_plane]
 
 
 # OpenCV names a Bayer pattern by the second row's second and third pixels: rggb is its BayerBG (as cv_bridge
@@ -43,9 +49,12 @@ ENCODINGS = {
     "rgba16": Encoding(2, 4, cv2.COLOR_RGBA2RGB), "bgra16": Encoding(2, 4, cv2.COLOR_BGRA2RGB),
     "mono16": Encoding(2, 1, cv2.COLOR_GRAY2RGB),
     **{f"bayer_{pattern}{bits}": Encoding(bits // 8, 1, code) for pattern, code in BAYER.items() for bits in (8, 16)},
-    "yuv422": Encoding(1, 2, cv2.COLOR_YUV2RGB_UYVY, even_width=True),  # U Y V Y
-    "yuv422_yuy2": Encoding(1, 2, cv2.COLOR_YUV2RGB_YUY2, even_width=True),  # Y U Y V
-    "nv21": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV21, even_width=True, chroma_plane=True),
+    # yuv422 and yuv422_yuy2 are Humble's names; uyvy and yuyv are later distributions' (as is nv12)
+    **dict.fromkeys(["yuv422", "uyvy"], Encoding(1, 2, cv2.COLOR_YUV2RGB_UYVY, even_width=True)),  # U Y V Y
+    **dict.fromkeys(["yuv422_yuy2", "yuyv"], Encoding(1, 2, cv2.COLOR_YUV2RGB_YUY2, even_width=True)),  # Y U Y V
+    "nv12": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV12, even_width=True, chroma_plane=420),  # U,V pairs
+    "nv21": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV21, even_width=True, chroma_plane=420),  # V,U pairs
+    "nv24": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV12, chroma_plane=444),  # U,V pairs; see _nv24_to_rgb
 }
 # Encodings refused with what they likely are: a depth camera's measurements, or pixels whose channel
 # order is not given (cv_bridge's cv2_to_imgmsg without an encoding writes these).
@@ -71,13 +80,16 @@ def image_to_rgb(msg) -> np.ndarray:
     if problem := encoding.size_problem(w, h):
         raise ImageConversionError(f"{name}: {problem}")
     row = w * encoding.channels * encoding.depth
-    rows = h * 3 // 2 if encoding.chroma_plane else h
+    rows = encoding.rows(h)
     if step < row:
         raise ImageConversionError(f"step {step} is shorter than one {name} row of {w} pixels ({row} bytes)")
     data = np.frombuffer(memoryview(msg.data), np.uint8)
     if data.size < step * rows:
         raise ImageConversionError(f"truncated image: {data.size} bytes, {w}x{h} {name} with step {step} needs "
                                    f"{step * rows}")
+    if encoding.chroma_plane == 444:
+        y, uv = data[:step * h].reshape(h, step)[:, :w], data[step * h:step * rows].reshape(h, 2 * step)[:, :2 * w]
+        return _nv24_to_rgb(y, uv)
     pixels = data[:step * rows].reshape(rows, step)[:, :row]
     if encoding.depth == 2:
         pixels = np.ascontiguousarray(pixels).view(">u2" if msg.is_bigendian else "<u2")
@@ -89,6 +101,16 @@ def image_to_rgb(msg) -> np.ndarray:
         return cv2.cvtColor(pixels, encoding.to_rgb)
     except cv2.error as e:  # a refusal the checks above did not foresee: still the camera's problem, named
         raise ImageConversionError(f"OpenCV cannot convert this {w}x{h} {name} image: {e}") from e
+
+
+def _nv24_to_rgb(y: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """OpenCV has no 4:4:4 YUV decoder of this range. Its NV12 one, given the picture at twice the size
+    with each Y sample spread over 2x2 pixels, gives each 2x2 block one of NV24's U,V pairs: the blocks'
+    top-left pixels are the picture, decoded exactly as the other YUV encodings are. (OpenCV's resizes
+    do the spreading and picking: numpy's strided copies take five times as long.)"""
+    h, w = y.shape
+    doubled = np.concatenate([cv2.resize(y, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST), uv])
+    return cv2.resize(cv2.cvtColor(doubled, cv2.COLOR_YUV2RGB_NV12), (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
@@ -103,8 +125,8 @@ def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
         pixels = np.empty((h, w), rgb.dtype)
         for i, colour in enumerate(pattern):  # 2x2 cells: the pattern's colours row by row
             pixels[i // 2::2, i % 2::2] = rgb[i // 2::2, i % 2::2, "rgb".index(colour)]
-    elif encoding.startswith(("yuv", "nv")):
-        pixels = _rgb_to_yuv(rgb, encoding)
+    elif spec.even_width or spec.chroma_plane:  # YUV
+        pixels = _rgb_to_yuv(rgb, spec)
     else:
         to_encoding = {"rgb": None, "bgr": cv2.COLOR_RGB2BGR, "rgba": cv2.COLOR_RGB2RGBA, "bgra": cv2.COLOR_RGB2BGRA,
                        "mono": cv2.COLOR_RGB2GRAY}[encoding.rstrip("168")]
@@ -112,20 +134,22 @@ def rgb_to_pixels(rgb: np.ndarray, encoding: str) -> np.ndarray:
     return pixels.astype(np.uint16) * 257 if spec.depth == 2 else pixels
 
 
-def _rgb_to_yuv(rgb: np.ndarray, name: str) -> np.ndarray:
+def _rgb_to_yuv(rgb: np.ndarray, spec: Encoding) -> np.ndarray:
     """BT.601 video range (Y 16..235, U and V 16..240), chroma averaged over the pixels that share it."""
     r, g, b = np.moveaxis(rgb.astype(np.float64), -1, 0)
     y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
     u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
     v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
     h, w = y.shape
-    if name == "nv21":
-        u, v = (c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) for c in (u, v))
-        planes = [y, np.stack([v, u], axis=-1).reshape(h // 2, w)]
+    if spec.chroma_plane:  # the chroma plane as rows of w bytes, as many as Encoding.rows says
+        if spec.chroma_plane == 420:
+            u, v = (c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) for c in (u, v))
+        pairs = [v, u] if spec.to_rgb == cv2.COLOR_YUV2RGB_NV21 else [u, v]
+        planes = [y, np.stack(pairs, axis=-1).reshape(spec.rows(h) - h, w)]
         return np.rint(np.concatenate(planes)).astype(np.uint8)
     u, v = (c.reshape(h, w // 2, 2).mean(axis=2) for c in (u, v))
     y0, y1 = y[:, 0::2], y[:, 1::2]
-    quads = [u, y0, v, y1] if name == "yuv422" else [y0, u, y1, v]
+    quads = [u, y0, v, y1] if spec.to_rgb == cv2.COLOR_YUV2RGB_UYVY else [y0, u, y1, v]
     return np.rint(np.stack(quads, axis=-1).reshape(h, w, 2)).astype(np.uint8)
 
 

@@ -61,16 +61,20 @@ def image_msg(rgb, encoding: str, padding: int = 0, big_endian: bool = False) ->
     """A sensor_msgs/Image of an RGB array in ``encoding``, optionally with row padding."""
     import numpy as np
 
-    from internvl_ros.image_msgs import rgb_to_pixels
+    from internvl_ros.image_msgs import ENCODINGS, rgb_to_pixels
 
     pixels = rgb_to_pixels(rgb, encoding)
     if pixels.dtype == np.uint16:  # a low byte unlike the high one, so a byte-order mistake shows
         pixels = ((pixels & 0xFF00) | 0x3C).astype(">u2" if big_endian else "<u2")
     h, w = rgb.shape[:2]
     rows = np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)  # NV21: 1.5 h rows
-    rows = np.pad(rows, ((0, 0), (0, padding)), constant_values=77)
-    return Image(height=h, width=w, encoding=encoding, is_bigendian=int(big_endian), step=rows.shape[1],
-                 data=rows.tobytes())
+    planes = [rows]
+    if ENCODINGS[encoding].chroma_plane == 444:  # its chroma rows are twice as long as its Y rows, padding too
+        planes = [rows[:h], rows[h:].reshape(h, -1)]
+    data = b"".join(np.pad(plane, ((0, 0), (0, padding * (plane.shape[1] // rows.shape[1]))), constant_values=77)
+                    .tobytes() for plane in planes)
+    return Image(height=h, width=w, encoding=encoding, is_bigendian=int(big_endian), step=rows.shape[1] + padding,
+                 data=data)
 
 
 def compressed_msg(rgb, fmt: str = "jpeg") -> CompressedImage:

@@ -9,7 +9,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from internvl_ros.image_msgs import ENCODINGS, ImageConversionError, to_rgb
 
 # Bayer mosaics and YUV keep less than the picture: one colour per pixel, chroma shared by neighbours.
-SAMPLED = [e for e in ENCODINGS if e.startswith(("bayer_", "yuv", "nv"))]
+SAMPLED = [e for e in ENCODINGS if e.startswith(("bayer_", "yuv", "uyvy", "yuyv", "nv"))]
 EXACT = [e for e in ENCODINGS if e not in SAMPLED and not e.startswith("mono")]
 
 
@@ -58,16 +58,27 @@ def test_bayer_patterns_name_the_colour_of_each_site(pattern, colour):
 # of each in the three layouts.
 YUV = {(255, 0, 0): (81, 90, 240), (0, 255, 0): (145, 54, 34), (0, 0, 255): (41, 240, 110),
        (255, 255, 255): (235, 128, 128), (0, 0, 0): (16, 128, 128)}
-LAYOUTS = {"yuv422": lambda y, u, v: [u, y, v, y] * 2, "yuv422_yuy2": lambda y, u, v: [y, u, y, v] * 2,
-           "nv21": lambda y, u, v: [y] * 4 + [v, u]}
+LAYOUTS = {"yuv422": lambda y, u, v: [u, y, v, y] * 2, "uyvy": lambda y, u, v: [u, y, v, y] * 2,
+           "yuv422_yuy2": lambda y, u, v: [y, u, y, v] * 2, "yuyv": lambda y, u, v: [y, u, y, v] * 2,
+           "nv12": lambda y, u, v: [y] * 4 + [u, v], "nv21": lambda y, u, v: [y] * 4 + [v, u],
+           "nv24": lambda y, u, v: [y] * 4 + [u, v] * 4}
 
 
 @pytest.mark.parametrize("encoding", LAYOUTS)
 @pytest.mark.parametrize("rgb", YUV)
 def test_yuv_layouts_decode_known_colours(encoding, rgb):
     data = bytes(LAYOUTS[encoding](*YUV[rgb]))
-    out = to_rgb(Image(height=2, width=2, encoding=encoding, step=2 if encoding == "nv21" else 4, data=data))
+    out = to_rgb(Image(height=2, width=2, encoding=encoding, step=2 if encoding.startswith("nv") else 4, data=data))
     assert np.abs(out.reshape(-1, 3).astype(int) - rgb).max() <= 3, out.reshape(-1, 3)
+
+
+def test_nv24_keeps_each_pixels_colour():
+    """4:4:4 shares no chroma: a picture whose colour changes at every pixel comes back exact to
+    rounding, where the 4:2:0 and 4:2:2 encodings blur it."""
+    rgb = np.array(list(YUV) * 4, np.uint8)[:16].reshape(4, 4, 3)
+    error = np.abs(to_rgb(image_msg(rgb, "nv24", padding=3)).astype(int) - rgb)
+    assert error.max() <= 3, error.max()
+    assert np.abs(to_rgb(image_msg(rgb, "nv12")).astype(int) - rgb).max() > 50
 
 
 @pytest.mark.parametrize("encoding", ["rgb16", "bgra16", "mono16", "bayer_gbrg16"])
@@ -93,7 +104,7 @@ def test_compressed_keeps_channel_order(fmt):
 
 
 @pytest.mark.parametrize("msg, message", [
-    (Image(height=2, width=2, encoding="nv24", step=2, data=b"\0" * 12), "unsupported encoding 'nv24'"),
+    (Image(height=2, width=2, encoding="nv16", step=2, data=b"\0" * 8), "unsupported encoding 'nv16'"),
     (Image(height=2, width=2, encoding="16UC1", step=4, data=b"\0" * 8), r"'16UC1' \(a depth image: image_topics"),
     (Image(height=2, width=2, encoding="8UC3", step=6, data=b"\0" * 12),
      r"'8UC3' \(pixels without a channel order, as cv2_to_imgmsg writes without an encoding: publish them as bgr8\)"),
@@ -104,6 +115,8 @@ def test_compressed_keeps_channel_order(fmt):
     (Image(height=3, width=4, encoding="nv21", step=4, data=b"\0" * 24),
      r"nv21: its width and height must be even .*, not 4x3"),
     (Image(height=4, width=4, encoding="nv21", step=4, data=b"\0" * 16), "truncated image: 16 bytes, 4x4 nv21 .* 24"),
+    (Image(height=2, width=4, encoding="nv24", step=5, data=b"\0" * 29), "truncated image: 29 bytes, 4x2 nv24 .* 30"),
+    (Image(height=2, width=3, encoding="nv12", step=3, data=b"\0" * 9), r"nv12: its width and height must be even"),
     (Image(height=4, width=4, encoding="rgb8", step=12, data=b"\0" * 30), "truncated image"),
     (Image(height=4, width=4, encoding="rgb8", step=8, data=b"\0" * 48), "step 8 is shorter"),
     (Image(height=0, width=4, encoding="rgb8", step=12, data=b""), "empty image"),

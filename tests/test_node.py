@@ -286,7 +286,8 @@ def test_busy_policies(tiny_model, engine, tmp_path):
 
 RAW_CASES = [("rgb8", 0, False), ("bgr8", 0, False), ("rgba8", 3, False), ("bgra8", 0, False), ("mono8", 1, False),
              ("rgb16", 0, False), ("bgr16", 2, True), ("rgba16", 0, True), ("mono16", 0, False),
-             ("bayer_rggb8", 0, False), ("bayer_gbrg16", 1, True), ("yuv422_yuy2", 2, False), ("nv21", 0, False)]
+             ("bayer_rggb8", 0, False), ("bayer_gbrg16", 1, True), ("yuv422_yuy2", 2, False), ("nv21", 0, False),
+             ("nv24", 3, False)]
 
 
 def test_ctrl_c_while_answering_ends_every_question_with_a_log_line_and_no_traceback(tiny_model, tmp_path):
@@ -325,11 +326,11 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
             expected = engine_text(engine, q, TOKENS, images=[to_rgb(msg)])
             assert client.ask_and_wait(q) == expected, encoding
         for bad, message in [(image_msg(scene, "rgb8"), "truncated image"),
-                             (image_msg(scene, "rgb8"), "unsupported encoding 'nv24'")]:
+                             (image_msg(scene, "rgb8"), "unsupported encoding 'nv16'")]:
             if "truncated" in message:
                 bad.data = bytes(bad.data)[:1000]
             else:
-                bad.encoding = "nv24"
+                bad.encoding = "nv16"
             deliver(client, "/image_raw", bad)
             answer = client.ask_and_wait(q)
             assert answer.startswith(ERROR + "no fresh camera frame: ") and f"/image_raw: {message}" in answer

@@ -176,7 +176,7 @@ def test_a_camera_that_cannot_be_read_is_skipped(tiny_model, engine, tmp_path):
                       image_topics="[front/image_raw, back/image_raw]") as (_, client):
         deliver(client, "/front/image_raw", image_msg(good, "rgb8"))
         bad = image_msg(noise_image(48, 64), "rgb8")
-        bad.encoding = "nv24"
+        bad.encoding = "nv16"
         deliver(client, "/back/image_raw", bad)
         answer = client.ask_and_wait("What is there?")
         assert answer == engine.answer(Request("What is there?", images=[good]), GenerationConfig(max_new_tokens=6)).text
@@ -184,7 +184,7 @@ def test_a_camera_that_cannot_be_read_is_skipped(tiny_model, engine, tmp_path):
         status = client.statuses[-1]
         values = client.status_values(status)
         assert status.level == status.WARN and values["frames"].startswith("/front/image_raw@")
-        assert "/back/image_raw: unsupported encoding 'nv24'" in values["cameras_skipped"] in status.message
+        assert "/back/image_raw: unsupported encoding 'nv16'" in values["cameras_skipped"] in status.message
 
 
 def test_a_model_that_cannot_run_images_fails_them_and_answers_text(tiny_model, engine, tmp_path):
