@@ -23,6 +23,7 @@ every peer of the same precision.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import resource
 import statistics
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -40,6 +42,20 @@ from .session import thread_count
 
 QUESTION = "Describe the images in detail."
 SECOND_QUESTION = "What colour dominates the images?"
+
+
+def worker_pool() -> ProcessPoolExecutor:
+    """One child process for one runtime. A runtime that crashes in its native code (a segfault, an
+    illegal instruction) kills the child without a Python exception: faulthandler prints the stack it
+    died in to the bench's stderr, and ``failure`` says what happened."""
+    return ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=faulthandler.enable)
+
+
+def failure(e: Exception) -> str:
+    """What went wrong in a worker, for one line of the bench's output."""
+    if isinstance(e, BrokenProcessPool):  # the child is gone: nothing came back but that
+        return "its process died (a crash in native code, its stack above, or killed for memory)"
+    return f"{type(e).__name__}: {e}"
 
 
 def bench_images(count: int) -> list[np.ndarray]:
@@ -340,7 +356,7 @@ def compare_decoders(args) -> dict:
     report = {"machine": machine(), "bandwidth_gb_s": bandwidth,
               "settings": {"contexts": args.contexts, "decode_tokens": args.decode_tokens, "rounds": args.repeats,
                            "warmup": args.warmup, "threads": args.threads}, "runtimes": {}}
-    pools = {name: ProcessPoolExecutor(1, mp_context=get_context("spawn")) for name, *_ in runtimes}
+    pools = {name: worker_pool() for name, *_ in runtimes}
     rounds = {name: [] for name in pools}
     try:
         for r in range(args.warmup + args.repeats):
@@ -349,7 +365,7 @@ def compare_decoders(args) -> dict:
                     result = pools[name].submit(decoder_round, kind, loader_args, args.contexts, args.decode_tokens,
                                                 vocab, r).result()
                 except Exception as e:
-                    raise InternVLError(f"{name}: {type(e).__name__}: {e}") from e
+                    raise InternVLError(f"{name}: {failure(e)}") from e
                 if r >= args.warmup:
                     rounds[name].append(result)
             print(f"round {r + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True)
@@ -489,11 +505,11 @@ def main(argv=None) -> int:
     if args.compare:
         jobs.append(("transformers", transformers_runs, (str(args.hf_model), args.threads, *common)))
     for name, fn, fn_args in jobs:  # one at a time, each in a fresh process
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        with worker_pool() as pool:
             try:
                 result = pool.submit(fn, *fn_args).result()
             except Exception as e:
-                print(f"internvl-bench: error: {name}: {e}", file=sys.stderr)
+                print(f"internvl-bench: error: {name}: {failure(e)}", file=sys.stderr)
                 return 2
         result["summary"] = {str(c): summary(runs) for c, runs in result["runs"].items()}
         result["runs"] = {str(c): runs for c, runs in result["runs"].items()}

@@ -2,14 +2,17 @@
 peers its decoder comparison runs (onnxruntime-genai's model of the same checkpoint decodes the same tokens)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 from conftest import TINY_BUILD_ARGS, needs_torch
 
+from internvl_engine.bench import failure, worker_pool
 from internvl_engine.config import LayerBuild
 from internvl_engine.export import export
 from internvl_engine.session import thread_count
@@ -141,3 +144,14 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
     assert run.returncode == 2 and "needs an export with --max-prompt-tokens 2000" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--threads", -1)  # was a numpy traceback
     assert run.returncode == 2 and "--threads >= 0" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_runtime_that_crashes_is_named_with_the_stack_it_died_in(capfd):
+    """A peer's native crash (here a real one: reading address 0) kills its child process without a
+    Python exception. The bench says the process died, and faulthandler has printed where."""
+    with worker_pool() as pool:
+        with pytest.raises(BrokenProcessPool) as e:
+            pool.submit(ctypes.string_at, 0).result(timeout=60)
+    assert failure(e.value).startswith("its process died (a crash in native code, its stack above")
+    stderr = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in stderr and "string_at" in stderr, stderr
