@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import rclpy
+
 from internvl_ros.bags import write_bag
+from internvl_ros.client import Client
 from internvl_toy.scenes import Shape, moving_clip, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,23 @@ def ask(mode: str, question: str) -> str:
     answer = next((line.split(">>", 1)[1].strip() for line in run.stdout.splitlines()
                    if line.startswith("answer")), "")
     return answer if run.returncode == 0 else f"(internvl-ask failed: {run.returncode})"
+
+
+def wait_for_a_frame(topic: str = "/image_raw", timeout_s: float = 60.0) -> None:
+    """Asked before the node holds a frame, a question is answered "no fresh camera frame", rightly but
+    not what the demo shows: wait until the node's heartbeat on /diagnostics counts one (what
+    ``ros2 topic echo /diagnostics`` shows a user)."""
+    print(f"\n(waiting for the node's heartbeat to count a frame on {topic})", flush=True)
+    rclpy.init()
+    client = Client()
+    try:
+        client.wait_for(lambda: client.heartbeats and int(client.status_values(client.heartbeats[-1]).get(
+            f"frames_received {topic}", 0)) > 0, timeout_s, f"the node's first frame on {topic}")
+    except TimeoutError as e:  # the questions go on, and their answers say what the node lacks
+        print(f"({e})", flush=True)
+    finally:
+        client.close()
+        rclpy.try_shutdown()
 
 
 def main() -> int:
@@ -69,6 +89,7 @@ def main() -> int:
         play = [BIN / "internvl-play-bag", "--restamp", "--wait-for-subscribers", "30"]
         # Image mode: the camera keeps showing the red circle.
         camera = subprocess.Popen(show([*play, still_bag, "--loop"]), stdout=subprocess.DEVNULL)
+        wait_for_a_frame()
         answers += [ask(mode, q) for mode, q, _ in QUESTIONS if mode == "image"]
         camera.send_signal(2)
         camera.wait(20)
