@@ -390,18 +390,24 @@ def _check_across_node_names(name: str, values: list[GivenValue], node_names: li
     """rclpy merges what the node names that reach the node give. Kilted's (run here) takes the node name
     rcl lists last, and rcl lists them in the order they first appear on the command line: after a
     ``/**`` file and an ``/internvl`` file, a later ``-p threads:=3`` (under ``/**``) is lost. Humble's
-    reads ``/**``, then the node's own name over it, whatever the order, and no other pattern."""
+    reads ``/**``, then the node's own name over it, whatever the order, and no other pattern: a value
+    given only under ``/*`` or ``/**/internvl`` is lost there whole."""
     last = values[-1]
-    keys = sorted({v.node_key for v in values}, key=node_names.index)
-    if len(keys) < 2 or last.type is None:
+    if last.type is None:
         return
+    keys = sorted({v.node_key for v in values}, key=node_names.index)
     own = [k for k in keys if "*" not in k]
     humble = own[-1] if own else "/**" if "/**" in keys else None
+    if humble is None:
+        raise ParameterError(f"{name}: {last.where} would be lost on Humble, whose rclpy reads no pattern but /** "
+                             f"({last.given}; give {name} under /** or under the node's own name)")
+    if len(keys) < 2:
+        return
     for winner, why in ((keys[-1], "rcl lists node names in the order they first appear, and rclpy takes the "
                                    "last"),
                         (humble, "Humble's rclpy takes the node's own name over /**, whatever the order" if own
                          else "Humble's rclpy reads no pattern but /**")):
-        read = [v for v in values if v.node_key == winner][-1] if winner is not None else last
+        read = [v for v in values if v.node_key == winner][-1]
         if (read.type, read.text) != (last.type, last.text):  # the same value given twice loses nothing
             raise ParameterError(f"{name}: {last.where} would be lost: rclpy reads {read.where}, given under "
                                  f"{winner}, instead ({why}; give every value of {name} under one node name)")
