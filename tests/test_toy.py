@@ -107,7 +107,7 @@ def test_a_swapped_channel_order_changes_the_colour(toy_engine):
 def test_node_sees_a_red_circle_in_every_encoding(toy_model, tmp_path, ros):
     with running_node(toy_model, tmp_path, max_new_tokens=6, max_images=1, max_frame_age_s=1.0,
                       camera_qos="reliable", image_topics="[image_raw, image_raw/compressed]") as (_, client):
-        for encoding in ("rgb8", "bgr8", "rgba8", "bayer_rggb8", "yuv422_yuy2"):
+        for encoding in ("rgb8", "bgr8", "rgba8", "bayer_rggb8", "yuv422_yuy2", "nv12", "nv24"):
             deliver(client, "/image_raw", image_msg(RED_CIRCLE, encoding))
             assert client.ask_and_wait("What color is the shape?").strip() == "red", encoding
             assert client.ask_and_wait("What shape is it?").strip() == "circle", encoding
