@@ -85,8 +85,10 @@ def image_to_rgb(msg) -> np.ndarray:
         raise ImageConversionError(f"step {step} is shorter than one {name} row of {w} pixels ({row} bytes)")
     data = np.frombuffer(memoryview(msg.data), np.uint8)
     if data.size < step * rows:
+        # a publisher that gives nv24's step as 3 bytes a pixel, or as the U,V rows' length, lands here
+        layout = " (step is its Y rows' length; its U,V rows take 2 x step)" if encoding.chroma_plane == 444 else ""
         raise ImageConversionError(f"truncated image: {data.size} bytes, {w}x{h} {name} with step {step} needs "
-                                   f"{step * rows}")
+                                   f"{step * rows}{layout}")
     if encoding.chroma_plane == 444:
         y, uv = data[:step * h].reshape(h, step)[:, :w], data[step * h:step * rows].reshape(h, 2 * step)[:, :2 * w]
         return _nv24_to_rgb(y, uv)

@@ -116,6 +116,9 @@ def test_compressed_keeps_channel_order(fmt):
      r"nv21: its width and height must be even .*, not 4x3"),
     (Image(height=4, width=4, encoding="nv21", step=4, data=b"\0" * 16), "truncated image: 16 bytes, 4x4 nv21 .* 24"),
     (Image(height=2, width=4, encoding="nv24", step=5, data=b"\0" * 29), "truncated image: 29 bytes, 4x2 nv24 .* 30"),
+    (Image(height=2, width=4, encoding="nv24", step=12, data=b"\0" * 24),  # step as 3 bytes a pixel
+     r"truncated image: 24 bytes, 4x2 nv24 with step 12 needs 72 \(step is its Y rows' length; its U,V rows take "
+     r"2 x step\)"),
     (Image(height=2, width=3, encoding="nv12", step=3, data=b"\0" * 9), r"nv12: its width and height must be even"),
     (Image(height=4, width=4, encoding="rgb8", step=12, data=b"\0" * 30), "truncated image"),
     (Image(height=4, width=4, encoding="rgb8", step=8, data=b"\0" * 48), "step 8 is shorter"),
