@@ -359,6 +359,12 @@ class Client:
     def status_values(self, status) -> dict:
         return {kv.key: kv.value for kv in status.values}
 
+    def frames_received(self, topic: str) -> int:
+        """How many frames the node's last heartbeat counts on camera ``topic`` (0 before a heartbeat)."""
+        with self.lock:
+            beats = list(self.heartbeats)
+        return int(self.status_values(beats[-1]).get(f"frames_received {topic}", 0)) if beats else 0
+
     def close(self):
         self._spinner.close()
 

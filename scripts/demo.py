@@ -54,8 +54,7 @@ def wait_for_a_frame(topic: str = "/image_raw", timeout_s: float = 60.0) -> None
     rclpy.init()
     client = Client()
     try:
-        client.wait_for(lambda: client.heartbeats and int(client.status_values(client.heartbeats[-1]).get(
-            f"frames_received {topic}", 0)) > 0, timeout_s, f"the node's first frame on {topic}")
+        client.wait_for(lambda: client.frames_received(topic) > 0, timeout_s, f"the node's first frame on {topic}")
     except TimeoutError as e:  # the questions go on, and their answers say what the node lacks
         print(f"({e})", flush=True)
     finally:

@@ -53,20 +53,14 @@ def engine_text(engine, question, max_new_tokens, **request):
     return engine.answer(Request(question, **request), GenerationConfig(max_new_tokens=max_new_tokens)).text
 
 
-def frames_received(client, topic) -> int:
-    with client.lock:
-        beats = list(client.heartbeats)
-    return int(client.status_values(beats[-1]).get(f"frames_received {topic}", 0)) if beats else 0
-
-
 def deliver(client, topic, msg, resolved=None, tries=20, stamp=True):
     """Publish a frame until the node's heartbeat counts it (camera QoS is best effort)."""
     resolved = resolved or topic
-    before = frames_received(client, resolved)
+    before = client.frames_received(resolved)
     for _ in range(tries):
         client.send_image(topic, msg, stamp=stamp)
         try:
-            client.wait_for(lambda: frames_received(client, resolved) > before, 1.0, "frame")
+            client.wait_for(lambda: client.frames_received(resolved) > before, 1.0, "frame")
             return
         except TimeoutError:
             continue
