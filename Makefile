@@ -72,7 +72,10 @@ ws: $(WS_SETUP)
 demo: $(WS_SETUP)
 	$(IN_WS) $(BIN)/python scripts/demo.py
 
-test: $(VENV)/.dev $(WS_SETUP)
+# The workspace first: on a fresh clone it is built from what make demo installs, before the test
+# extras (torch wants setuptools >= 77, which carries bdist_wheel), so make test checks the demo's
+# install steps too.
+test: $(WS_SETUP) $(VENV)/.dev
 	$(IN_WS) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-board
 
