@@ -96,7 +96,7 @@ ifeq ($(PYTHON310),)
 	@echo "make test-board: SKIPPED: no Python 3.10 here (the AX650N board's Python; install python3.10 or pyenv's 3.10)"
 else
 	$(MAKE) --no-print-directory $(BOARD_VENV)/.board
-	$(BOARD_VENV)/bin/python -m pytest -rs $(BOARD_TESTS) $(PYTEST_ARGS)
+	$(BOARD_VENV)/bin/python -m pytest $(BOARD_TESTS) $(PYTEST_ARGS)
 endif
 
 clean:

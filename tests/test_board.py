@@ -26,7 +26,7 @@ def standin_libs(tmp_path_factory) -> Path:
 def test_axengine_path_over_the_board_stand_in(standin_libs, version, tmp_path):
     env = standin.environment(standin_libs, version)
     env["AXSTANDIN_VERSION"] = version
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-s", "--basetemp",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s", "--basetemp",
                           str(tmp_path / "t"), str(Path(__file__).parent / "axboard")],
                          env=env, capture_output=True, text=True, timeout=1200)
     print(run.stdout[-6000:])
