@@ -275,15 +275,15 @@ def test_a_value_under_another_node_name_is_refused_when_an_earlier_name_wins(tm
     # Under patterns alone, Kilted reads the value and Humble none of them
     nested = tmp_path / "nested.yaml"
     nested.write_text("/**/internvl:\n  ros__parameters:\n    threads: 5\n")
-    for args, read in (([pattern], 4), ([nested], 5), ([pattern, nested], 5)):
-        args = [a for f in args for a in ("--params-file", str(f))]
+    for files, read, given, key in (([pattern], 4, pattern, "/*"), ([nested], 5, nested, "/**/internvl"),
+                                    ([pattern, nested], 5, nested, "/**/internvl")):
+        args = [a for f in files for a in ("--params-file", str(f))]
         assert rclpy_reads(["--ros-args", *args], "threads") == read
         with pytest.raises(ParameterError) as e:
             check_command_line(["--ros-args", *args], "/internvl")
-        assert str(e.value) == (
-            f"threads: {read} in {pattern if read == 4 else nested} would be lost on Humble, whose rclpy reads no "
-            f"pattern but /** (in {pattern if read == 4 else nested} under {'/*' if read == 4 else '/**/internvl'}; "
-            "give threads under /** or under the node's own name)")
+        assert str(e.value) == (f"threads: {read} in {given} would be lost on Humble, whose rclpy reads no pattern "
+                                f"but /** (in {given} under {key}; give threads under /** or under the node's own "
+                                "name)")
     files = ["--ros-args", "--params-file", str(every_node), "--params-file", str(own)]  # as the launch file gives
     for args, read in ((files, 2), (files + ["-p", "internvl:threads:=3"], 3), (files + ["-p", "threads:=2"], 2)):
         assert check_command_line(args, "/internvl") == []
