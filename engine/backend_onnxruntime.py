@@ -13,18 +13,22 @@ are copied per step.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .cpu import int8_gemm_exact
 from .errors import BackendError
 from .session import HostKV, nbytes, thread_count
 
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>
 HUGE_PAGE = 2 << 20
+log = logging.getLogger(__name__)
 _DTYPES = {"tensor(float)": np.float32, "tensor(uint32)": np.uint32, "tensor(int64)": np.int64}
 
 
@@ -81,18 +85,95 @@ def back_with_huge_pages() -> int:
     return collapsed
 
 
-def load_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+def load_session(path: Path, options: ort.SessionOptions,
+                 many_rows: bool = False) -> tuple[ort.InferenceSession, list[str]]:
+    """A session of ``path`` on the CPU, and how its graph was changed for this CPU (``for_this_cpu``;
+    nothing where the CPU multiplies int8 exactly). ``many_rows``: it runs many rows at a time (the ViT)."""
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if not int8_gemm_exact() and names_any(path, b"MatMulIntegerToFloat", b"MatMulNBits" if many_rows else None):
+            import onnx
+
+            model = onnx.load(str(path))
+            changes = for_this_cpu(model, many_rows)
+            # Saved with its weights in a file beside it: protobuf takes seconds to serialise them.
+            with tempfile.TemporaryDirectory(prefix="internvl-") as scratch:
+                changed = Path(scratch) / path.name
+                onnx.save_model(model, str(changed), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=changed.name + ".data", size_threshold=1024)
+                del model
+                session = ort.InferenceSession(str(changed), options, providers=["CPUExecutionProvider"])
+            for change in changes:
+                log.info("%s: %s", path.name, change)
+            return session, changes
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), []
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
         raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
 
 
+def names_any(path: Path, *names: bytes | None) -> bool:
+    """Whether the model file names one of these operators (its weights may be in a file beside it)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return any(name and data.find(name) >= 0 for name in names)
+
+
+def for_this_cpu(model, many_rows: bool) -> list[str]:
+    """Change ``model`` (an onnx ModelProto) in place for a CPU whose int8 GEMM is not exact
+    (``cpu.int8_gemm_exact``: x86 without VNNI), and say what changed:
+
+    - MatMulIntegerToFloat's int8 weights B become uint8 B + 128, their zero point (0 where none is
+      given) zero point + 128: the same products, through onnxruntime's u8 x u8 kernel, which is exact
+      on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, AVX2);
+    - with ``many_rows``, MatMulNBits multiplies in float (accuracy level 0): its int8 kernels there
+      took a tile of the ViT 1.24x as long as fp32, float took 0.99x (AVX2, docs/benchmarks.md)."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+
+    def as_uint8(name: str) -> None:
+        tensor = initializers[name]
+        values = numpy_helper.to_array(tensor).view(np.uint8) ^ np.uint8(0x80)
+        tensor.ClearField("int32_data")
+        tensor.data_type, tensor.raw_data = TensorProto.UINT8, values.tobytes()
+
+    converted: set[str] = set()
+    in_float = 0
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and many_rows:
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level" and attribute.i != 0:
+                    attribute.i = 0
+                    in_float += 1
+        if node.op_type != "MatMulIntegerToFloat" or node.input[1] not in initializers:
+            continue
+        weights = node.input[1]
+        if weights not in converted:
+            if initializers[weights].data_type != TensorProto.INT8:
+                continue  # uint8 already
+            as_uint8(weights)
+            converted.add(weights)
+        zero = node.input[5] if len(node.input) > 5 else ""
+        if zero and zero not in converted:
+            as_uint8(zero)
+            converted.add(zero)
+        elif not zero:
+            node.input.extend([""] * (5 - len(node.input)))  # a_zero_point may be left out
+            node.input.append("uint8_weights_zero_point")
+    changes = []
+    if converted:
+        graph.initializer.append(numpy_helper.from_array(np.uint8(128), "uint8_weights_zero_point"))
+        changes.append("int8 weights read as uint8 (u8 x u8)")
+    if in_float:
+        changes.append("int8 blocks multiplied in float")
+    return changes
+
+
 class OrtSession:
-    def __init__(self, path: Path | list[Path], threads: int | None = None):
+    def __init__(self, path: Path | list[Path], threads: int | None = None, many_rows: bool = False):
         paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         options = session_options(threads)
-        self._sessions = [load_session(p, options) for p in paths]
+        self._sessions, changes = zip(*(load_session(p, options, many_rows) for p in paths))
+        self.cpu_changes = changes[0]  # how the graphs were changed for this CPU (for_this_cpu)
         self.path = paths[0]
         self.groups = [{i.name: tuple(d if isinstance(d, int) else None for d in i.shape) for i in s.get_inputs()}
                        for s in self._sessions]

@@ -51,7 +51,10 @@ def check_backend(report: Report, backend: str, provider: str | None) -> bool:
     if backend != "axengine":
         import onnxruntime
 
+        from .cpu import cpu_info, int8_path
+
         report.ok(f"backend onnxruntime {onnxruntime.__version__} (CPU)")
+        report.ok(f"CPU {cpu_info().describe()}; {int8_path()}")
         return True
     from .backend_axengine import import_axengine
 
@@ -227,6 +230,9 @@ def diagnose(args, report: Report) -> None:
     where = f"{engine.backend} ({engine.llm.layers[0].provider})" if engine.backend == "axengine" else engine.backend
     report.ok(f"model directory {model_dir}: {where}, config and tokenizer read, "
               f"<IMG_CONTEXT> is token {engine.tokenizer.ids[IMG_CONTEXT]}")
+    if engine.cpu_changes:
+        report.ok("for this CPU's int8 GEMM: " + "; ".join(f"{name}: {', '.join(changes)}"
+                                                           for name, changes in engine.cpu_changes.items()))
     for message in warnings.messages:
         report.problem(message, "decoding is slower this way; try another pyaxengine version, or --resident-kv off "
                        f"to skip the check ({BOARD_GUIDE})")

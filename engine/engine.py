@@ -180,10 +180,10 @@ class Engine:
         self.prefix_reuse = prefix_reuse
         self.tokenizer = Tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
 
-        def session(path):
-            return open_session(self.backend, path, self.threads, provider)
+        def session(path, many_rows=False):
+            return open_session(self.backend, path, self.threads, provider, many_rows)
 
-        self.vit = session(layout.vit) if layout.vit else None
+        self.vit = session(layout.vit, many_rows=True) if layout.vit else None
         if self.vit is not None:
             self._check_vit(layout.vit)
         self.llm: Decoder
@@ -199,6 +199,10 @@ class Engine:
             dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
             self.llm = LLM(layers, session(layout.post), self._embeddings(layout), layout.build, self.spec.text.kv_dim,
                            dtype, resident_kv)
+        # How graphs were changed for this CPU (backend_onnxruntime.for_this_cpu), for start-up lines.
+        sessions = [self.vit, *getattr(self.llm, "layers", ()), getattr(self.llm, "post", None)]
+        self.cpu_changes = {s.path.name: s.cpu_changes for s in sessions if getattr(s, "cpu_changes", None)}
+        self.cpu_changes |= getattr(self.llm, "cpu_changes", {})
         if self.backend == "onnxruntime":
             from .backend_onnxruntime import back_with_huge_pages
 

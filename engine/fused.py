@@ -56,6 +56,7 @@ class FusedLLM(Decoder):
                                "for an older onnxruntime")
         self.path = Path(path)
         self.prompt_path = Path(prompt_path) if prompt_path else None
+        self.cpu_changes: dict[str, list[str]] = {}  # how graphs were changed for this CPU (backend_onnxruntime)
         cache = (1, text.num_kv_heads, build.kv_cache_len, text.head_dim)
         decode = self._open(self.path, threads, cache, text)
         prompt = self._open(self.prompt_path, threads, cache, text) if self.prompt_path else None
@@ -69,10 +70,9 @@ class FusedLLM(Decoder):
         self._prompt_graph = self._bind(self.prompt_path, prompt) if prompt else self._decode_graph
         self._bytes, self._busy = 0, 0.0
 
-    @staticmethod
-    def _open(path: Path, threads: int | None, cache: tuple, text: TextSpec) -> ort.InferenceSession:
+    def _open(self, path: Path, threads: int | None, cache: tuple, text: TextSpec) -> ort.InferenceSession:
         """A session of ``path``, checked to take the manifest's cache and rows."""
-        session = load_session(path, session_options(threads, spinning=True))
+        session, changes = load_session(path, session_options(threads, spinning=True))
         inputs = {i.name: i.shape for i in session.get_inputs()}
         layers = len([name for name in inputs if name.startswith("past_key_")])
         past, rows = inputs.get("past_key_0"), inputs.get("inputs_embeds", [None])[-1]
@@ -80,6 +80,8 @@ class FusedLLM(Decoder):
             raise ModelDirError(f"{path.name} takes {layers} layers' caches of {past} and rows of {rows}; the manifest "
                                 f"says {text.num_layers} of {list(cache)} and {text.hidden_size}: they are not of the "
                                 "same export")
+        if changes:
+            self.cpu_changes[path.name] = changes
         return session
 
     def _bind(self, path: Path, session: ort.InferenceSession) -> _Bound:

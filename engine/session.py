@@ -95,12 +95,13 @@ def resolve_backend(name: str, model_dir: Path) -> str:
 
 
 def open_session(backend: str, path: Path | list[Path], threads: int | None = None,
-                 provider: str | None = None) -> Session:
-    """``path``: one model file, or (onnxruntime) one file per shape group."""
+                 provider: str | None = None, many_rows: bool = False) -> Session:
+    """``path``: one model file, or (onnxruntime) one file per shape group. ``many_rows``: the model
+    runs many rows at once (the ViT), which decides its kernels on some CPUs (backend_onnxruntime)."""
     if backend == "onnxruntime":
         from .backend_onnxruntime import OrtSession
 
-        return OrtSession(path, threads)
+        return OrtSession(path, threads, many_rows)
     if backend == "axengine":
         from .backend_axengine import AxEngineSession
 

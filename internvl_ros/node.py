@@ -184,6 +184,9 @@ class InternVLNode(LifecycleNode):
             notes.append(f"{n} CPU thread{'s' * (n != 1)} per session")
         if self.engine.llm.resident:
             notes.append("KV cache in the backend buffers")
+        if self.engine.cpu_changes:  # x86 without VNNI: say how the int8 graphs run here
+            notes.append("for this CPU's int8 GEMM: " + "; ".join(f"{name}: {', '.join(changes)}"
+                                                                  for name, changes in self.engine.cpu_changes.items()))
         how = f" ({', '.join(notes)})" if notes else ""
         self.get_logger().info(f"model {p['model_dir']} loaded on {self.engine.backend}{how}; "
                                f"cameras: {', '.join(topics) or 'none'}")

@@ -10,11 +10,12 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import TINY_BUILD_ARGS
 
 from internvl_engine import Engine, GenerationConfig, Request
+from internvl_engine.backend_onnxruntime import load_session, session_options
+from internvl_engine.cpu import int8_gemm_exact
 from internvl_engine.config import LayerBuild, Manifest
 from internvl_engine.fidelity import cosine
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
@@ -93,23 +94,29 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     assert answer.token_ids
 
 
-def run_linear(quant, weight, bias, x) -> np.ndarray:
+def run_linear(quant, weight, bias, x, where) -> np.ndarray:
+    """One linear layer of ``quant`` on ``x``, loaded as the engine loads its graphs (for this CPU)."""
     g = Graph("one_linear", quant)
     y = g.linear(g.input("x", np.float32, [1, "rows", weight.shape[1]]), weight, bias)
     g.output(y, "y", np.float32, [1, "rows", weight.shape[0]])
-    session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx.save(g.model(), str(where / "linear.onnx"))
+    session, _ = load_session(where / "linear.onnx", session_options(1))
     return session.run(None, {"x": x})[0]
 
 
-def test_row_int8_linear_is_its_definition():
+def test_row_int8_linear_is_its_definition(tmp_path):
     """RowInt8 in onnxruntime computes what it says: int8 weights with a scale per output channel,
-    each row of x rounded to 255 levels of its own scale. A row of huge values (a token with massive
-    activations) leaves the other rows' results bit for bit the same, and a zero row gives the bias."""
+    each row of x rounded to 255 levels of its own scale, on every CPU (where the CPU's u8 x s8 GEMM
+    saturates, the engine reads the weights as uint8: test_cpus.py). The integer products are exact;
+    the tolerance is float32's rounding of their sum and of the scales. A row of huge values (a token
+    with massive activations) leaves the other rows' results bit for bit the same, and a zero row
+    gives the bias."""
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((40, 96)).astype(np.float32)
     bias = rng.standard_normal(40).astype(np.float32)
     x = rng.standard_normal((1, 5, 96)).astype(np.float32)
-    y = run_linear(RowInt8(), weight, bias, x)
+    x[0, 4] = np.abs(x[0, 4]) * np.sign(weight[0])  # every product of row 4 and column 0 positive: saturates int16
+    y = run_linear(RowInt8(), weight, bias, x, tmp_path)
     values, channel_scales = quantize_channels(weight)
     assert values.dtype == np.int8 and values.shape == (96, 40) and np.abs(values).max() == 127
     row_scales = np.abs(x).max(-1, keepdims=True) / 127
@@ -121,7 +128,7 @@ def test_row_int8_linear_is_its_definition():
     odd = x.copy()
     odd[0, 1] *= 1000
     odd[0, 3] = 0
-    y_odd = run_linear(RowInt8(), weight, bias, odd)
+    y_odd = run_linear(RowInt8(), weight, bias, odd, tmp_path)
     np.testing.assert_array_equal(y_odd[0, [0, 2, 4]], y[0, [0, 2, 4]])
     np.testing.assert_array_equal(y_odd[0, 3], bias)
     assert np.linalg.norm(y_odd[0, 1] - odd[0, 1] @ weight.T - bias) < 0.02 * np.linalg.norm(odd[0, 1] @ weight.T)
@@ -159,6 +166,21 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(wi
         stepwise = engine.llm.decode(token)
     assert not np.array_equal(whole, stepwise)
     assert cosine(whole, stepwise) > 0.999 and cosine(whole, fp32) > 0.999 and cosine(stepwise, fp32) > 0.999
+
+
+def test_the_engine_changes_the_int8_graphs_only_where_the_cpu_needs_it(quantized):
+    """Where the CPU's u8 x s8 GEMM saturates (x86 without VNNI), the prompt graph reads its int8
+    weights as uint8 and the ViT multiplies its int8 blocks in float (they were slower than fp32 there);
+    elsewhere every graph is taken as exported."""
+    precision, model = quantized
+    engine = Engine(model)
+    if int8_gemm_exact():
+        assert engine.cpu_changes == {}
+        return
+    expected = {"vit.onnx": ["int8 blocks multiplied in float"]}
+    if (model / "prompt_decoder.onnx").is_file():
+        expected["prompt_decoder.onnx"] = ["int8 weights read as uint8 (u8 x u8)"]
+    assert engine.cpu_changes == expected
 
 
 def test_a_missing_or_broken_prompt_graph_is_named(with_prompt_graph, tmp_path):
