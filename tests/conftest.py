@@ -53,6 +53,15 @@ def with_manifest(model_dir: Path, out: Path, path: str, change) -> Path:
     return out
 
 
+def pytest_addoption(parser):
+    parser.addoption("--toy-questions", type=int, default=60, metavar="N",
+                     help="fresh questions per type in the toy model's accuracy tests (default 60; the ARM64 job, "
+                          "emulated, asks fewer)")
+    parser.addoption("--board-select", default="", metavar="EXPRESSION",
+                     help="only the board stand-in tests (tests/axboard) this -k expression selects, for each "
+                          "pyaxengine version (default: all; the ARM64 job, emulated, runs fewer)")
+
+
 TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152)
 
 

@@ -1,28 +1,25 @@
-"""The trained toy checkpoint (models/internvl-toy): parity with transformers, accuracy through the
-engine on fresh scenes, and the node answering correctly about pictures and clips sent over DDS,
-so channel order, encodings, normalisation, image order and frame order are checked by meaning."""
+"""The trained toy checkpoint (models/internvl-toy) through the engine: parity with transformers,
+accuracy on fresh scenes through every export format, and the model card. No ROS here (the ARM64 job
+runs it); tests/test_toy_node.py asks the node over DDS."""
 from __future__ import annotations
 
 import json
 import math
 import subprocess
-import time
+import sys
+from pathlib import Path
 
 import pytest
-import rclpy
 from conftest import TOY, needs_torch
-from ros_harness import BIN, compressed_msg, image_msg
-from test_node import deliver, running_node
 from test_parity import assert_matches_reference
 
 from internvl_engine import Engine, Request
-from internvl_ros.bags import write_bag
 from internvl_toy.evaluate import accuracy, table_rows
-from internvl_toy.scenes import CLIP_FRAMES, TASKS, VIDEO_TASKS, Shape, moving_clip, render
+from internvl_toy.scenes import TASKS, VIDEO_TASKS, Shape, moving_clip, render
 
 CARD = json.loads((TOY / "accuracy.json").read_text())
-FRESH = 60  # questions per type here; the card used 200
 RED_CIRCLE = render([Shape("circle", "red", 0.5, 0.5, 0.25)], 320, 240)
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +28,9 @@ def toy_engine(toy_model):
 
 
 @pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
+def fresh(request) -> int:
+    """Questions per type on fresh scenes (--toy-questions; the card used 200)."""
+    return request.config.getoption("--toy-questions")
 
 
 def test_parity_with_transformers(toy_engine):
@@ -47,25 +43,32 @@ def test_parity_with_transformers(toy_engine):
     assert_matches_reference(toy_engine, reference, Request("Which way does the square move?", video_frames=clip))
 
 
-def test_accuracy_on_fresh_scenes(toy_engine):
-    report = accuracy(toy_engine, per_task=FRESH, seed=20_000)
+def test_accuracy_on_fresh_scenes(toy_engine, fresh):
+    report = accuracy(toy_engine, per_task=fresh, seed=20_000)
     for task, result in report.items():
         p = CARD[task]["accuracy"]
-        spread = math.sqrt(min(p, 0.99) * (1 - min(p, 0.99)) / FRESH)  # a card at 100 % may still miss one
+        spread = math.sqrt(min(p, 0.99) * (1 - min(p, 0.99)) / fresh)  # a card at 100 % may still miss one
         floor = p - 3 * spread - 0.02  # three standard errors below the card
         assert result["accuracy"] >= floor, f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
 
 
+@pytest.fixture(scope="module")
+def fp32_report(toy_engine, fresh) -> dict:
+    return accuracy(toy_engine, per_task=fresh, seed=30_000)
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_exports_answer_as_fp32_does(toy_engine, precision, tmp_path):
+def test_quantized_exports_answer_as_fp32_does(fp32_report, precision, tmp_path, fresh):
     """The toy's accuracy through an int8 or int4 export (int8 ViT with either) stays within a point
-    of fp32's, on the same fresh questions."""
+    of fp32's on the same fresh questions (within one answer when fewer are asked)."""
     from internvl_engine.export import export
 
     export(TOY, tmp_path, precision=precision, log=lambda *_: None)
-    fp32, quantized = (accuracy(e, per_task=FRESH, seed=30_000) for e in (toy_engine, Engine(tmp_path)))
-    overall = [sum(r["accuracy"] for r in report.values()) / len(report) for report in (fp32, quantized)]
-    assert abs(overall[0] - overall[1]) <= 0.01, {t: (fp32[t]["wrong"], quantized[t]["wrong"]) for t in fp32}
+    quantized = accuracy(Engine(tmp_path), per_task=fresh, seed=30_000)
+    overall = [sum(r["accuracy"] for r in report.values()) / len(report) for report in (fp32_report, quantized)]
+    one_answer = 1 / (fresh * len(quantized))
+    assert abs(overall[0] - overall[1]) <= max(0.01, one_answer), \
+        {t: (fp32_report[t]["wrong"], quantized[t]["wrong"]) for t in quantized}
 
 
 def test_model_card_matches_the_checkpoint():
@@ -102,44 +105,3 @@ def test_a_swapped_channel_order_changes_the_colour(toy_engine):
     """What the node test below relies on: red read as BGR is blue to this model."""
     ask = lambda image: toy_engine.answer(Request("What color is the shape?", images=[image])).text  # noqa: E731
     assert ask(RED_CIRCLE) == "red" and ask(RED_CIRCLE[..., ::-1].copy()) == "blue"
-
-
-def test_node_sees_a_red_circle_in_every_encoding(toy_model, tmp_path, ros):
-    with running_node(toy_model, tmp_path, max_new_tokens=6, max_images=1, max_frame_age_s=1.0,
-                      camera_qos="reliable", image_topics="[image_raw, image_raw/compressed]") as (_, client):
-        for encoding in ("rgb8", "bgr8", "rgba8", "bayer_rggb8", "yuv422_yuy2", "nv12", "nv24"):
-            deliver(client, "/image_raw", image_msg(RED_CIRCLE, encoding))
-            assert client.ask_and_wait("What color is the shape?").strip() == "red", encoding
-            assert client.ask_and_wait("What shape is it?").strip() == "circle", encoding
-        time.sleep(1.2)  # the raw camera goes stale; the JPEG one is used next
-        deliver(client, "/image_raw/compressed", compressed_msg(RED_CIRCLE, "jpeg"))
-        assert client.ask_and_wait("What color is the shape?").strip() == "red"
-        assert client.ask_and_wait("What shape is it?").strip() == "circle"
-
-
-@pytest.mark.parametrize("direction", ["right", "left"])
-def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
-    """The same clip of a circle moving right, played forwards and reversed."""
-    clip = moving_clip("circle", "green", "right", frames=2 * CLIP_FRAMES)
-    if direction == "left":
-        clip = clip[::-1]
-    question = "Which way does the circle move?"
-    bag = write_bag(tmp_path / "bag", [(0.1 * i, f) for i, f in enumerate(clip)], [(0.1 * len(clip) + 0.05, question)])
-    with running_node(toy_model, tmp_path, mode="video", max_new_tokens=6,
-                      **{"video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES}) as (_, client):
-        subprocess.run([str(BIN / "internvl-play-bag"), str(bag), "--restamp", "--wait-for-subscribers", "20"],
-                       check=True, capture_output=True, timeout=60)
-        client.wait_for(lambda: client.answers, 30, "the answer")
-        assert client.answers[0].strip() == direction
-
-
-def test_two_cameras_reach_the_model_in_topic_order(toy_model, tmp_path, ros):
-    """Two cameras in image mode: the node sends their latest frames as Image-1, Image-2 in
-    ``image_topics`` order, so the model names the camera that sees the triangle."""
-    triangle, circle = (render([Shape(shape, "blue", 0.5, 0.5, 0.25)], 320, 240) for shape in ("triangle", "circle"))
-    with running_node(toy_model, tmp_path, max_new_tokens=6, camera_qos="reliable",
-                      image_topics="[front/image_raw, back/image_raw]") as (_, client):
-        for front, back, answer in ((triangle, circle, "Image-1"), (circle, triangle, "Image-2")):
-            deliver(client, "/front/image_raw", image_msg(front, "rgb8"))
-            deliver(client, "/back/image_raw", image_msg(back, "rgb8"))
-            assert client.ask_and_wait("Which image has a triangle?").strip() == answer
