@@ -8,6 +8,8 @@
 # make test-board  - the AX650N board's Python: a Python 3.10 venv with Ubuntu 22.04's numpy 1.21 and
 #                    OpenCV 4.5 takes requirements/board.txt without changing them, then runs the engine
 #                    and board stand-in tests
+# make test-arm64  - the engine's tests and the board stand-in on an emulated aarch64 core (a Debian root
+#                    under qemu-user-static, cached in build/arm64; scripts/test_arm64.sh says what it needs)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -31,7 +33,7 @@ WS := ros2_ws
 WS_SETUP := $(WS)/install/setup.bash
 IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
 
-.PHONY: demo test test-board ws venv venv-dev clean
+.PHONY: demo test test-board test-arm64 ws venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +80,7 @@ demo: $(WS_SETUP)
 test: $(WS_SETUP) $(VENV)/.dev
 	$(IN_WS) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-board
+	$(MAKE) --no-print-directory test-arm64
 
 $(BOARD_VENV)/.board: requirements/ubuntu-22.04.txt requirements/board.txt requirements/board-test.txt setup.py
 	rm -rf $(BOARD_VENV)
@@ -99,5 +102,10 @@ else
 	$(BOARD_VENV)/bin/python -m pytest $(BOARD_TESTS) $(PYTEST_ARGS)
 endif
 
+# Every onnxruntime kernel is emulated (about 60x slower than native): fewer toy questions per type,
+# and on the board stand-in pyaxengine's own tests and one toy task for each pyaxengine version.
+test-arm64: $(VENV)/.engine
+	bash scripts/test_arm64.sh --toy-questions 4 --board-select "pyaxengine or toy_answers and color" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(BOARD_VENV) .demo ros2_ws/build ros2_ws/install ros2_ws/log
+	rm -rf $(VENV) $(BOARD_VENV) .demo ros2_ws/build ros2_ws/install ros2_ws/log build/arm64

@@ -23,11 +23,13 @@ def standin_libs(tmp_path_factory) -> Path:
 @pytest.mark.skipif(not VERSIONS, reason=f"no vendored pyaxengine at {standin.VENDOR} (a user's clone has no "
                                          "../shared): the board stand-in tests need its sources")
 @pytest.mark.parametrize("version", VERSIONS or ["none"])
-def test_axengine_path_over_the_board_stand_in(standin_libs, version, tmp_path):
+def test_axengine_path_over_the_board_stand_in(standin_libs, version, tmp_path, request):
     env = standin.environment(standin_libs, version)
     env["AXSTANDIN_VERSION"] = version
+    select = request.config.getoption("--board-select")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s", "--basetemp",
-                          str(tmp_path / "t"), str(Path(__file__).parent / "axboard")],
+                          str(tmp_path / "t"), *(["-k", select] if select else []),
+                          str(Path(__file__).parent / "axboard")],
                          env=env, capture_output=True, text=True, timeout=1200)
     print(run.stdout[-6000:])
     assert run.returncode == 0, f"pyaxengine {version}:\n{run.stdout[-12000:]}\n{run.stderr[-4000:]}"
