@@ -120,12 +120,14 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
     """Change ``model`` (an onnx ModelProto) in place for a CPU whose int8 GEMM is not exact
     (``cpu.int8_gemm_exact``: x86 without VNNI), and say what changed:
 
-    - MatMulIntegerToFloat's int8 weights B become uint8 B + 128, their zero point (0 where none is
-      given) zero point + 128: the same products, through onnxruntime's u8 x u8 kernel, which is exact
-      on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, AVX2);
-    - with ``many_rows``, MatMulNBits multiplies in float (accuracy level 0): its int8 kernels there
-      took a tile of the ViT 1.24x as long as fp32, float took 0.99x (AVX2, docs/benchmarks.md)."""
-    from onnx import TensorProto, numpy_helper
+    - MatMulIntegerToFloat's int8 weights B become uint8 B + 128, their zero point (0 where none
+      is given) zero point + 128: the same products, through onnxruntime's u8 x u8 kernel, which is
+      exact on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, AVX2);
+    - with ``many_rows``, MatMulNBits' blocks become fp32 weights of a plain MatMul: its int8
+      kernels there took a ViT tile 1.24x as long as fp32, and multiplying its blocks in float
+      (accuracy level 0) still 1.14x; fp32 weights take fp32's time by definition, for 4x the memory
+      (AVX2, docs/benchmarks.md)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -137,13 +139,13 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
         tensor.data_type, tensor.raw_data = TensorProto.UINT8, values.tobytes()
 
     converted: set[str] = set()
-    in_float = 0
-    for node in graph.node:
+    nodes, dequantized = [], 0
+    for node in list(graph.node):
         if node.op_type == "MatMulNBits" and many_rows:
-            for attribute in node.attribute:
-                if attribute.name == "accuracy_level" and attribute.i != 0:
-                    attribute.i = 0
-                    in_float += 1
+            nodes += as_float_matmul(node, initializers, graph, helper, numpy_helper)
+            dequantized += 1
+            continue
+        nodes.append(node)
         if node.op_type != "MatMulIntegerToFloat" or node.input[1] not in initializers:
             continue
         weights = node.input[1]
@@ -159,13 +161,57 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
         elif not zero:
             node.input.extend([""] * (5 - len(node.input)))  # a_zero_point may be left out
             node.input.append("uint8_weights_zero_point")
+    del graph.node[:]
+    graph.node.extend(nodes)
     changes = []
     if converted:
         graph.initializer.append(numpy_helper.from_array(np.uint8(128), "uint8_weights_zero_point"))
         changes.append("int8 weights read as uint8 (u8 x u8)")
-    if in_float:
-        changes.append("int8 blocks multiplied in float")
+    if dequantized:
+        changes.append("int8 blocks dequantized to fp32")
     return changes
+
+
+def as_float_matmul(node, initializers: dict, graph, helper, numpy_helper) -> list:
+    """MatMulNBits ``node`` as a MatMul of its weights dequantized to fp32 [K, N], then its bias
+    added: the nodes to put in its place."""
+    attributes = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = (
+        attributes["K"],
+        attributes["N"],
+        attributes["bits"],
+        attributes["block_size"],
+    )
+    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, blocks, block * bits / 8]
+    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)
+    blocks = scales.shape[1]
+    if bits == 4:  # two values a byte, low nibble first; zero points packed the same way
+        values = np.stack([packed & 0xF, packed >> 4], -1).reshape(n, blocks, block)
+    else:
+        values = packed.reshape(n, blocks, block)
+    zero_name = node.input[3] if len(node.input) > 3 else ""
+    if zero_name:
+        zeros = numpy_helper.to_array(initializers[zero_name]).reshape(n, -1)
+        if bits == 4:
+            zeros = np.stack([zeros & 0xF, zeros >> 4], -1).reshape(n, -1)
+        zeros = zeros[:, :blocks].astype(np.float32)
+    else:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    weight = ((values.astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(n, -1)[
+        :, :k
+    ]
+    name = f"{node.input[1]}_fp32"
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+    bias = node.input[5] if len(node.input) > 5 else ""
+    if not bias:
+        return [
+            helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name)
+        ]
+    product = f"{node.output[0]}_without_bias"
+    return [
+        helper.make_node("MatMul", [node.input[0], name], [product], name=node.name),
+        helper.make_node("Add", [product, bias], list(node.output)),
+    ]
 
 
 class OrtSession:

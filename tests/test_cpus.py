@@ -86,7 +86,7 @@ def test_the_doctor_names_the_cpu_and_how_the_int8_graphs_run_on_it(tiny_hf, tmp
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"ok       CPU {cpu_info().describe()}; {int8_path()}\n" in run.stdout
-    changed = "ok       for this CPU's int8 GEMM: vit.onnx: int8 blocks multiplied in float; prompt_decoder.onnx: " \
+    changed = "ok       for this CPU's int8 GEMM: vit.onnx: int8 blocks dequantized to fp32; prompt_decoder.onnx: " \
               "int8 weights read as uint8 (u8 x u8)\n"
     assert (changed in run.stdout) != int8_gemm_exact(), run.stdout
 

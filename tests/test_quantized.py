@@ -170,14 +170,14 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(wi
 
 def test_the_engine_changes_the_int8_graphs_only_where_the_cpu_needs_it(quantized):
     """Where the CPU's u8 x s8 GEMM saturates (x86 without VNNI), the prompt graph reads its int8
-    weights as uint8 and the ViT multiplies its int8 blocks in float (they were slower than fp32 there);
-    elsewhere every graph is taken as exported."""
+    weights as uint8 and the ViT's int8 blocks become fp32 weights (their int8 kernels were slower than
+    fp32 there); elsewhere every graph is taken as exported."""
     precision, model = quantized
     engine = Engine(model)
     if int8_gemm_exact():
         assert engine.cpu_changes == {}
         return
-    expected = {"vit.onnx": ["int8 blocks multiplied in float"]}
+    expected = {"vit.onnx": ["int8 blocks dequantized to fp32"]}
     if (model / "prompt_decoder.onnx").is_file():
         expected["prompt_decoder.onnx"] = ["int8 weights read as uint8 (u8 x u8)"]
     assert engine.cpu_changes == expected
