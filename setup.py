@@ -4,6 +4,7 @@ Three Python packages are installed: ``internvl_engine`` (from the folder ``engi
 runtime, exporter and tools), ``internvl_toy`` (from ``toy/``: the toy model's scenes, training and
 evaluation) and ``internvl_ros`` (the ROS 2 node).
 """
+
 from glob import glob
 
 from setuptools import setup
@@ -14,7 +15,10 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=["internvl_engine", "internvl_toy", PACKAGE],
-    package_dir={"internvl_engine": "engine", "internvl_toy": "toy"},  # internvl_ros is where setuptools looks
+    package_dir={
+        "internvl_engine": "engine",
+        "internvl_toy": "toy",
+    },  # internvl_ros is where setuptools looks
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

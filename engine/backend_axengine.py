@@ -22,9 +22,10 @@ new K/V rows from the output buffers to their rows in the cache buffers. Two tra
 Both drive pyaxengine internals (the session's ``_io``, ``_handle``/``_model_id``, ``_context``/
 ``_context_id``, and its cffi libraries). Whether that works is decided by trying: ``attach_kv``
 zeroes the cache buffers (CMM allocations start as garbage, and masked columns still enter the
-decode matmul, so a NaN pattern left there poisons every answer), then runs two decode steps in place
-and the same two through ``run()``, and keeps the cache in place only if they agree.
+decode matmul, so a NaN pattern left there poisons every answer), then runs two decode steps in
+place and the same two through ``run()``, and keeps the cache in place only if they agree.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,10 +62,15 @@ def import_axengine():
     try:
         with _stdout_to_log():
             import axengine
-    except (ImportError, AssertionError) as e:  # off-board: no providers, or a library pyaxengine asserts on
-        raise BackendError(f"the axengine backend needs pyaxengine and the board's NPU libraries ({e}); "
-                           "install pyaxengine's wheel from https://github.com/AXERA-TECH/pyaxengine/releases "
-                           "(docs/board.md)") from e
+    except (
+        ImportError,
+        AssertionError,
+    ) as e:  # off-board: no providers, or a library pyaxengine asserts on
+        raise BackendError(
+            f"the axengine backend needs pyaxengine and the board's NPU libraries ({e}); "
+            "install pyaxengine's wheel from https://github.com/AXERA-TECH/pyaxengine/releases "
+            "(docs/board.md)"
+        ) from e
     return axengine
 
 
@@ -84,7 +90,9 @@ class AxEngineSession:
         if provider is None:
             provider = next((p for p in PROVIDERS if p in available), None)
         if provider not in available:
-            raise BackendError(f"axengine provider {provider!r} is not available here (available: {available})")
+            raise BackendError(
+                f"axengine provider {provider!r} is not available here (available: {available})"
+            )
         self.path, self.provider = Path(path), provider
         try:
             with _stdout_to_log():
@@ -94,7 +102,10 @@ class AxEngineSession:
         self._inputs, self._outputs = [], []
         while True:  # pyaxengine has no public group count; get_inputs(g) fails past the last group
             try:
-                inputs, outputs = self._session.get_inputs(len(self._inputs)), self._session.get_outputs(len(self._inputs))
+                inputs, outputs = (
+                    self._session.get_inputs(len(self._inputs)),
+                    self._session.get_outputs(len(self._inputs)),
+                )
             except (ValueError, IndexError):
                 break
             self._inputs.append(inputs)
@@ -109,8 +120,11 @@ class AxEngineSession:
         return numpy_dtype(next(i.dtype for i in self._inputs[0] if i.name == name))
 
     def _cast(self, feeds: dict[str, np.ndarray], group: int) -> dict[str, np.ndarray]:
-        return {spec.name: np.ascontiguousarray(feeds[spec.name], dtype=numpy_dtype(spec.dtype))
-                for spec in self._inputs[group] if spec.name in feeds}
+        return {
+            spec.name: np.ascontiguousarray(feeds[spec.name], dtype=numpy_dtype(spec.dtype))
+            for spec in self._inputs[group]
+            if spec.name in feeds
+        }
 
     def run(self, feeds: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         feeds = self._cast(feeds, group)
@@ -119,31 +133,40 @@ class AxEngineSession:
             with _stdout_to_log():
                 outputs = [_owned(o) for o in self._session.run(None, feeds, shape_group=group)]
         except Exception as e:
-            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from e
+            raise BackendError(
+                f"axengine failed running {self.path.name} (group {group}): {e}"
+            ) from e
         finally:
             self.busy_s += time.perf_counter() - started
         self.bytes_moved += nbytes(feeds.values()) + nbytes(outputs)
         return outputs
 
     def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None:
-        """Keep the KV cache in the K_cache/V_cache device buffers, or raise BackendError saying why not."""
+        """Keep the KV cache in the K_cache/V_cache device buffers, or raise BackendError saying why
+        not."""
         try:
             device = _DeviceIO(self._session, self._inputs, self._outputs)
         except Exception as e:  # anything missing or different in this pyaxengine or provider
-            raise BackendError(f"{self.path.name}: pyaxengine's {self.provider} buffers cannot be driven directly "
-                               f"({type(e).__name__}: {e})") from e
+            raise BackendError(
+                f"{self.path.name}: pyaxengine's {self.provider} buffers cannot be driven directly "
+                f"({type(e).__name__}: {e})"
+            ) from e
         cache_bytes = rows * kv_dim * np.dtype(dtype).itemsize
         for index in (device.k_in, device.v_in):
             if device.buffers.input_size(index) < cache_bytes:
-                raise BackendError(f"{self.path.name}: K/V buffer of {device.buffers.input_size(index)} bytes is "
-                                   f"smaller than the cache ({cache_bytes} bytes)")
+                raise BackendError(
+                    f"{self.path.name}: K/V buffer of {device.buffers.input_size(index)} bytes is "
+                    f"smaller than the cache ({cache_bytes} bytes)"
+                )
         try:
             device.clear_cache()
             self._probe(device)
             device.clear_cache()
         except Exception as e:
-            raise BackendError(f"{self.path.name}: the KV cache does not work in the device buffers "
-                               f"({type(e).__name__}: {e})") from e
+            raise BackendError(
+                f"{self.path.name}: the KV cache does not work in the device buffers "
+                f"({type(e).__name__}: {e})"
+            ) from e
         self._device = device
 
     def _probe(self, device: "_DeviceIO") -> None:
@@ -162,26 +185,43 @@ class AxEngineSession:
             mask = np.full(shapes["mask"], MASK_BLOCKED, dtype)
             mask[0, 0, :position] = 0
             mask[0, 0, capacity] = 0
-            steps.append({"indices": np.array([[position]], np.uint32), "mask": mask,
-                          "input": rng.standard_normal(shapes["input"]).astype(dtype)})
-        in_place = [device.run(self._cast(feeds, group), group, start=int(feeds["indices"][0, 0]), rows=1)[0]
-                    for feeds in steps]
+            steps.append(
+                {
+                    "indices": np.array([[position]], np.uint32),
+                    "mask": mask,
+                    "input": rng.standard_normal(shapes["input"]).astype(dtype),
+                }
+            )
+        in_place = [
+            device.run(self._cast(feeds, group), group, start=int(feeds["indices"][0, 0]), rows=1)[
+                0
+            ]
+            for feeds in steps
+        ]
         for feeds, resident in zip(steps, in_place):
-            k, v, hidden = self._session.run(None, self._cast(feeds | history, group), shape_group=group)
+            k, v, hidden = self._session.run(
+                None, self._cast(feeds | history, group), shape_group=group
+            )
             position = feeds["indices"][0, 0]
             history["K_cache"][0, position], history["V_cache"][0, position] = k[0, -1], v[0, -1]
             expected = np.asarray(hidden, np.float32)
             got = np.asarray(resident, np.float32)
             if not np.isfinite(got).all() or not np.allclose(got, expected, rtol=2e-2, atol=2e-2):
-                raise BackendError(f"a decode step in place gave other hidden states than run() at position "
-                                   f"{position} (max difference {np.nanmax(np.abs(got - expected)):.3g})")
+                raise BackendError(
+                    f"a decode step in place gave other hidden states than run() at position "
+                    f"{position} (max difference {np.nanmax(np.abs(got - expected)):.3g})"
+                )
 
-    def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray:
+    def run_resident(
+        self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int
+    ) -> np.ndarray:
         started = time.perf_counter()
         try:
             hidden, moved = self._device.run(self._cast(feeds, group), group, start, rows)
         except Exception as e:
-            raise BackendError(f"axengine failed running {self.path.name} (group {group}): {e}") from e
+            raise BackendError(
+                f"axengine failed running {self.path.name} (group {group}): {e}"
+            ) from e
         finally:
             self.busy_s += time.perf_counter() - started
         self.bytes_moved += moved
@@ -198,7 +238,11 @@ class _BoardBuffers:
         self.io = inner._io  # AX_ENGINE_IO_T *: what the run calls take
         self.inputs = [inner._io[0].pInputs[i] for i in range(inner._io[0].nInputSize)]
         self.outputs = [inner._io[0].pOutputs[i] for i in range(inner._io[0].nOutputSize)]
-        self.handle, self.context, self.group_count = inner._handle[0], inner._context[0], inner._shape_count
+        self.handle, self.context, self.group_count = (
+            inner._handle[0],
+            inner._context[0],
+            inner._shape_count,
+        )
         self.host_copies_rows = True
 
     def input_size(self, index: int) -> int:
@@ -212,17 +256,28 @@ class _BoardBuffers:
         buffer = self.inputs[index]
         vir = self.ffi.cast("char *", buffer.pVirAddr) + offset
         self.ffi.memmove(vir, self.ffi.cast("void *", data.ctypes.data), data.nbytes)
-        self._check("AX_SYS_MflushCache", self.sys.AX_SYS_MflushCache(buffer.phyAddr + offset, vir, data.nbytes))
+        self._check(
+            "AX_SYS_MflushCache",
+            self.sys.AX_SYS_MflushCache(buffer.phyAddr + offset, vir, data.nbytes),
+        )
 
     def run(self, group: int) -> None:
         if self.group_count > 1:
-            self._check("AX_ENGINE_RunGroupIOSync", self.engine.AX_ENGINE_RunGroupIOSync(self.handle, self.context,
-                                                                                         group, self.io))
+            self._check(
+                "AX_ENGINE_RunGroupIOSync",
+                self.engine.AX_ENGINE_RunGroupIOSync(self.handle, self.context, group, self.io),
+            )
         else:
-            self._check("AX_ENGINE_RunSyncV2", self.engine.AX_ENGINE_RunSyncV2(self.handle, self.context, self.io))
+            self._check(
+                "AX_ENGINE_RunSyncV2",
+                self.engine.AX_ENGINE_RunSyncV2(self.handle, self.context, self.io),
+            )
 
     def _invalidate(self, buffer, size: int) -> None:
-        self._check("AX_SYS_MinvalidateCache", self.sys.AX_SYS_MinvalidateCache(buffer.phyAddr, buffer.pVirAddr, size))
+        self._check(
+            "AX_SYS_MinvalidateCache",
+            self.sys.AX_SYS_MinvalidateCache(buffer.phyAddr, buffer.pVirAddr, size),
+        )
 
     def read(self, index: int, size: int) -> bytes:
         buffer = self.outputs[index]
@@ -230,12 +285,15 @@ class _BoardBuffers:
         return self.ffi.buffer(buffer.pVirAddr, size)[:]
 
     def move(self, out_index: int, in_index: int, offset: int, size: int) -> None:
-        """The first ``size`` bytes of an output to ``offset`` in an input, through the host's view."""
+        """The first ``size`` bytes of an output to ``offset`` in an input, through the host's
+        view."""
         source, target = self.outputs[out_index], self.inputs[in_index]
         self._invalidate(source, size)
         vir = self.ffi.cast("char *", target.pVirAddr) + offset
         self.ffi.memmove(vir, self.ffi.cast("char *", source.pVirAddr), size)
-        self._check("AX_SYS_MflushCache", self.sys.AX_SYS_MflushCache(target.phyAddr + offset, vir, size))
+        self._check(
+            "AX_SYS_MflushCache", self.sys.AX_SYS_MflushCache(target.phyAddr + offset, vir, size)
+        )
 
 
 class _CardBuffers:
@@ -249,10 +307,18 @@ class _CardBuffers:
         self.thread_context = inner._thread_context[0]
         pointer, size = self.ffi.new("void **"), self.ffi.new("uint64_t *")
         self.inputs, self.outputs = [], []
-        for count, get, into in ((self.lib.axclrtEngineGetNumInputs, self.lib.axclrtEngineGetInputBufferByIndex,
-                                  self.inputs),
-                                 (self.lib.axclrtEngineGetNumOutputs, self.lib.axclrtEngineGetOutputBufferByIndex,
-                                  self.outputs)):
+        for count, get, into in (
+            (
+                self.lib.axclrtEngineGetNumInputs,
+                self.lib.axclrtEngineGetInputBufferByIndex,
+                self.inputs,
+            ),
+            (
+                self.lib.axclrtEngineGetNumOutputs,
+                self.lib.axclrtEngineGetOutputBufferByIndex,
+                self.outputs,
+            ),
+        ):
             for i in range(count(inner._info[0])):
                 self._check("axclrtEngineGet*BufferByIndex", get(self.io, i, pointer, size))
                 into.append((self.ffi.cast("char *", pointer[0]), int(size[0])))
@@ -269,21 +335,39 @@ class _CardBuffers:
         self._check("axclrtMemcpy", self.lib.axclrtMemcpy(target, source, size, kind))
 
     def write(self, index: int, data: np.ndarray, offset: int = 0) -> None:
-        self._copy(self.inputs[index][0] + offset, self.ffi.cast("void *", data.ctypes.data), data.nbytes,
-                   self.lib.AXCL_MEMCPY_HOST_TO_DEVICE)
+        self._copy(
+            self.inputs[index][0] + offset,
+            self.ffi.cast("void *", data.ctypes.data),
+            data.nbytes,
+            self.lib.AXCL_MEMCPY_HOST_TO_DEVICE,
+        )
 
     def run(self, group: int) -> None:
-        self._check("axclrtSetCurrentContext", self.lib.axclrtSetCurrentContext(self.thread_context))
-        self._check("axclrtEngineExecute", self.lib.axclrtEngineExecute(self.model, self.context, group, self.io))
+        self._check(
+            "axclrtSetCurrentContext", self.lib.axclrtSetCurrentContext(self.thread_context)
+        )
+        self._check(
+            "axclrtEngineExecute",
+            self.lib.axclrtEngineExecute(self.model, self.context, group, self.io),
+        )
 
     def read(self, index: int, size: int) -> bytes:
         host = bytearray(size)
-        self._copy(self.ffi.from_buffer(host), self.outputs[index][0], size, self.lib.AXCL_MEMCPY_DEVICE_TO_HOST)
+        self._copy(
+            self.ffi.from_buffer(host),
+            self.outputs[index][0],
+            size,
+            self.lib.AXCL_MEMCPY_DEVICE_TO_HOST,
+        )
         return bytes(host)
 
     def move(self, out_index: int, in_index: int, offset: int, size: int) -> None:
-        self._copy(self.inputs[in_index][0] + offset, self.outputs[out_index][0], size,
-                   self.lib.AXCL_MEMCPY_DEVICE_TO_DEVICE)
+        self._copy(
+            self.inputs[in_index][0] + offset,
+            self.outputs[out_index][0],
+            size,
+            self.lib.AXCL_MEMCPY_DEVICE_TO_DEVICE,
+        )
 
 
 class _DeviceIO:
@@ -308,7 +392,9 @@ class _DeviceIO:
         for index in (self.k_in, self.v_in):
             self.buffers.write(index, np.zeros(self.buffers.input_size(index), np.uint8))
 
-    def run(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> tuple[np.ndarray, int]:
+    def run(
+        self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int
+    ) -> tuple[np.ndarray, int]:
         """Write the small inputs, run, move the ``rows`` new K/V rows to cache rows ``start`` on;
         return the hidden states and the bytes the host moved."""
         moved = 0

@@ -10,6 +10,7 @@ axmodel``). The KV cache of a layer lives in host arrays owned by the session (:
 handed to onnxruntime as views; numpy inputs on the CPU are read in place, so only the new rows
 are copied per step.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,8 +34,8 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(uint32)": np.uint32, "tensor(int
 
 
 def session_options(threads: int | None, spinning: bool = False) -> ort.SessionOptions:
-    """Sequential runs on ``thread_count(threads)`` intra-op threads. ``spinning``: let idle threads spin
-    between runs, only where sessions take turns seldom (see above)."""
+    """Sequential runs on ``thread_count(threads)`` intra-op threads. ``spinning``: let idle threads
+    spin between runs, only where sessions take turns seldom (see above)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = thread_count(threads)
     opts.inter_op_num_threads = 1
@@ -51,11 +52,11 @@ def back_with_huge_pages() -> int:
     """Back this process's private memory that is in use (chiefly the weights onnxruntime has just
     loaded) with 2 MiB pages, and return how many bytes now are. A decode step streams every weight
     once, and with 4 KiB pages the CPU also walks the page tables for each: int4 decoding ran 1.06×
-    as fast at 384 tokens with huge pages, 1.03× at 2000 (docs/benchmarks.md). Only 2 MiB blocks with
-    at least 3/4 of their pages in use are collapsed, so sparse memory (thread stacks, reserved heap)
-    does not grow.
-    Linux with transparent huge pages not "never"; MADV_COLLAPSE needs Linux 6.1, and before it the
-    advice alone lets khugepaged collapse the blocks in the background. Elsewhere nothing happens."""
+    as fast at 384 tokens with huge pages, 1.03× at 2000 (docs/benchmarks.md). Only 2 MiB blocks
+    with at least 3/4 of their pages in use are collapsed, so sparse memory (thread stacks, reserved
+    heap) does not grow. Linux with transparent huge pages not "never"; MADV_COLLAPSE needs Linux
+    6.1, and before it the advice alone lets khugepaged collapse the blocks in the background.
+    Elsewhere nothing happens."""
     maps = Path("/proc/self/maps")
     if not maps.is_file():
         return 0
@@ -76,21 +77,32 @@ def back_with_huge_pages() -> int:
         resident = np.zeros((end - start) // mmap.PAGESIZE, np.uint8)
         if libc.mincore(start, end - start, resident.ctypes.data) != 0:
             continue
-        dense = np.concatenate([[0], (resident.reshape(-1, per_block) & 1).sum(1) >= per_block * 3 // 4, [0]])
-        edges = np.flatnonzero(np.diff(dense.astype(np.int8)))  # runs of dense blocks: [begin, end) pairs
+        dense = np.concatenate(
+            [[0], (resident.reshape(-1, per_block) & 1).sum(1) >= per_block * 3 // 4, [0]]
+        )
+        edges = np.flatnonzero(
+            np.diff(dense.astype(np.int8))
+        )  # runs of dense blocks: [begin, end) pairs
         for first, last in zip(edges[::2], edges[1::2]):
             address, size = start + int(first) * HUGE_PAGE, int(last - first) * HUGE_PAGE
-            if libc.madvise(address, size, MADV_HUGEPAGE) == 0 and libc.madvise(address, size, MADV_COLLAPSE) == 0:
+            if (
+                libc.madvise(address, size, MADV_HUGEPAGE) == 0
+                and libc.madvise(address, size, MADV_COLLAPSE) == 0
+            ):
                 collapsed += size
     return collapsed
 
 
-def load_session(path: Path, options: ort.SessionOptions,
-                 many_rows: bool = False) -> tuple[ort.InferenceSession, list[str]]:
-    """A session of ``path`` on the CPU, and how its graph was changed for this CPU (``for_this_cpu``;
-    nothing where the CPU multiplies int8 exactly). ``many_rows``: it runs many rows at a time (the ViT)."""
+def load_session(
+    path: Path, options: ort.SessionOptions, many_rows: bool = False
+) -> tuple[ort.InferenceSession, list[str]]:
+    """A session of ``path`` on the CPU, and how its graph was changed for this CPU
+    (``for_this_cpu``; nothing where the CPU multiplies int8 exactly). ``many_rows``: it runs many
+    rows at a time (the ViT)."""
     try:
-        if not int8_gemm_exact() and names_any(path, b"MatMulIntegerToFloat", b"MatMulNBits" if many_rows else None):
+        if not int8_gemm_exact() and names_any(
+            path, b"MatMulIntegerToFloat", b"MatMulNBits" if many_rows else None
+        ):
             import onnx
 
             model = onnx.load(str(path))
@@ -98,20 +110,33 @@ def load_session(path: Path, options: ort.SessionOptions,
             # Saved with its weights in a file beside it: protobuf takes seconds to serialise them.
             with tempfile.TemporaryDirectory(prefix="internvl-") as scratch:
                 changed = Path(scratch) / path.name
-                onnx.save_model(model, str(changed), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=changed.name + ".data", size_threshold=1024)
+                onnx.save_model(
+                    model,
+                    str(changed),
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=changed.name + ".data",
+                    size_threshold=1024,
+                )
                 del model
-                session = ort.InferenceSession(str(changed), options, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(
+                    str(changed), options, providers=["CPUExecutionProvider"]
+                )
             for change in changes:
                 log.info("%s: %s", path.name, change)
             return session, changes
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), []
-    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-        raise BackendError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+    except (
+        Exception
+    ) as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
+        raise BackendError(
+            f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}"
+        ) from e
 
 
 def names_any(path: Path, *names: bytes | None) -> bool:
-    """Whether the model file names one of these operators (its weights may be in a file beside it)."""
+    """Whether the model file names one of these operators (its weights may be in a file beside
+    it)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         return any(name and data.find(name) >= 0 for name in names)
 
@@ -215,14 +240,21 @@ def as_float_matmul(node, initializers: dict, graph, helper, numpy_helper) -> li
 
 
 class OrtSession:
-    def __init__(self, path: Path | list[Path], threads: int | None = None, many_rows: bool = False):
+    def __init__(
+        self, path: Path | list[Path], threads: int | None = None, many_rows: bool = False
+    ):
         paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         options = session_options(threads)
         self._sessions, changes = zip(*(load_session(p, options, many_rows) for p in paths))
         self.cpu_changes = changes[0]  # how the graphs were changed for this CPU (for_this_cpu)
         self.path = paths[0]
-        self.groups = [{i.name: tuple(d if isinstance(d, int) else None for d in i.shape) for i in s.get_inputs()}
-                       for s in self._sessions]
+        self.groups = [
+            {
+                i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                for i in s.get_inputs()
+            }
+            for s in self._sessions
+        ]
         if len({tuple(g) for g in self.groups}) != 1:
             raise BackendError(f"{self.path}: the group files do not share one input list")
         self.bytes_moved = 0
@@ -230,7 +262,9 @@ class OrtSession:
         self._kv: HostKV | None = None
 
     def input_dtype(self, name: str) -> np.dtype:
-        return np.dtype(_DTYPES[next(i.type for i in self._sessions[0].get_inputs() if i.name == name)])
+        return np.dtype(
+            _DTYPES[next(i.type for i in self._sessions[0].get_inputs() if i.name == name)]
+        )
 
     def run(self, feeds: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         outputs = self._run(feeds, group)
@@ -240,10 +274,16 @@ class OrtSession:
     def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None:
         self._kv = HostKV(rows, kv_dim, dtype)
 
-    def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray:
+    def run_resident(
+        self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int
+    ) -> np.ndarray:
         capacity = feeds["mask"].shape[2] - feeds["indices"].shape[1]
-        k, v, hidden = self._run(feeds | self._kv.history(self.groups[group]["K_cache"], capacity), group)
-        self.bytes_moved += nbytes(feeds.values()) + hidden.nbytes + self._kv.append(k, v, start, rows)
+        k, v, hidden = self._run(
+            feeds | self._kv.history(self.groups[group]["K_cache"], capacity), group
+        )
+        self.bytes_moved += (
+            nbytes(feeds.values()) + hidden.nbytes + self._kv.append(k, v, start, rows)
+        )
         return hidden
 
     def _run(self, feeds: dict[str, np.ndarray], group: int) -> list[np.ndarray]:
@@ -251,6 +291,8 @@ class OrtSession:
         try:
             return self._sessions[group].run(None, feeds)
         except Exception as e:
-            raise BackendError(f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}") from e
+            raise BackendError(
+                f"onnxruntime failed running {self.path.name}: {str(e).strip().splitlines()[0]}"
+            ) from e
         finally:
             self.busy_s += time.perf_counter() - started

@@ -8,6 +8,7 @@ tests build on it too. With ``Request.choices`` the answer is instead the choice
 most likely (``score_choices``). One engine is used by one thread at a time; another thread may
 stop a generation between tokens through ``cancel``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
-from .errors import BackendError, ConfigError, InvalidRequestError, ModelDirError, PromptTooLongError
+from .errors import (
+    BackendError,
+    ConfigError,
+    InvalidRequestError,
+    ModelDirError,
+    PromptTooLongError,
+)
 from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
@@ -51,7 +58,9 @@ class Timings:
     decode_ms_per_token: float = 0.0
     decode_tokens_per_s: float = 0.0
     decode_bytes_per_token: float = 0.0  # handed to and taken from the backend per decode step
-    frames_dropped: int = 0  # video frames left out so the prompt fits the model build (Answer.frames_used)
+    frames_dropped: int = (
+        0  # video frames left out so the prompt fits the model build (Answer.frames_used)
+    )
     total_ms: float = 0.0
 
 
@@ -62,9 +71,13 @@ class Answer:
     token_ids: list[int]  # generated, without the stop token
     timings: Timings
     finish_reason: str  # "stop" | "length" | "cancelled"
-    frames_used: list[int] = field(default_factory=list)  # indices of the request's images or frames in the prompt
+    frames_used: list[int] = field(
+        default_factory=list
+    )  # indices of the request's images or frames in the prompt
     choice_index: int = -1  # with choices: the chosen one
-    choice_probabilities: list[float] = field(default_factory=list)  # with choices: one per choice, summing to 1
+    choice_probabilities: list[float] = field(
+        default_factory=list
+    )  # with choices: one per choice, summing to 1
 
 
 @dataclass
@@ -73,13 +86,15 @@ class Prompt:
     embeds: np.ndarray  # [T, H] with image features spliced in
     vit_ms: list[float]
     pixel_values: np.ndarray | None  # [tiles, 3, S, S], kept for reference checks
-    frames_used: list[int]  # indices of the request's images or video frames in the prompt, in order
+    frames_used: list[
+        int
+    ]  # indices of the request's images or video frames in the prompt, in order
 
 
 @dataclass(frozen=True)
 class Step:
-    """One token of a generation: ``token`` was chosen from ``logits``, which the model gave after the
-    prompt and the tokens before it."""
+    """One token of a generation: ``token`` was chosen from ``logits``, which the model gave after
+    the prompt and the tokens before it."""
 
     token: int
     logits: np.ndarray
@@ -88,8 +103,9 @@ class Step:
     backend_seconds: float  # of ``seconds``, the time inside backend calls
 
 
-def generate_step(llm: Decoder, embeds: np.ndarray, choose: Callable[[np.ndarray], int],
-                  reuse_prefix: bool = True) -> Iterator[Step]:
+def generate_step(
+    llm: Decoder, embeds: np.ndarray, choose: Callable[[np.ndarray], int], reuse_prefix: bool = True
+) -> Iterator[Step]:
     """Prefill the prompt ``embeds``, then decode: one Step per token, each chosen token (``choose``
     maps logits to a token: a sampler, argmax, or a teacher's next token) fed back, until the
     consumer stops or the KV cache is full."""
@@ -98,8 +114,13 @@ def generate_step(llm: Decoder, embeds: np.ndarray, choose: Callable[[np.ndarray
         started, moved, busy = time.perf_counter(), llm.bytes_moved(), llm.backend_seconds()
         logits = llm.prefill(embeds, reuse_prefix) if feed is None else llm.decode(feed)
         feed = choose(logits)
-        yield Step(feed, logits, time.perf_counter() - started, llm.bytes_moved() - moved,
-                   llm.backend_seconds() - busy)
+        yield Step(
+            feed,
+            logits,
+            time.perf_counter() - started,
+            llm.bytes_moved() - moved,
+            llm.backend_seconds() - busy,
+        )
         if llm.full:
             return
 
@@ -111,7 +132,9 @@ def argmax(logits: np.ndarray) -> int:
 
 def greedy_tokens(llm: Decoder, embeds: np.ndarray, count: int) -> list[int]:
     """The first ``count`` greedy tokens after the prompt (stop tokens included, as chosen)."""
-    return [step.token for step in islice(generate_step(llm, embeds, argmax, reuse_prefix=False), count)]
+    return [
+        step.token for step in islice(generate_step(llm, embeds, argmax, reuse_prefix=False), count)
+    ]
 
 
 def forced_logits(llm: Decoder, embeds: np.ndarray, tokens: Sequence[int]) -> list[np.ndarray]:
@@ -126,12 +149,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[list[int]], end: int,
-                  cancel: threading.Event | None = None) -> np.ndarray | None:
-    """Log-probability of each choice as the whole answer: its tokens, then ``end``, after the prompt
-    already in the cache (whose logits are ``prompt_logits``). The prompt's K/V are computed once and
-    kept; each choice overwrites only the rows after them. None when ``cancel`` is set between two
-    choices (many long choices take many decode steps)."""
+def score_choices(
+    llm: Decoder,
+    prompt_logits: np.ndarray,
+    choices: Sequence[list[int]],
+    end: int,
+    cancel: threading.Event | None = None,
+) -> np.ndarray | None:
+    """Log-probability of each choice as the whole answer: its tokens, then ``end``, after the
+    prompt already in the cache (whose logits are ``prompt_logits``). The prompt's K/V are computed
+    once and kept; each choice overwrites only the rows after them. None when ``cancel`` is set
+    between two choices (many long choices take many decode steps)."""
     start = llm.length
     scores = []
     for tokens in choices:
@@ -147,7 +175,8 @@ def score_choices(llm: Decoder, prompt_logits: np.ndarray, choices: Sequence[lis
 
 
 def checked_choices(choices) -> list[str]:
-    """The choices without surrounding blanks; InvalidRequestError for an empty or a repeated one."""
+    """The choices without surrounding blanks; InvalidRequestError for an empty or a repeated
+    one."""
     stripped = [c.strip() for c in choices]
     if not all(stripped):
         raise InvalidRequestError("choices must not be empty strings")
@@ -158,22 +187,37 @@ def checked_choices(choices) -> list[str]:
 
 
 class Engine:
-    """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2 seed
-    directory (``qwen2_p128_l{i}_together.axmodel``, ``qwen2_post.axmodel``, embedding file), which
-    has no manifest: then ``tokenizer_dir`` (the seed's ``--hf_model``) supplies config.json and the
-    tokenizer, and the ViT is ``vit_model`` or the one ``*vit*.axmodel`` in the directory."""
+    """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2
+    seed directory (``qwen2_p128_l{i}_together.axmodel``, ``qwen2_post.axmodel``, embedding file),
+    which has no manifest: then ``tokenizer_dir`` (the seed's ``--hf_model``) supplies config.json
+    and the tokenizer, and the ViT is ``vit_model`` or the one ``*vit*.axmodel`` in the
+    directory."""
 
-    def __init__(self, model_dir: str | Path, backend: str = "auto", threads: int | None = None,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, tokenizer_dir: str | Path | None = None,
-                 vit_model: str | Path | None = None, provider: str | None = None, resident_kv: str = "auto",
-                 prefix_reuse: bool = True):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise ConfigError(f"threads must be an integer >= 0 (0 or None: every core), not {threads!r}")
+    def __init__(
+        self,
+        model_dir: str | Path,
+        backend: str = "auto",
+        threads: int | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        tokenizer_dir: str | Path | None = None,
+        vit_model: str | Path | None = None,
+        provider: str | None = None,
+        resident_kv: str = "auto",
+        prefix_reuse: bool = True,
+    ):
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 0
+        ):
+            raise ConfigError(
+                f"threads must be an integer >= 0 (0 or None: every core), not {threads!r}"
+            )
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"{model_dir}: no such model directory")
         self.backend = resolve_backend(backend, model_dir)
-        self.threads = thread_count(threads)  # per onnxruntime session: affinity and quota are read once, here
+        self.threads = thread_count(
+            threads
+        )  # per onnxruntime session: affinity and quota are read once, here
         layout = ModelLayout.find(model_dir, tokenizer_dir, vit_model)
         self.spec = layout.spec
         self.system_prompt = system_prompt
@@ -189,19 +233,38 @@ class Engine:
         self.llm: Decoder
         if layout.decoder is not None:  # one graph for the whole decoder: onnxruntime only
             if self.backend != "onnxruntime":
-                raise BackendError(f"{layout.decoder.name} is a fused decoder for onnxruntime, not for {self.backend}")
+                raise BackendError(
+                    f"{layout.decoder.name} is a fused decoder for onnxruntime, not for "
+                    f"{self.backend}"
+                )
             from .fused import FusedLLM
 
-            self.llm = FusedLLM(layout.decoder, self._embeddings(layout), layout.build, self.spec.text, self.threads,
-                                layout.prompt_decoder)
+            self.llm = FusedLLM(
+                layout.decoder,
+                self._embeddings(layout),
+                layout.build,
+                self.spec.text,
+                self.threads,
+                layout.prompt_decoder,
+            )
         else:
             layers = [session(p) for p in layout.layers]
             dtype = layers[0].input_dtype("input")  # bf16 on the NPU; float32 for ONNX
-            self.llm = LLM(layers, session(layout.post), self._embeddings(layout), layout.build, self.spec.text.kv_dim,
-                           dtype, resident_kv)
-        # How graphs were changed for this CPU (backend_onnxruntime.for_this_cpu), for start-up lines.
+            self.llm = LLM(
+                layers,
+                session(layout.post),
+                self._embeddings(layout),
+                layout.build,
+                self.spec.text.kv_dim,
+                dtype,
+                resident_kv,
+            )
+        # How graphs were changed for this CPU (backend_onnxruntime.for_this_cpu), for start-up
+        # lines.
         sessions = [self.vit, *getattr(self.llm, "layers", ()), getattr(self.llm, "post", None)]
-        self.cpu_changes = {s.path.name: s.cpu_changes for s in sessions if getattr(s, "cpu_changes", None)}
+        self.cpu_changes = {
+            s.path.name: s.cpu_changes for s in sessions if getattr(s, "cpu_changes", None)
+        }
         self.cpu_changes |= getattr(self.llm, "cpu_changes", {})
         if self.backend == "onnxruntime":
             from .backend_onnxruntime import back_with_huge_pages
@@ -209,36 +272,49 @@ class Engine:
             log.debug("%d MiB of weights and buffers on 2 MiB pages", back_with_huge_pages() >> 20)
 
     def _check_vit(self, path: Path) -> None:
-        """Refuse now, not at the first image, a ViT that does not take this model's tiles: another model
-        (a decoder file given as --vit_model) or a ViT built for another image size."""
+        """Refuse now, not at the first image, a ViT that does not take this model's tiles: another
+        model (a decoder file given as --vit_model) or a ViT built for another image size."""
         size = self.spec.image_size
         shape = self.vit.groups[0].get("image")
         if shape is None:
-            raise ModelDirError(f"{path.name} is no InternVL ViT: it has no input 'image' "
-                                f"(its inputs: {', '.join(self.vit.groups[0])})")
-        if len(shape) != 4 or any(got not in (None, want) for got, want in zip(shape, (1, 3, size, size))):
-            raise ModelDirError(f"{path.name} takes {list(shape)}, this model's tiles are [1, 3, {size}, {size}]: "
-                                "export (or compile) the ViT from this checkpoint")
+            raise ModelDirError(
+                f"{path.name} is no InternVL ViT: it has no input 'image' "
+                f"(its inputs: {', '.join(self.vit.groups[0])})"
+            )
+        if len(shape) != 4 or any(
+            got not in (None, want) for got, want in zip(shape, (1, 3, size, size))
+        ):
+            raise ModelDirError(
+                f"{path.name} takes {list(shape)}, this model's tiles are [1, 3, {size}, {size}]: "
+                "export (or compile) the ViT from this checkpoint"
+            )
 
     def encode_tile(self, tile: np.ndarray) -> np.ndarray:
-        """One normalised [1, 3, S, S] tile through the ViT: its [num_image_token, hidden_size] features."""
+        """One normalised [1, 3, S, S] tile through the ViT: its [num_image_token, hidden_size]
+        features."""
         features = self.vit.run({"image": tile})[0][0]
         per_tile = (self.spec.num_image_token, self.spec.text.hidden_size)
         if features.shape != per_tile:
             # The ViT's input was checked at load; its output is only known once it has run.
-            raise ModelDirError(f"the ViT gives {' x '.join(map(str, features.shape))} features per tile, the model "
-                                f"needs {' x '.join(map(str, per_tile))} (spec.vision.image_size / patch_size x "
-                                "spec.downsample_ratio, squared; spec.text.hidden_size): the ViT and the decoder are "
-                                "not of the same checkpoint")
+            raise ModelDirError(
+                f"the ViT gives {' x '.join(map(str, features.shape))} features per tile, the "
+                "model "
+                f"needs {' x '.join(map(str, per_tile))} (spec.vision.image_size / patch_size x "
+                "spec.downsample_ratio, squared; spec.text.hidden_size): the ViT and the decoder "
+                "are "
+                "not of the same checkpoint"
+            )
         return features
 
     def _embeddings(self, layout: ModelLayout) -> np.ndarray:
-        return load_embeddings(layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size)
+        return load_embeddings(
+            layout.embeddings, self.spec.text.vocab_size, self.spec.text.hidden_size
+        )
 
     def prepare(self, request: Request) -> Prompt:
-        """Tokens and input embeddings for a request, image features spliced in after each ``<img>``.
-        A video with more frames than the model build's prompt limit takes fewer frames, spread
-        over the clip (at least 2); images are never dropped."""
+        """Tokens and input embeddings for a request, image features spliced in after each
+        ``<img>``. A video with more frames than the model build's prompt limit takes fewer frames,
+        spread over the clip (at least 2); images are never dropped."""
         if not request.question or not request.question.strip():
             raise InvalidRequestError("the question is empty")
         if request.images and request.video_frames:
@@ -247,58 +323,92 @@ class Engine:
             raise InvalidRequestError("max_tiles must be >= 1")
         video = bool(request.video_frames)
         pictures = list(request.video_frames or request.images)
-        per_image = [tiles(im, self.spec.image_size, 1 if video else request.max_tiles, self.spec.min_dynamic_patch,
-                           self.spec.use_thumbnail) for im in pictures]
+        per_image = [
+            tiles(
+                im,
+                self.spec.image_size,
+                1 if video else request.max_tiles,
+                self.spec.min_dynamic_patch,
+                self.spec.use_thumbnail,
+            )
+            for im in pictures
+        ]
         system = self.system_prompt if request.system_prompt is None else request.system_prompt
         used = list(range(len(pictures)))
 
         def encode(indices: list[int]) -> list[int]:
-            return self.tokenizer.encode_chat(system, request.question.strip(), [len(per_image[i]) for i in indices],
-                                              self.spec.num_image_token, video)
+            return self.tokenizer.encode_chat(
+                system,
+                request.question.strip(),
+                [len(per_image[i]) for i in indices],
+                self.spec.num_image_token,
+                video,
+            )
 
         ids = encode(used)
         limit = self.llm.build.max_prompt_tokens
         if len(ids) > limit and len(text := encode([])) > limit:  # fewer pictures would not help
-            raise PromptTooLongError(f"prompt has {len(ids)} tokens; this model build accepts at most {limit} (the "
-                                     f"question and system prompt alone take {len(text)}: shorten them)")
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; this model build accepts at most {limit} (the "
+                f"question and system prompt alone take {len(text)}: shorten them)"
+            )
         if video and len(ids) > limit:
             for count in range(len(pictures) - 1, 1, -1):
                 fewer = segment_centre_indices(len(pictures), count)
                 if len(ids := encode(fewer)) <= limit:
-                    log.warning("video: %d frames make a prompt over this model build's limit of %d tokens; "
-                                "using %d of them, spread over the clip", len(pictures), limit, count)
+                    log.warning(
+                        "video: %d frames make a prompt over this model build's limit of %d "
+                        "tokens; "
+                        "using %d of them, spread over the clip",
+                        len(pictures),
+                        limit,
+                        count,
+                    )
                     used = fewer
                     break
             else:
-                raise PromptTooLongError(f"even 2 video frames make a prompt of {len(encode([0, 1]))} tokens; this "
-                                         f"model build accepts at most {limit}")
+                raise PromptTooLongError(
+                    f"even 2 video frames make a prompt of {len(encode([0, 1]))} tokens; this "
+                    f"model build accepts at most {limit}"
+                )
         self.llm.check_prompt_length(len(ids))  # before paying for the image encoder
 
         embeds = self.llm.embed(ids)
         vit_ms, features, pixel_values = [], [], None
         if used and self.vit is None:
-            raise InvalidRequestError("this model directory has no image encoder: give the ViT model "
-                                      "(--vit_model, or a *vit*.axmodel file in the directory)")
+            raise InvalidRequestError(
+                "this model directory has no image encoder: give the ViT model "
+                "(--vit_model, or a *vit*.axmodel file in the directory)"
+            )
         if used:
             pixel_values = normalize([t for i in used for t in per_image[i]])
             tile = 0
             for i in used:
                 started = time.perf_counter()
                 for _ in per_image[i]:
-                    features.append(self.encode_tile(pixel_values[tile:tile + 1]))
+                    features.append(self.encode_tile(pixel_values[tile : tile + 1]))
                     tile += 1
                 vit_ms.append((time.perf_counter() - started) * 1e3)
             positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.ids[IMG_CONTEXT])
             embeds[positions] = np.concatenate(features)
         return Prompt(ids, embeds, vit_ms, pixel_values, used)
 
-    def stream(self, request: Request, config: GenerationConfig = GenerationConfig(),
-               cancel: threading.Event | None = None) -> Iterator[str | Answer]:
+    def stream(
+        self,
+        request: Request,
+        config: GenerationConfig = GenerationConfig(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str | Answer]:
         started = time.perf_counter()
         choices = [self.tokenizer.encode(c, markup=False) for c in checked_choices(request.choices)]
         prompt = self.prepare(request)
-        timings = Timings(vit_ms=prompt.vit_ms, prefill_tokens=len(prompt.token_ids),
-                          frames_dropped=len(request.video_frames) - len(prompt.frames_used) if request.video_frames else 0)
+        timings = Timings(
+            vit_ms=prompt.vit_ms,
+            prefill_tokens=len(prompt.token_ids),
+            frames_dropped=len(request.video_frames) - len(prompt.frames_used)
+            if request.video_frames
+            else 0,
+        )
         if choices:
             yield from self._choose(request, prompt, choices, timings, started, cancel)
             return
@@ -308,7 +418,9 @@ class Engine:
         generated: list[int] = []
         decode_s, decode_bytes = 0.0, 0
         reason = "length"  # if the KV cache fills
-        steps = generate_step(self.llm, prompt.embeds, lambda logits: sampler(logits, seen), self.prefix_reuse)
+        steps = generate_step(
+            self.llm, prompt.embeds, lambda logits: sampler(logits, seen), self.prefix_reuse
+        )
         for index, step in enumerate(steps):
             if index == 0:
                 timings.ttft_ms, timings.reused_tokens = step.seconds * 1e3, self.llm.reused
@@ -334,17 +446,33 @@ class Engine:
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
             timings.decode_bytes_per_token = decode_bytes / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
-        yield Answer(self.tokenizer.decode(generated), prompt.token_ids, generated, timings, reason, prompt.frames_used)
+        yield Answer(
+            self.tokenizer.decode(generated),
+            prompt.token_ids,
+            generated,
+            timings,
+            reason,
+            prompt.frames_used,
+        )
 
-    def _choose(self, request: Request, prompt: Prompt, choices: list[list[int]], timings: Timings,
-                started: float, cancel: threading.Event | None) -> Iterator[str | Answer]:
+    def _choose(
+        self,
+        request: Request,
+        prompt: Prompt,
+        choices: list[list[int]],
+        timings: Timings,
+        started: float,
+        cancel: threading.Event | None,
+    ) -> Iterator[str | Answer]:
         """The choice the model finds most likely as the whole answer, streamed as one chunk."""
         t0 = time.perf_counter()
         logits = self.llm.prefill(prompt.embeds, self.prefix_reuse)
         timings.reused_tokens = self.llm.reused
         if self.llm.length + max(len(c) for c in choices) + 1 > self.llm.build.kv_cache_len:
-            raise PromptTooLongError(f"the prompt and the longest choice exceed the KV cache of "
-                                     f"{self.llm.build.kv_cache_len} tokens")
+            raise PromptTooLongError(
+                f"the prompt and the longest choice exceed the KV cache of "
+                f"{self.llm.build.kv_cache_len} tokens"
+            )
         scores = score_choices(self.llm, logits, choices, self.tokenizer.ids[IM_END], cancel)
         if scores is None:
             timings.total_ms = (time.perf_counter() - started) * 1e3
@@ -355,14 +483,28 @@ class Engine:
         probabilities = np.exp(scores - scores.max())
         probabilities /= probabilities.sum()
         best = int(np.argmax(scores))
-        timings.ttft_ms = (time.perf_counter() - t0) * 1e3  # to the answer: the prefill and the scoring
+        timings.ttft_ms = (
+            time.perf_counter() - t0
+        ) * 1e3  # to the answer: the prefill and the scoring
         text = request.choices[best].strip()
         yield text
         timings.total_ms = (time.perf_counter() - started) * 1e3
-        yield Answer(text, prompt.token_ids, choices[best], timings, "stop", prompt.frames_used, best,
-                     [float(p) for p in probabilities])
+        yield Answer(
+            text,
+            prompt.token_ids,
+            choices[best],
+            timings,
+            "stop",
+            prompt.frames_used,
+            best,
+            [float(p) for p in probabilities],
+        )
 
-    def answer(self, request: Request, config: GenerationConfig = GenerationConfig(),
-               cancel: threading.Event | None = None) -> Answer:
+    def answer(
+        self,
+        request: Request,
+        config: GenerationConfig = GenerationConfig(),
+        cancel: threading.Event | None = None,
+    ) -> Answer:
         *_, result = self.stream(request, config, cancel)
         return result

@@ -10,7 +10,8 @@ class ModelDirError(InternVLError):
 
 
 class ConfigError(InternVLError):
-    """A configuration value (config.json, the manifest, an export or engine option) has the wrong type or range."""
+    """A configuration value (config.json, the manifest, an export or engine option) has the wrong
+    type or range."""
 
 
 class InvalidRequestError(InternVLError):

@@ -7,6 +7,7 @@ BPE trained here on a fixed text, followed by the chat and image special tokens,
 ids differ from the real model's: code must look them up by string. ``--real-dims`` gives the
 InternVL2.5-1B sizes (for benchmarks); the default is small enough for unit tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,31 @@ from safetensors.numpy import save_file
 
 from .config import DEFAULT_SYSTEM_PROMPT
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-                  "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
 REAL_VOCAB_SIZE = 151674  # InternVL2.5-1B's embedding rows
 
 TOKENIZER_TEXT = [
-    DEFAULT_SYSTEM_PROMPT, "system", "user", "assistant", "Image-1: ", "Image-2: ", "Frame1: ", "Frame8: ",
+    DEFAULT_SYSTEM_PROMPT,
+    "system",
+    "user",
+    "assistant",
+    "Image-1: ",
+    "Image-2: ",
+    "Frame1: ",
+    "Frame8: ",
     "What color is the shape? The shape is red. It is a blue circle on the left.",
     "What shape is it? A green square in the centre. A yellow triangle on the right.",
     "How many shapes are there? There are three shapes. One, two, three.",
@@ -37,18 +57,44 @@ TOKENIZER_TEXT = [
 
 
 def real_dims_config() -> tuple[dict, dict]:
-    vision = dict(image_size=448, patch_size=14, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096)
-    llm = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-               num_key_value_heads=2, vocab_size=REAL_VOCAB_SIZE, max_position_embeddings=32768)
+    vision = dict(
+        image_size=448,
+        patch_size=14,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+    )
+    llm = dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=REAL_VOCAB_SIZE,
+        max_position_embeddings=32768,
+    )
     return vision, llm
 
 
 def tiny_config(vocab_size: int) -> tuple[dict, dict]:
-    vision = dict(image_size=112, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64)
-    llm = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096)
+    vision = dict(
+        image_size=112,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    llm = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+    )
     return vision, llm
 
 
@@ -68,23 +114,42 @@ def hf_config(vision: dict, llm: dict, special_ids: dict[str, int]) -> dict:
         "use_thumbnail": True,
         "torch_dtype": "bfloat16",
         "vision_config": {
-            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_act": "gelu",
-            "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": False,
-            "num_channels": 3, "drop_path_rate": 0.0, "attention_dropout": 0.0, "dropout": 0.0,
-            "initializer_range": 0.02, "use_flash_attn": False, **vision,
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_act": "gelu",
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "num_channels": 3,
+            "drop_path_rate": 0.0,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_flash_attn": False,
+            **vision,
         },
         "llm_config": {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-            "use_sliding_window": False, "sliding_window": llm["max_position_embeddings"],
-            "attention_dropout": 0.0, "bos_token_id": special_ids["<|endoftext|>"],
-            "eos_token_id": special_ids["<|im_end|>"], "torch_dtype": "bfloat16", **llm,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+            "use_sliding_window": False,
+            "sliding_window": llm["max_position_embeddings"],
+            "attention_dropout": 0.0,
+            "bos_token_id": special_ids["<|endoftext|>"],
+            "eos_token_id": special_ids["<|im_end|>"],
+            "torch_dtype": "bfloat16",
+            **llm,
         },
     }
 
 
 def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random bf16 weights under the original InternVL key names, scaled so activations stay O(1)."""
+    """Random bf16 weights under the original InternVL key names, scaled so activations stay
+    O(1)."""
     rng = np.random.default_rng(seed)
     v, t = cfg["vision_config"], cfg["llm_config"]
     out: dict[str, np.ndarray] = {}
@@ -107,25 +172,35 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     put("vision_model.embeddings.class_embedding", (1, 1, d), "embed")
     put("vision_model.embeddings.patch_embedding.weight", (d, 3, p, p), "embed")
     out["vision_model.embeddings.patch_embedding.weight"] = (
-        out["vision_model.embeddings.patch_embedding.weight"].astype(np.float32) / np.sqrt(3 * p * p)
+        out["vision_model.embeddings.patch_embedding.weight"].astype(np.float32)
+        / np.sqrt(3 * p * p)
     ).astype(ml_dtypes.bfloat16)
     put("vision_model.embeddings.patch_embedding.bias", (d,), "bias")
     put("vision_model.embeddings.position_embedding", (1, n_pos, d), "embed")
     for i in range(v["num_hidden_layers"]):
         pre = f"vision_model.encoder.layers.{i}."
-        put(pre + "norm1.weight", (d,), "norm"); put(pre + "norm1.bias", (d,), "bias")
-        put(pre + "attn.qkv.weight", (3 * d, d)); put(pre + "attn.qkv.bias", (3 * d,), "bias")
-        put(pre + "attn.proj.weight", (d, d)); put(pre + "attn.proj.bias", (d,), "bias")
+        put(pre + "norm1.weight", (d,), "norm")
+        put(pre + "norm1.bias", (d,), "bias")
+        put(pre + "attn.qkv.weight", (3 * d, d))
+        put(pre + "attn.qkv.bias", (3 * d,), "bias")
+        put(pre + "attn.proj.weight", (d, d))
+        put(pre + "attn.proj.bias", (d,), "bias")
         put(pre + "ls1", (d,), "scale")
-        put(pre + "norm2.weight", (d,), "norm"); put(pre + "norm2.bias", (d,), "bias")
-        put(pre + "mlp.fc1.weight", (v["intermediate_size"], d)); put(pre + "mlp.fc1.bias", (v["intermediate_size"],), "bias")
-        put(pre + "mlp.fc2.weight", (d, v["intermediate_size"])); put(pre + "mlp.fc2.bias", (d,), "bias")
+        put(pre + "norm2.weight", (d,), "norm")
+        put(pre + "norm2.bias", (d,), "bias")
+        put(pre + "mlp.fc1.weight", (v["intermediate_size"], d))
+        put(pre + "mlp.fc1.bias", (v["intermediate_size"],), "bias")
+        put(pre + "mlp.fc2.weight", (d, v["intermediate_size"]))
+        put(pre + "mlp.fc2.bias", (d,), "bias")
         put(pre + "ls2", (d,), "scale")
     shuffled = d * int(1 / cfg["downsample_ratio"]) ** 2
     h = t["hidden_size"]
-    put("mlp1.0.weight", (shuffled,), "norm"); put("mlp1.0.bias", (shuffled,), "bias")
-    put("mlp1.1.weight", (h, shuffled)); put("mlp1.1.bias", (h,), "bias")
-    put("mlp1.3.weight", (h, h)); put("mlp1.3.bias", (h,), "bias")
+    put("mlp1.0.weight", (shuffled,), "norm")
+    put("mlp1.0.bias", (shuffled,), "bias")
+    put("mlp1.1.weight", (h, shuffled))
+    put("mlp1.1.bias", (h,), "bias")
+    put("mlp1.3.weight", (h, h))
+    put("mlp1.3.bias", (h,), "bias")
 
     hd = h // t["num_attention_heads"]
     kv = t["num_key_value_heads"] * hd
@@ -133,9 +208,12 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     for i in range(t["num_hidden_layers"]):
         pre = f"language_model.model.layers.{i}."
         put(pre + "input_layernorm.weight", (h,), "norm")
-        put(pre + "self_attn.q_proj.weight", (h, h)); put(pre + "self_attn.q_proj.bias", (h,), "bias")
-        put(pre + "self_attn.k_proj.weight", (kv, h)); put(pre + "self_attn.k_proj.bias", (kv,), "bias")
-        put(pre + "self_attn.v_proj.weight", (kv, h)); put(pre + "self_attn.v_proj.bias", (kv,), "bias")
+        put(pre + "self_attn.q_proj.weight", (h, h))
+        put(pre + "self_attn.q_proj.bias", (h,), "bias")
+        put(pre + "self_attn.k_proj.weight", (kv, h))
+        put(pre + "self_attn.k_proj.bias", (kv,), "bias")
+        put(pre + "self_attn.v_proj.weight", (kv, h))
+        put(pre + "self_attn.v_proj.bias", (kv,), "bias")
         put(pre + "self_attn.o_proj.weight", (h, h))
         put(pre + "post_attention_layernorm.weight", (h,), "norm")
         put(pre + "mlp.gate_proj.weight", (t["intermediate_size"], h))
@@ -146,28 +224,56 @@ def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tokenizer(out: Path, bpe_vocab_size: int, text: list[str] = TOKENIZER_TEXT) -> dict[str, int]:
-    """Train a small byte-level BPE on ``text`` and write Qwen2 tokenizer files; returns special-token ids."""
+def write_tokenizer(
+    out: Path, bpe_vocab_size: int, text: list[str] = TOKENIZER_TEXT
+) -> dict[str, int]:
+    """Train a small byte-level BPE on ``text`` and write Qwen2 tokenizer files; returns
+    special-token ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(text * 4, trainer)
     tok.model.save(str(out))  # vocab.json + merges.txt
     n = tok.get_vocab_size()
     special_ids = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
     (out / "added_tokens.json").write_text(json.dumps(special_ids, indent=2) + "\n")
-    decoder = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": True} for s, i in special_ids.items()}
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": decoder, "bos_token": None,
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
-        "errors": "replace", "model_max_length": 8192, "split_special_tokens": False,
-    }, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    decoder = {
+        str(i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for s, i in special_ids.items()
+    }
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "added_tokens_decoder": decoder,
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "clean_up_tokenization_spaces": False,
+                "errors": "replace",
+                "model_max_length": 8192,
+                "split_special_tokens": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n"
+    )
     return special_ids
 
 
@@ -179,22 +285,33 @@ def make_tiny(out: Path, seed: int = 0, real_dims: bool = False) -> Path:
     vision, llm = real_dims_config() if real_dims else tiny_config(vocab)
     cfg = hf_config(vision, llm, special_ids)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]]}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {"eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]]}, indent=2
+        )
+        + "\n"
+    )
     save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="internvl-make-tiny", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a random-weight InternVL2.5 checkpoint in the original layout (config.json,\n"
-                    "model.safetensors, Qwen2 tokenizer files), tiny for tests or at InternVL2.5-1B's sizes for\n"
-                    "benchmarks. Its weights are random: it answers gibberish.",
-        epilog="Examples:\n  internvl-make-tiny --out ckpt\n  internvl-make-tiny --out ckpt-1b --real-dims")
+        prog="internvl-make-tiny",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a random-weight InternVL2.5 checkpoint in the original layout "
+        "(config.json,\n"
+        "model.safetensors, Qwen2 tokenizer files), tiny for tests or at InternVL2.5-1B's sizes "
+        "for\n"
+        "benchmarks. Its weights are random: it answers gibberish.",
+        epilog="Examples:\n  internvl-make-tiny --out ckpt\n  internvl-make-tiny --out ckpt-1b "
+        "--real-dims",
+    )
     ap.add_argument("--out", required=True, type=Path, help="directory to write the checkpoint to")
     ap.add_argument("--seed", type=int, default=0, help="random seed for the weights")
-    ap.add_argument("--real-dims", action="store_true", help="InternVL2.5-1B sizes (about 2 GB) instead of tiny")
+    ap.add_argument(
+        "--real-dims", action="store_true", help="InternVL2.5-1B sizes (about 2 GB) instead of tiny"
+    )
     args = ap.parse_args(argv)
     if args.seed < 0:  # numpy's traceback, after --out was made
         ap.error("--seed must be >= 0")
@@ -202,7 +319,10 @@ def main(argv=None) -> int:
         make_tiny(args.out, seed=args.seed, real_dims=args.real_dims)
     except OSError as e:  # an unwritable or full --out
         ap.exit(2, f"internvl-make-tiny: error: cannot write the checkpoint: {e}\n")
-    print(f"wrote {'real-dimension' if args.real_dims else 'tiny'} InternVL2.5 checkpoint to {args.out}")
+    print(
+        f"wrote {'real-dimension' if args.real_dims else 'tiny'} InternVL2.5 checkpoint to "
+        f"{args.out}"
+    )
     return 0
 
 

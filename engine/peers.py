@@ -16,6 +16,7 @@ decoder, where a question's time goes once its images are encoded.
 
 Development only: nothing here is imported at run time.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ import numpy as np
 from .config import Manifest, ModelLayout
 from .errors import InternVLError
 
-
-GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 2: "int4", 3: "int4", 7: "int8"}  # general.file_type: F32, F16, Q4_0, Q4_1, Q8_0
+GGUF_FILE_TYPES = {
+    0: "fp32",
+    1: "fp16",
+    2: "int4",
+    3: "int4",
+    7: "int8",
+}  # general.file_type: F32, F16, Q4_0, Q4_1, Q8_0
 
 
 class Decoder:
@@ -70,13 +76,15 @@ class GenaiDecoder(Decoder):
         config.clear_providers()
         self.model = og.Model(config)
         self.label, self.precision = f"onnxruntime-genai {og.__version__}", precision
-        self.weights_bytes = onnx_weight_bytes(Path(model_dir) / "model.onnx", skip=("embed_tokens",))
+        self.weights_bytes = onnx_weight_bytes(
+            Path(model_dir) / "model.onnx", skip=("embed_tokens",)
+        )
         self.context, self.generator = context, None
 
     def prefill(self, ids):
         params = self.og.GeneratorParams(self.model)
-        # the cache holds ``context`` tokens; min_length keeps a random model's end-of-text token from
-        # ending the run early
+        # the cache holds ``context`` tokens; min_length keeps a random model's end-of-text token
+        # from ending the run early
         params.set_search_options(max_length=self.context, min_length=self.context, do_sample=False)
         self.generator = self.og.Generator(self.model, params)
         self.generator.append_tokens(np.array([ids], np.int32))
@@ -95,8 +103,14 @@ class LlamaCppDecoder(Decoder):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=context, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=gguf,
+            n_ctx=context,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
         self.label = f"llama-cpp-python {llama_cpp.__version__}"
         file_type = int(self.llm.metadata.get("general.file_type", -1))
         self.precision = GGUF_FILE_TYPES.get(file_type, f"GGUF file type {file_type}")
@@ -120,7 +134,8 @@ class LlamaCppDecoder(Decoder):
 
 
 class TransformersDecoder(Decoder):
-    """transformers' Qwen2 on the checkpoint's language model (``export_qwen2``), fp32, eager attention."""
+    """transformers' Qwen2 on the checkpoint's language model (``export_qwen2``), fp32, eager
+    attention."""
 
     def __init__(self, qwen2_dir: str, threads: int):
         import torch
@@ -128,10 +143,13 @@ class TransformersDecoder(Decoder):
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            qwen2_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         self.label, self.precision = f"torch {torch.__version__}, eager", "fp32"
-        self.weights_bytes = sum(p.numel() * 4 for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+        self.weights_bytes = sum(
+            p.numel() * 4 for n, p in self.model.named_parameters() if "embed_tokens" not in n
+        )
         self.cache = None
 
     def prefill(self, ids):
@@ -143,7 +161,12 @@ class TransformersDecoder(Decoder):
 
     def _run(self, ids) -> int:
         with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([ids]), cache=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=self.torch.tensor([ids]),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.cache = out.cache
         return int(out.logits[0, -1].argmax())
 
@@ -158,12 +181,17 @@ def onnx_weight_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
         if any(s in t.name for s in skip + ("cos", "sin")):
             continue
         length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
-        total += length if length is not None else len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+        total += (
+            length
+            if length is not None
+            else len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+        )
     return total
 
 
 def decoder_weight_bytes(model_dir: Path) -> int:
-    """What a decode step of an engine model directory reads: its decoder graph(s) and post model."""
+    """What a decode step of an engine model directory reads: its decoder graph(s) and post
+    model."""
     layout = ModelLayout.find(model_dir)
     graphs = [layout.decoder] if layout.decoder else [*layout.layer_files(), layout.post]
     return sum(onnx_weight_bytes(path) for path in graphs if path.suffix == ".onnx")
@@ -183,25 +211,54 @@ def export_qwen2(hf_model: Path, out: Path) -> Path:
     (out / "config.json").write_text(json.dumps(config | {"torch_dtype": "float32"}, indent=1))
     ck = Checkpoint(hf_model)
     prefix = "language_model."
-    save_file({k[len(prefix):]: ck.get(k) for k in ck.keys() if k.startswith(prefix)}, str(out / "model.safetensors"))
-    for name in ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json", "tokenizer.json",
-                 "special_tokens_map.json", "generation_config.json"):
+    save_file(
+        {k[len(prefix) :]: ck.get(k) for k in ck.keys() if k.startswith(prefix)},
+        str(out / "model.safetensors"),
+    )
+    for name in (
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         if (hf_model / name).is_file():
             (out / name).write_bytes((hf_model / name).read_bytes())
     return out
 
 
 def build_genai(hf_model: Path, precision: str, work: Path, threads: int) -> Path:
-    """onnxruntime-genai's model of the checkpoint's decoder at ``precision`` (fp32/int8/int4), built
-    once into ``work`` with its builder's CPU defaults; its sessions get ``threads`` threads."""
+    """onnxruntime-genai's model of the checkpoint's decoder at ``precision`` (fp32/int8/int4),
+    built once into ``work`` with its builder's CPU defaults; its sessions get ``threads``
+    threads."""
     out = work / f"onnxruntime-genai-{precision}"
     if not (out / "genai_config.json").is_file():
         qwen2 = export_qwen2(hf_model, work / "qwen2")
         log = work / f"onnxruntime-genai-{precision}.log"
         with open(log, "w") as f:
-            run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(qwen2), "-i",
-                                  str(qwen2), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "cache")],
-                                 stdout=f, stderr=subprocess.STDOUT)
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-m",
+                    str(qwen2),
+                    "-i",
+                    str(qwen2),
+                    "-o",
+                    str(out),
+                    "-p",
+                    precision,
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "cache"),
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         if run.returncode:
             raise InternVLError(f"onnxruntime-genai's builder failed ({log})")
     config_path = out / "genai_config.json"

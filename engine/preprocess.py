@@ -9,6 +9,7 @@ first; OpenCV's INTER_CUBIC is not, and gives another picture), then scaled to [
 normalised with ImageNet statistics in torchvision's order of operations. Image files are read with
 Pillow too, as InternVL reads them (no EXIF rotation); video frames with OpenCV.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,13 +39,17 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image (unsupported format or corrupt data: {e})") from e
+        raise ImageError(
+            f"{path}: not a readable image (unsupported format or corrupt data: {e})"
+        ) from e
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """Accept gray [H, W], RGB [H, W, 3] or RGBA [H, W, 4] uint8; return RGB uint8."""
     if isinstance(image, (str, Path)):
-        raise ImageError(f"images are pixel arrays, not file names: read {str(image)!r} with load_image")
+        raise ImageError(
+            f"images are pixel arrays, not file names: read {str(image)!r} with load_image"
+        )
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ImageError(f"images must be uint8, got {image.dtype}")
@@ -57,10 +62,20 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     raise ImageError(f"images must be [H, W], [H, W, 3] or [H, W, 4], got shape {image.shape}")
 
 
-def closest_grid(width: int, height: int, image_size: int, min_num: int, max_num: int) -> tuple[int, int]:
+def closest_grid(
+    width: int, height: int, image_size: int, min_num: int, max_num: int
+) -> tuple[int, int]:
     """InternVL's ``find_closest_aspect_ratio``: the (columns, rows) grid whose ratio is closest."""
-    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    ratios = sorted(
+        {
+            (i, j)
+            for n in range(min_num, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_num <= i * j <= max_num
+        },
+        key=lambda r: r[0] * r[1],
+    )
     aspect, area = width / height, width * height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in ratios:
@@ -73,12 +88,18 @@ def closest_grid(width: int, height: int, image_size: int, min_num: int, max_num
 
 
 def _resize(image: Image.Image, width: int, height: int) -> np.ndarray:
-    # Image.BICUBIC, not Image.Resampling.BICUBIC: Ubuntu 22.04's Pillow is 9.0, older than Resampling.
+    # Image.BICUBIC, not Image.Resampling.BICUBIC: Ubuntu 22.04's Pillow is 9.0, older than
+    # Resampling.
     return np.asarray(image.resize((width, height), Image.BICUBIC))
 
 
-def tiles(image: np.ndarray, image_size: int, max_tiles: int = 1, min_tiles: int = 1,
-          use_thumbnail: bool = True) -> list[np.ndarray]:
+def tiles(
+    image: np.ndarray,
+    image_size: int,
+    max_tiles: int = 1,
+    min_tiles: int = 1,
+    use_thumbnail: bool = True,
+) -> list[np.ndarray]:
     """InternVL's ``dynamic_preprocess``: RGB tiles of image_size x image_size, row by row."""
     image = as_rgb(image)
     h, w = image.shape[:2]
@@ -87,8 +108,11 @@ def tiles(image: np.ndarray, image_size: int, max_tiles: int = 1, min_tiles: int
     cols, rows = closest_grid(w, h, image_size, min_tiles, max_tiles)
     picture = Image.fromarray(np.ascontiguousarray(image))
     resized = _resize(picture, cols * image_size, rows * image_size)
-    out = [resized[r * image_size:(r + 1) * image_size, c * image_size:(c + 1) * image_size]
-           for r in range(rows) for c in range(cols)]
+    out = [
+        resized[r * image_size : (r + 1) * image_size, c * image_size : (c + 1) * image_size]
+        for r in range(rows)
+        for c in range(cols)
+    ]
     if use_thumbnail and len(out) > 1:
         out.append(_resize(picture, image_size, image_size))
     return out
@@ -102,7 +126,8 @@ def normalize(tile_list: list[np.ndarray]) -> np.ndarray:
 
 
 def segment_centre_indices(num_frames: int, num_segments: int) -> list[int]:
-    """InternVL's ``get_index`` without bounds: the centre frame of each of ``num_segments`` equal segments."""
+    """InternVL's ``get_index`` without bounds: the centre frame of each of ``num_segments`` equal
+    segments."""
     if num_frames <= 0 or num_segments <= 0:
         return []
     seg = (num_frames - 1) / num_segments
@@ -137,7 +162,9 @@ def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
     try:
         count = 0
         while True:
-            with _native_stderr_silenced():  # around each call only: the caller's own stderr between frames is its own
+            with (
+                _native_stderr_silenced()
+            ):  # around each call only: the caller's own stderr between frames is its own
                 ok, frame = cap.read()
             if not ok:
                 break

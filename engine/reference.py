@@ -5,6 +5,7 @@ original-layout checkpoint, with the original keys mapped to transformers' names
 Development only: it needs torch and transformers (``requirements/dev.txt``). Parity tests, the
 benchmark's ``--compare transformers`` and the toy-model training use it; the inference path never
 imports it."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,40 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import InternVLConfig, InternVLForConditionalGeneration
-
 from internvl_engine.export import Checkpoint
+from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 # (original key pattern, transformers key) for everything but the fused vision qkv.
 _RENAMES = [
     (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
+    (
+        r"^vision_model\.embeddings\.position_embedding$",
+        "model.vision_tower.embeddings.position_embeddings",
+    ),
+    (
+        r"^vision_model\.embeddings\.patch_embedding\.",
+        "model.vision_tower.embeddings.patch_embeddings.projection.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.",
+        r"model.vision_tower.encoder.layer.\1.attention.projection_layer.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.ls1$",
+        r"model.vision_tower.encoder.layer.\1.lambda_1",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.ls2$",
+        r"model.vision_tower.encoder.layer.\1.lambda_2",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.",
+        r"model.vision_tower.encoder.layer.\1.layernorm_before.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.",
+        r"model.vision_tower.encoder.layer.\1.layernorm_after.",
+    ),
     (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
     (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
     (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
@@ -43,7 +64,9 @@ def hf_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
         tensor = torch.from_numpy(ck.get(key))
         if m := _QKV.match(key):
             for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
-                out[f"model.vision_tower.encoder.layer.{m[1]}.attention.{part}_proj.{m[2]}"] = chunk.clone()
+                out[f"model.vision_tower.encoder.layer.{m[1]}.attention.{part}_proj.{m[2]}"] = (
+                    chunk.clone()
+                )
             continue
         for pattern, repl in _RENAMES:
             new, n = re.subn(pattern, repl, key)
@@ -56,16 +79,20 @@ def hf_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def original_state_dict(model: InternVLForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The model's weights under the original InternVL key names (the inverse of ``hf_state_dict``)."""
+    """The model's weights under the original InternVL key names (the inverse of
+    ``hf_state_dict``)."""
     hf = model.state_dict()
     out = {}
     for key in sorted(hf):
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        if m := re.match(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.q_proj\.(weight|bias)$", key):
+        if m := re.match(
+            r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.q_proj\.(weight|bias)$", key
+        ):
             prefix = f"model.vision_tower.encoder.layer.{m[1]}.attention."
             out[f"vision_model.encoder.layers.{m[1]}.attn.qkv.{m[2]}"] = torch.cat(
-                [hf[f"{prefix}{part}_proj.{m[2]}"] for part in "qkv"])
+                [hf[f"{prefix}{part}_proj.{m[2]}"] for part in "qkv"]
+            )
             continue
         if re.match(r"^model\.vision_tower\.encoder\.layer\.\d+\.attention\.[kv]_proj\.", key):
             continue
@@ -89,24 +116,47 @@ def _inverse_repl(pattern: str) -> str:
     return pattern.lstrip("^").rstrip("$").replace(r"(\d+)", r"\1").replace("\\.", ".")
 
 
-def reference_config(cfg: dict, image_token_id: int, attn_implementation: str = "eager") -> InternVLConfig:
+def reference_config(
+    cfg: dict, image_token_id: int, attn_implementation: str = "eager"
+) -> InternVLConfig:
     """transformers' ``InternVLConfig`` for an original ``config.json``."""
     v, t = cfg["vision_config"], cfg["llm_config"]
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-            image_size=cfg["force_image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"],
-            attention_bias=v["qkv_bias"], use_qk_norm=v["qk_normalization"], norm_type=v["norm_type"],
-            hidden_act="gelu", use_mean_pooling=True,
+            hidden_size=v["hidden_size"],
+            num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=v["num_attention_heads"],
+            intermediate_size=v["intermediate_size"],
+            image_size=cfg["force_image_size"],
+            patch_size=v["patch_size"],
+            layer_norm_eps=v["layer_norm_eps"],
+            attention_bias=v["qkv_bias"],
+            use_qk_norm=v["qk_normalization"],
+            norm_type=v["norm_type"],
+            hidden_act="gelu",
+            use_mean_pooling=True,
         ),
-        text_config={k: t[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                       "num_attention_heads", "num_key_value_heads", "vocab_size",
-                                       "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                                       "tie_word_embeddings")} | {"model_type": "qwen2"},
+        text_config={
+            k: t[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "rms_norm_eps",
+                "rope_theta",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+            )
+        }
+        | {"model_type": "qwen2"},
         image_token_id=image_token_id,
         downsample_ratio=cfg["downsample_ratio"],
-        image_seq_length=int((cfg["force_image_size"] // v["patch_size"] * cfg["downsample_ratio"]) ** 2),
+        image_seq_length=int(
+            (cfg["force_image_size"] // v["patch_size"] * cfg["downsample_ratio"]) ** 2
+        ),
         projector_hidden_act="gelu",
         tie_word_embeddings=t["tie_word_embeddings"],
     )
@@ -114,15 +164,19 @@ def reference_config(cfg: dict, image_token_id: int, attn_implementation: str = 
     return config
 
 
-def load_reference(hf_dir: Path, image_token_id: int,
-                   attn_implementation: str = "eager") -> InternVLForConditionalGeneration:
+def load_reference(
+    hf_dir: Path, image_token_id: int, attn_implementation: str = "eager"
+) -> InternVLForConditionalGeneration:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    model = InternVLForConditionalGeneration(reference_config(cfg, image_token_id, attn_implementation)).eval()
-    missing, unexpected = model.load_state_dict(hf_state_dict(Checkpoint(hf_dir)),
-                                                strict=False)
+    model = InternVLForConditionalGeneration(
+        reference_config(cfg, image_token_id, attn_implementation)
+    ).eval()
+    missing, unexpected = model.load_state_dict(hf_state_dict(Checkpoint(hf_dir)), strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise RuntimeError(f"reference weight mapping incomplete: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"reference weight mapping incomplete: missing={missing} unexpected={unexpected}"
+        )
     return model
 
 
@@ -130,12 +184,19 @@ def load_reference(hf_dir: Path, image_token_id: int,
 def reference_logits(model, input_ids: list[int], pixel_values: np.ndarray | None) -> np.ndarray:
     """Logits at every position of ``input_ids`` (one forward pass, teacher forcing)."""
     ids = torch.tensor([input_ids], dtype=torch.long)
-    pv = None if pixel_values is None else torch.from_numpy(np.asarray(pixel_values, dtype=np.float32))
+    pv = (
+        None
+        if pixel_values is None
+        else torch.from_numpy(np.asarray(pixel_values, dtype=np.float32))
+    )
     return model(input_ids=ids, pixel_values=pv).logits[0].float().numpy()
 
 
 @torch.no_grad()
 def reference_image_features(model, pixel_values: np.ndarray) -> np.ndarray:
-    out = model.model.get_image_features(pixel_values=torch.from_numpy(pixel_values.astype(np.float32)),
-                                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    out = model.model.get_image_features(
+        pixel_values=torch.from_numpy(pixel_values.astype(np.float32)),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     return out.pooler_output.float().numpy()

@@ -1,4 +1,6 @@
-"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, with repetition penalty."""
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, with repetition
+penalty."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,12 +21,14 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (self.top_k >= 0, "top_k must be >= 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-                  (self.seed is None or self.seed >= 0, "seed must be >= 0")]
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or self.seed >= 0, "seed must be >= 0"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
@@ -42,7 +46,9 @@ class Sampler:
             logits = logits.copy()
             seen = np.unique(np.asarray(seen_ids))
             picked = logits[seen]
-            logits[seen] = np.where(picked < 0, picked * c.repetition_penalty, picked / c.repetition_penalty)
+            logits[seen] = np.where(
+                picked < 0, picked * c.repetition_penalty, picked / c.repetition_penalty
+            )
         if c.temperature == 0:
             token = int(np.argmax(logits))  # the first NaN, where there is one
             if not np.isfinite(logits[token]):
@@ -59,7 +65,9 @@ class Sampler:
         if c.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, c.top_p)) + 1]  # smallest set reaching top_p
+            keep = order[
+                : int(np.searchsorted(cumulative, c.top_p)) + 1
+            ]  # smallest set reaching top_p
             kept = np.zeros_like(probs)
             kept[keep] = probs[keep]
             probs = kept / kept.sum()
@@ -67,7 +75,9 @@ class Sampler:
 
 
 def not_finite() -> BackendError:
-    """What a model that gives NaN or infinite logits (a broken export or NPU compile) fails with, instead of
-    an answer of whatever token NaN picks."""
-    return BackendError("the model's logits are not finite (NaN or Inf): check the model files (internvl-doctor "
-                        "runs them once)")
+    """What a model that gives NaN or infinite logits (a broken export or NPU compile) fails with,
+    instead of an answer of whatever token NaN picks."""
+    return BackendError(
+        "the model's logits are not finite (NaN or Inf): check the model files (internvl-doctor "
+        "runs them once)"
+    )

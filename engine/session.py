@@ -11,6 +11,7 @@ with its device buffers: ``attach_kv`` sizes them (or raises BackendError saying
 counts what the engine hands to and takes from the backend, so the timings can report host traffic
 per decode step.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ BACKENDS = ("auto", "onnxruntime", "axengine")
 
 
 class Session(Protocol):
-    groups: list[dict[str, tuple]]  # input name -> shape, per group; a dimension is an int or None (dynamic)
+    groups: list[
+        dict[str, tuple]
+    ]  # input name -> shape, per group; a dimension is an int or None (dynamic)
     bytes_moved: int  # handed to and taken from the backend so far
     busy_s: float  # time inside backend calls so far
 
@@ -36,14 +39,17 @@ class Session(Protocol):
 
     def attach_kv(self, rows: int, kv_dim: int, dtype: np.dtype) -> None: ...
 
-    def run_resident(self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int) -> np.ndarray: ...
+    def run_resident(
+        self, feeds: dict[str, np.ndarray], group: int, start: int, rows: int
+    ) -> np.ndarray: ...
 
 
 def thread_count(threads: int | None) -> int:
-    """The CPU threads a session (or a peer runtime in the bench) gets: ``threads``, or for None or 0
-    every core this process may run on (``taskset``, a container's cpuset), and no more than its CPU
-    quota rounded up (``docker run --cpus``, a Kubernetes CPU limit). Above the quota every thread
-    waits once it is spent: 16 threads on a quota of 2 decoded 5x slower than 2 (docs/benchmarks.md)."""
+    """The CPU threads a session (or a peer runtime in the bench) gets: ``threads``, or for None or
+    0 every core this process may run on (``taskset``, a container's cpuset), and no more than its
+    CPU quota rounded up (``docker run --cpus``, a Kubernetes CPU limit). Above the quota every
+    thread waits once it is spent: 16 threads on a quota of 2 decoded 5x slower than 2
+    (docs/benchmarks.md)."""
     if threads:
         return threads
     if hasattr(os, "sched_getaffinity"):
@@ -94,10 +100,16 @@ def resolve_backend(name: str, model_dir: Path) -> str:
     return "axengine" if any(Path(model_dir).glob("*.axmodel")) else "onnxruntime"
 
 
-def open_session(backend: str, path: Path | list[Path], threads: int | None = None,
-                 provider: str | None = None, many_rows: bool = False) -> Session:
+def open_session(
+    backend: str,
+    path: Path | list[Path],
+    threads: int | None = None,
+    provider: str | None = None,
+    many_rows: bool = False,
+) -> Session:
     """``path``: one model file, or (onnxruntime) one file per shape group. ``many_rows``: the model
-    runs many rows at once (the ViT), which decides its kernels on some CPUs (backend_onnxruntime)."""
+    runs many rows at once (the ViT), which decides its kernels on some CPUs
+    (backend_onnxruntime)."""
     if backend == "onnxruntime":
         from .backend_onnxruntime import OrtSession
 
@@ -128,6 +140,6 @@ class HostKV:
         return {"K_cache": dummy, "V_cache": dummy}
 
     def append(self, k: np.ndarray, v: np.ndarray, start: int, rows: int) -> int:
-        self.k[:, start:start + rows] = k[:, :rows]
-        self.v[:, start:start + rows] = v[:, :rows]
+        self.k[:, start : start + rows] = k[:, :rows]
+        self.v[:, start : start + rows] = v[:, :rows]
         return 2 * rows * self.k.shape[-1] * self.k.itemsize

@@ -7,9 +7,11 @@ plain topics (question in, answer and stream out, /diagnostics) and records ever
 says; the tests use it. Both spin their own node in a background thread, so a script needs no
 executor of its own.
 
-``internvl-ask -q "What is in front of me?" [--mode video] [--choices yes,no] [--cameras front/image_raw]
-[--max-new-tokens 32] [--action]`` asks from the shell and prints the streamed answer and its status.
+``internvl-ask -q "What is in front of me?" [--mode video] [--choices yes,no] [--cameras
+front/image_raw] [--max-new-tokens 32] [--action]`` asks from the shell and prints the streamed
+answer and its status.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,10 @@ from dataclasses import dataclass
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
+from internvl_engine import InvalidRequestError, checked_choices
+from internvl_msgs.action import Ask  # noqa: I100
+from internvl_msgs.msg import Answer as AnswerMsg
+from internvl_msgs.msg import AnswerChunk
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
@@ -35,25 +41,30 @@ from rclpy.validate_node_name import validate_node_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from internvl_engine import InvalidRequestError, checked_choices
-
-from .node import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS  # first: it says how to get internvl_msgs if missing
+from .node import (
+    ANSWER_QOS,
+    ERROR_PREFIX,
+    QUESTION_QOS,
+)  # first: it says how to get internvl_msgs if missing
 from .params import MAX_NEW_TOKENS, MODES
 
-from internvl_msgs.action import Ask  # noqa: I100
-from internvl_msgs.msg import Answer as AnswerMsg
-from internvl_msgs.msg import AnswerChunk
-
 RELIABLE = ANSWER_QOS
-STATUS_NAMES = {GoalStatus.STATUS_SUCCEEDED: "succeeded", GoalStatus.STATUS_ABORTED: "aborted",
-                GoalStatus.STATUS_CANCELED: "canceled"}
-ERROR_NAMES = {getattr(AnswerMsg, n): n for n in dir(AnswerMsg) if n.isupper() and isinstance(getattr(AnswerMsg, n), int)}
+STATUS_NAMES = {
+    GoalStatus.STATUS_SUCCEEDED: "succeeded",
+    GoalStatus.STATUS_ABORTED: "aborted",
+    GoalStatus.STATUS_CANCELED: "canceled",
+}
+ERROR_NAMES = {
+    getattr(AnswerMsg, n): n
+    for n in dir(AnswerMsg)
+    if n.isupper() and isinstance(getattr(AnswerMsg, n), int)
+}
 
 
 class _Spinner:
     """A node of our own, spun in a background thread once ``start()`` is called. Create the node's
-    publishers, subscriptions and clients before: kilted's rclpy ActionClient adds itself to the node
-    before it has its lock, and a thread spinning the node then dies on it."""
+    publishers, subscriptions and clients before: kilted's rclpy ActionClient adds itself to the
+    node before it has its lock, and a thread spinning the node then dies on it."""
 
     def __init__(self, name: str, namespace: str = ""):
         self.node = rclpy.create_node(name, namespace=namespace or None)
@@ -105,7 +116,10 @@ def check_timeout(timeout: float) -> None:
 def check_sendable(text: str, what: str) -> None:
     """A ROS string ends at its first NUL character: refuse text that would arrive cut short."""
     if "\0" in text:
-        raise ValueError(f"{what} holds a NUL character, where a ROS string ends: the rest would be lost ({text!r})")
+        raise ValueError(
+            f"{what} holds a NUL character, where a ROS string ends: the rest would be lost "
+            f"({text!r})"
+        )
 
 
 def wait_future(future, timeout: float):
@@ -121,6 +135,7 @@ def wait_future(future, timeout: float):
 @dataclass
 class AskResult:
     """How a question asked through the action ended."""
+
     status: str  # succeeded | aborted | canceled | rejected | timeout | unavailable
     answer: AnswerMsg | None = None
 
@@ -150,17 +165,19 @@ class AskResult:
 
 
 class _FeedbackStream:
-    """Hands a goal's feedback to ``on_chunk``, then, once the result is in, whatever of the answer the
-    feedback did not bring: the result and the feedback travel apart, and rclpy drops feedback that
-    arrives after the result, so the last chunks of a fast answer can be lost on the way.
+    """Hands a goal's feedback to ``on_chunk``, then, once the result is in, whatever of the answer
+    the feedback did not bring: the result and the feedback travel apart, and rclpy drops feedback
+    that arrives after the result, so the last chunks of a fast answer can be lost on the way.
 
     An error that ``on_chunk`` raises on the spinning thread ends the stream and is raised again by
-    ``close()``, on the asking thread: let through, it would end the spinning thread, and every later
-    question of the client would wait out its timeout."""
+    ``close()``, on the asking thread: let through, it would end the spinning thread, and every
+    later question of the client would wait out its timeout."""
 
     def __init__(self, on_chunk):
         self.on_chunk, self.text, self.closed, self.error = on_chunk, "", False, None
-        self.lock = threading.Lock()  # feedback comes on the spinning thread, the result on the caller's
+        self.lock = (
+            threading.Lock()
+        )  # feedback comes on the spinning thread, the result on the caller's
 
     def __call__(self, msg) -> None:
         with self.lock:
@@ -177,23 +194,24 @@ class _FeedbackStream:
             if self.error is not None:
                 raise self.error
             if len(answer) > len(self.text) and answer.startswith(self.text):
-                self.on_chunk(answer[len(self.text):])
+                self.on_chunk(answer[len(self.text) :])
 
 
 class AskClient:
     """Blocking questions through the node's ``ask`` action (internvl_msgs/action/Ask).
 
-        rclpy.init()
-        vision = AskClient(namespace="/robot")
-        result = vision.ask("Is the door open?", choices=["yes", "no"], timeout=30)
-        if result.ok and result.choice == "yes":
-            ...
+    rclpy.init()
+    vision = AskClient(namespace="/robot")
+    result = vision.ask("Is the door open?", choices=["yes", "no"], timeout=30)
+    if result.ok and result.choice == "yes":
+        ...
     """
 
     def __init__(self, namespace: str = "", action: str = "ask"):
         self._spinner = _Spinner("internvl_ask_client", namespace)
         self.node = self._spinner.node
-        # the node keeps an answer's feedback as its answer topics do: a fast answer's chunks all arrive
+        # the node keeps an answer's feedback as its answer topics do: a fast answer's chunks all
+        # arrive
         self._action = ActionClient(self.node, Ask, action, feedback_sub_qos_profile=ANSWER_QOS)
         self._goal = None
         self._spinner.start()
@@ -201,22 +219,38 @@ class AskClient:
     def wait_for_server(self, timeout: float = 30.0) -> bool:
         return self._action.wait_for_server(timeout_sec=timeout)
 
-    def ask(self, question: str, *, choices=(), mode: str = "", cameras=(), max_new_tokens: int = 0,
-            timeout: float = 60.0, on_chunk=None) -> AskResult:
-        """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)`` sees
-        the answer's pieces as they stream; an error it raises ends them, and comes out of ask() once the
-        goal has ended."""
+    def ask(
+        self,
+        question: str,
+        *,
+        choices=(),
+        mode: str = "",
+        cameras=(),
+        max_new_tokens: int = 0,
+        timeout: float = 60.0,
+        on_chunk=None,
+    ) -> AskResult:
+        """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)``
+        sees the answer's pieces as they stream; an error it raises ends them, and comes out of
+        ask() once the goal has ended."""
         check_timeout(timeout)
         for what, text in [("the question", question), *(("a choice", c) for c in choices)]:
             check_sendable(text, what)
         deadline = time.monotonic() + timeout
         if not self._action.wait_for_server(timeout_sec=timeout):
             return AskResult("unavailable")
-        goal = Ask.Goal(question=question, choices=list(choices), mode=mode, cameras=list(cameras),
-                        max_new_tokens=max_new_tokens)
+        goal = Ask.Goal(
+            question=question,
+            choices=list(choices),
+            mode=mode,
+            cameras=list(cameras),
+            max_new_tokens=max_new_tokens,
+        )
         stream = _FeedbackStream(on_chunk) if on_chunk else None
-        handle = self._request(lambda: self._action.send_goal_async(goal, feedback_callback=stream),
-                               max(0.0, deadline - time.monotonic()))
+        handle = self._request(
+            lambda: self._action.send_goal_async(goal, feedback_callback=stream),
+            max(0.0, deadline - time.monotonic()),
+        )
         if handle is None:
             return AskResult("timeout")
         if not handle.accepted:
@@ -224,7 +258,9 @@ class AskClient:
         self._goal = handle
         try:
             try:
-                result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
+                result = self._request(
+                    handle.get_result_async, max(0.0, deadline - time.monotonic())
+                )
             except KeyboardInterrupt:  # Ctrl-C: the node stops answering, rather than answer no one
                 try:
                     self._request(handle.cancel_goal_async, 1.0)
@@ -251,7 +287,9 @@ class AskClient:
         takes in between goes to no future, and the caller waits for ever (ros2/rclpy#1123)."""
         deadline = time.monotonic() + timeout
         future = wait_future(self._spinner.call(send), timeout)
-        return None if future is None else wait_future(future, max(0.0, deadline - time.monotonic()))
+        return (
+            None if future is None else wait_future(future, max(0.0, deadline - time.monotonic()))
+        )
 
     def cancel(self) -> None:
         """Cancel the question being asked (from another thread); its ask() returns canceled."""
@@ -264,8 +302,9 @@ class AskClient:
 
 
 class Client:
-    """Asks questions on the ``question`` topic, sends frames, sets parameters, and records everything
-    the node says (answers, stream chunks, typed results and chunks, per-answer statuses, heartbeats)."""
+    """Asks questions on the ``question`` topic, sends frames, sets parameters, and records
+    everything the node says (answers, stream chunks, typed results and chunks, per-answer statuses,
+    heartbeats)."""
 
     def __init__(self, namespace: str = "", node_name: str = "internvl"):
         self._spinner = _Spinner("internvl_client", namespace)
@@ -278,14 +317,24 @@ class Client:
         self.typed_chunks: list[AnswerChunk] = []
         self.statuses: list = []  # per-answer DiagnosticStatus
         self.heartbeats: list = []
-        node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), RELIABLE)
-        node.create_subscription(String, "answer/stream", lambda m: self._add(self.chunks, m.data), RELIABLE)
-        node.create_subscription(AnswerMsg, "answer/result", lambda m: self._add(self.results, m), RELIABLE)
-        node.create_subscription(AnswerChunk, "answer/chunks", lambda m: self._add(self.typed_chunks, m), RELIABLE)
+        node.create_subscription(
+            String, "answer", lambda m: self._add(self.answers, m.data), RELIABLE
+        )
+        node.create_subscription(
+            String, "answer/stream", lambda m: self._add(self.chunks, m.data), RELIABLE
+        )
+        node.create_subscription(
+            AnswerMsg, "answer/result", lambda m: self._add(self.results, m), RELIABLE
+        )
+        node.create_subscription(
+            AnswerChunk, "answer/chunks", lambda m: self._add(self.typed_chunks, m), RELIABLE
+        )
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
         self.questions = node.create_publisher(String, "question", QUESTION_QOS)
         self._image_pubs = {}
-        self.node_fqn = f"{node.get_namespace().rstrip('/')}/{node_name}"  # rclpy makes "robot" "/robot"
+        self.node_fqn = (
+            f"{node.get_namespace().rstrip('/')}/{node_name}"  # rclpy makes "robot" "/robot"
+        )
         self.set_params = node.create_client(SetParameters, f"{self.node_fqn}/set_parameters")
         self._spinner.start()
 
@@ -311,8 +360,15 @@ class Client:
 
     def wait_ready(self, timeout: float = 60.0):
         """The node is up when it is active and subscribes to our questions."""
-        self.wait_for(lambda: self.heartbeats and self.status_values(self.heartbeats[-1]).get("state") == "active"
-                      and self.questions.get_subscription_count() > 0, timeout, f"{self.node_fqn} to be active")
+        self.wait_for(
+            lambda: (
+                self.heartbeats
+                and self.status_values(self.heartbeats[-1]).get("state") == "active"
+                and self.questions.get_subscription_count() > 0
+            ),
+            timeout,
+            f"{self.node_fqn} to be active",
+        )
 
     def ask(self, text: str) -> None:
         check_sendable(text, "the question")
@@ -332,7 +388,9 @@ class Client:
             cls = CompressedImage if isinstance(msg, CompressedImage) else Image
             self._image_pubs[topic] = self.node.create_publisher(cls, topic, RELIABLE)
         pub = self._image_pubs[topic]
-        self.wait_for(lambda: pub.get_subscription_count() >= subscribers, 30, f"a subscriber on {topic}")
+        self.wait_for(
+            lambda: pub.get_subscription_count() >= subscribers, 30, f"a subscriber on {topic}"
+        )
         if stamp:
             msg.header.stamp = self.node.get_clock().now().to_msg()
         pub.publish(msg)
@@ -349,8 +407,12 @@ class Client:
             pv.type, pv.double_value = ParameterType.PARAMETER_DOUBLE, value
         else:
             pv.type, pv.string_value = ParameterType.PARAMETER_STRING, value
-        response = wait_future(self.set_params.call_async(
-            SetParameters.Request(parameters=[Parameter(name=name, value=pv)])), 30)
+        response = wait_future(
+            self.set_params.call_async(
+                SetParameters.Request(parameters=[Parameter(name=name, value=pv)])
+            ),
+            30,
+        )
         if response is None:
             raise TimeoutError(f"the node did not answer setting {name}")
         self.last_set_reason = response.results[0].reason
@@ -360,7 +422,8 @@ class Client:
         return {kv.key: kv.value for kv in status.values}
 
     def frames_received(self, topic: str) -> int:
-        """How many frames the node's last heartbeat counts on camera ``topic`` (0 before a heartbeat)."""
+        """How many frames the node's last heartbeat counts on camera ``topic`` (0 before a
+        heartbeat)."""
         with self.lock:
             beats = list(self.heartbeats)
         return int(self.status_values(beats[-1]).get(f"frames_received {topic}", 0)) if beats else 0
@@ -395,15 +458,20 @@ def _ask_topic(args) -> int:
         with client.lock:
             seen, answered = len(client.statuses), len(client.answers)
 
-        def streamed_to_the_end() -> bool:  # the answer's final typed chunk is in, so its stream is too
+        def streamed_to_the_end() -> (
+            bool
+        ):  # the answer's final typed chunk is in, so its stream is too
             rid = client.status_values(client.statuses[seen]).get("request_id")
             return any(c.final and str(c.request_id) == rid for c in client.typed_chunks)
 
         print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
         client.ask(args.question)
-        # the answer, its status on /diagnostics and its chunks travel on separate topics, in no set order
+        # the answer, its status on /diagnostics and its chunks travel on separate topics, in no set
+        # order
         deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and (len(client.statuses) <= seen or len(client.answers) <= answered):
+        while time.monotonic() < deadline and (
+            len(client.statuses) <= seen or len(client.answers) <= answered
+        ):
             show_new_chunks()
             time.sleep(0.02)
         if len(client.statuses) <= seen or len(client.answers) <= answered:
@@ -428,22 +496,42 @@ def _ask_action(args) -> int:
     client = AskClient(args.namespace)
     try:
         print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
-        result = client.ask(args.question, choices=args.choices, mode=args.mode or "", cameras=args.cameras,
-                            max_new_tokens=args.max_new_tokens, timeout=args.timeout,
-                            on_chunk=lambda text: print(text, end="", flush=True))
+        result = client.ask(
+            args.question,
+            choices=args.choices,
+            mode=args.mode or "",
+            cameras=args.cameras,
+            max_new_tokens=args.max_new_tokens,
+            timeout=args.timeout,
+            on_chunk=lambda text: print(text, end="", flush=True),
+        )
         if result.answer is None:
-            print(f"\ninternvl-ask: error: {result.status} (is the node running, and active?)", file=sys.stderr)
+            print(
+                f"\ninternvl-ask: error: {result.status} (is the node running, and active?)",
+                file=sys.stderr,
+            )
             return 2
         a = result.answer
-        values = {"status": result.status, "request_id": a.request_id, "finish_reason": a.finish_reason}
+        values = {
+            "status": result.status,
+            "request_id": a.request_id,
+            "finish_reason": a.finish_reason,
+        }
         if a.choice_index >= 0:
-            values["choices"] = ", ".join(f"{c}: {p:.3f}" for c, p in zip(args.choices, a.choice_probabilities))
+            values["choices"] = ", ".join(
+                f"{c}: {p:.3f}" for c, p in zip(args.choices, a.choice_probabilities)
+            )
         if not result.ok:
             print(f"{ERROR_PREFIX}{a.error_msg}", end="")
             values["error_code"] = ERROR_NAMES.get(a.error_code, a.error_code)
-        values["frames"] = "; ".join(f"{f.topic}@{f.stamp.sec + f.stamp.nanosec * 1e-9:.3f}" for f in a.frames)
-        values.update(prefill_tokens=a.timings.prefill_tokens, ttft_ms=f"{a.timings.ttft_ms:.1f}",
-                      decode_tokens_per_s=f"{a.timings.decode_tokens_per_s:.2f}")
+        values["frames"] = "; ".join(
+            f"{f.topic}@{f.stamp.sec + f.stamp.nanosec * 1e-9:.3f}" for f in a.frames
+        )
+        values.update(
+            prefill_tokens=a.timings.prefill_tokens,
+            ttft_ms=f"{a.timings.ttft_ms:.1f}",
+            decode_tokens_per_s=f"{a.timings.decode_tokens_per_s:.2f}",
+        )
         _print_status(values)
         return 0 if result.ok else 1
     finally:
@@ -452,21 +540,50 @@ def _ask_action(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="internvl-ask", description="Ask the internvl node a question and print the answer as it streams, "
-        "then its status.", epilog="Example: internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot")
+        prog="internvl-ask",
+        description="Ask the internvl node a question and print the answer as it streams, "
+        "then its status.",
+        epilog="Example: internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot",
+    )
     ap.add_argument("-q", "--question", required=True, help="the question")
-    ap.add_argument("--mode", choices=MODES, help="image, video or text (topic: sets the node's mode parameter first; "
-                    "action: for this question only)")
-    ap.add_argument("--choices", type=lambda text: text.split(","), default=[], metavar="A,B,...",
-                    help="answer with the most likely of these comma-separated choices (uses the action)")
-    ap.add_argument("--cameras", type=lambda text: text.split(","), default=[], metavar="TOPIC,...",
-                    help="use only these of the node's cameras (image_topics names; uses the action)")
-    ap.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
-                    help="longest answer in tokens, for this question only (default: the node's; uses the action)")
-    ap.add_argument("--action", action="store_true", help="ask through the ask action instead of the question topic")
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        help="image, video or text (topic: sets the node's mode parameter first; "
+        "action: for this question only)",
+    )
+    ap.add_argument(
+        "--choices",
+        type=lambda text: text.split(","),
+        default=[],
+        metavar="A,B,...",
+        help="answer with the most likely of these comma-separated choices (uses the action)",
+    )
+    ap.add_argument(
+        "--cameras",
+        type=lambda text: text.split(","),
+        default=[],
+        metavar="TOPIC,...",
+        help="use only these of the node's cameras (image_topics names; uses the action)",
+    )
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="longest answer in tokens, for this question only (default: the node's; uses the "
+        "action)",
+    )
+    ap.add_argument(
+        "--action",
+        action="store_true",
+        help="ask through the ask action instead of the question topic",
+    )
     ap.add_argument("--namespace", default="", help="the node's namespace")
     ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer")
+    ap.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer"
+    )
     args = ap.parse_args(argv)
     try:
         check_timeout(args.timeout)
@@ -478,18 +595,28 @@ def main(argv=None) -> int:
         ap.error(f"--{e}")
     if "" in args.cameras:
         ap.error(f"--cameras must not be empty names: {','.join(args.cameras)!r}")
-    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # the node would refuse it after a round trip
-        ap.error(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS} tokens (0: the node's max_new_tokens), "
-                 f"not {args.max_new_tokens}")
-    for option, text in ([("--question", args.question)] + [("--choices", c) for c in args.choices]
-                         + [("--cameras", c) for c in args.cameras]):
+    if (
+        not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS
+    ):  # the node would refuse it after a round trip
+        ap.error(
+            f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS} tokens (0: the node's "
+            "max_new_tokens), "
+            f"not {args.max_new_tokens}"
+        )
+    for option, text in (
+        [("--question", args.question)]
+        + [("--choices", c) for c in args.choices]
+        + [("--cameras", c) for c in args.cameras]
+    ):
         try:
             text.encode()
         except UnicodeEncodeError:  # Python keeps the bytes it could not decode as lone surrogates
             ap.error(f"{option} is not valid UTF-8 text: {text!r}")
     try:  # before any node exists: rclpy says what is wrong and where
         if args.namespace:
-            validate_namespace(args.namespace if args.namespace.startswith("/") else "/" + args.namespace)
+            validate_namespace(
+                args.namespace if args.namespace.startswith("/") else "/" + args.namespace
+            )
         validate_node_name(args.node_name)
     except NameValidationException as e:
         ap.error(str(e))
@@ -501,9 +628,13 @@ def main(argv=None) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # rclpy's would shut ROS down under the waits
+    rclpy.init(
+        signal_handler_options=SignalHandlerOptions.NO
+    )  # rclpy's would shut ROS down under the waits
     try:
-        per_question = args.choices or args.cameras or args.max_new_tokens  # only a goal carries them
+        per_question = (
+            args.choices or args.cameras or args.max_new_tokens
+        )  # only a goal carries them
         return _ask_action(args) if args.action or per_question else _ask_topic(args)
     except TimeoutError as e:
         print(f"internvl-ask: error: {e}", file=sys.stderr)

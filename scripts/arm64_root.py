@@ -1,11 +1,12 @@
 """Helpers of the ARM64 job (scripts/test_arm64.sh), run on the x86-64 host.
 
 ``cpuinfo CPU COUNT``: an Arm /proc/cpuinfo for a qemu core, to bind-mount over the host's x86 one
-(onnxruntime's cpuinfo library reads it to pick kernels: it must match the emulated core).
-``venv ROOT CHECKOUT``: make the root's venv (/opt/venv) run the checkout (at CHECKOUT inside the root)
-as it is: a .pth file naming a folder of links to its packages (mapped as setup.py maps them), and the
+(onnxruntime's cpuinfo library reads it to pick kernels: it must match the emulated core). ``venv
+ROOT CHECKOUT``: make the root's venv (/opt/venv) run the checkout (at CHECKOUT inside the root) as
+it is: a .pth file naming a folder of links to its packages (mapped as setup.py maps them), and the
 console scripts setup.py declares.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,17 +20,26 @@ CORES = {
     "cortex-a53": ("0x41", "0xd03", BASE),
     "cortex-a72": ("0x41", "0xd08", BASE),
     "cortex-a76": ("0x41", "0xd0b", BASE + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp"),
-    "neoverse-n1": ("0x41", "0xd0c", BASE + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp ssbs"),
+    "neoverse-n1": (
+        "0x41",
+        "0xd0c",
+        BASE + " atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp ssbs",
+    ),
 }
 
 
 def cpuinfo(core: str, count: int) -> str:
     if core not in CORES:
-        raise SystemExit(f"arm64_root.py: no /proc/cpuinfo for QEMU_CPU={core} (choose from {', '.join(CORES)})")
+        raise SystemExit(
+            f"arm64_root.py: no /proc/cpuinfo for QEMU_CPU={core} (choose from {', '.join(CORES)})"
+        )
     implementer, part, features = CORES[core]
-    return "".join(f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: {implementer}\n"
-                   f"CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 0\n\n"
-                   for i in range(count))
+    return "".join(
+        f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: "
+        f"{implementer}\n"
+        f"CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 0\n\n"
+        for i in range(count)
+    )
 
 
 VENV = "opt/venv"
@@ -39,7 +49,9 @@ SITE = f"{VENV}/lib/python3.11/site-packages"
 def venv(root: Path, checkout: str) -> None:
     site, bin_dir = root / SITE, root / VENV / "bin"
     setup = (REPO / "setup.py").read_text()
-    mapped = dict(re.findall(r'"(\w+)": "(\w+)"', setup[setup.index("package_dir"):].split("}")[0]))
+    mapped = dict(
+        re.findall(r'"(\w+)": "(\w+)"', setup[setup.index("package_dir") :].split("}")[0])
+    )
     links = site / "_internvl_checkout"
     links.mkdir(parents=True, exist_ok=True)
     for package in ("internvl_engine", "internvl_toy", "internvl_ros"):
@@ -50,8 +62,10 @@ def venv(root: Path, checkout: str) -> None:
     (site / "internvl_checkout.pth").write_text(f"/{SITE}/{links.name}\n")
     for name, module, function in re.findall(r'"([\w-]+) = ([\w.]+):(\w+)"', setup):
         script = bin_dir / name
-        script.write_text(f"#!/{VENV}/bin/python\nimport sys\nfrom {module} import {function}\n"
-                          f"sys.exit({function}())\n")
+        script.write_text(
+            f"#!/{VENV}/bin/python\nimport sys\nfrom {module} import {function}\n"
+            f"sys.exit({function}())\n"
+        )
         script.chmod(0o755)
 
 

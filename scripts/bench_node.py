@@ -10,6 +10,7 @@
    from /proc/<pid>/stat over --idle-s seconds; the publisher runs in this process, not the node's).
    The camera publishes reliable, so the node's camera_qos (auto by default) subscribes reliable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
+from internvl_engine.bench import machine
 from sensor_msgs.msg import Image
 
-from internvl_engine.bench import machine
 from internvl_ros.client import RELIABLE, Client
 from internvl_ros.params import CAMERA_QOS
 
@@ -59,14 +60,31 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--idle-s", type=float, default=10.0)
-    ap.add_argument("--camera-qos", choices=CAMERA_QOS, default="auto", help="the node's camera_qos")
+    ap.add_argument(
+        "--camera-qos", choices=CAMERA_QOS, default="auto", help="the node's camera_qos"
+    )
     args = ap.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-    node = subprocess.Popen([str(BIN / "internvl_node"), "--ros-args", "--params-file", str(ROOT / "config/internvl.yaml"),
-                             "-p", f"model_dir:={args.model_dir}", "-p", "max_new_tokens:=4",
-                             "-p", "max_frame_age_s:=5.0", "-p", f"camera_qos:={args.camera_qos}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = subprocess.Popen(
+        [
+            str(BIN / "internvl_node"),
+            "--ros-args",
+            "--params-file",
+            str(ROOT / "config/internvl.yaml"),
+            "-p",
+            f"model_dir:={args.model_dir}",
+            "-p",
+            "max_new_tokens:=4",
+            "-p",
+            "max_frame_age_s:=5.0",
+            "-p",
+            f"camera_qos:={args.camera_qos}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     rclpy.init()
     client = Client()
     print(machine())
@@ -74,15 +92,25 @@ def main() -> int:
         client.wait_ready()
         assert client.set_parameter("mode", "text")
         text = first_chunk_overhead(client, "How far is the door?", args.questions)
-        print(f"question -> first chunk minus engine TTFT, text mode: median {statistics.median(text):.2f} ms "
-              f"(min {min(text):.2f}, max {max(text):.2f}, n={len(text)})")
+        print(
+            "question -> first chunk minus engine TTFT, text mode: median "
+            f"{statistics.median(text):.2f} ms "
+            f"(min {min(text):.2f}, max {max(text):.2f}, n={len(text)})"
+        )
 
         t0, c0 = time.monotonic(), cpu_seconds(node.pid)
         time.sleep(args.idle_s)
         idle_none = (cpu_seconds(node.pid) - c0) / (time.monotonic() - t0)
 
-        frame = Image(height=1080, width=1920, encoding="rgb8", step=1920 * 3,
-                      data=np.random.default_rng(0).integers(0, 256, 1920 * 1080 * 3, dtype=np.uint8).tobytes())
+        frame = Image(
+            height=1080,
+            width=1920,
+            encoding="rgb8",
+            step=1920 * 3,
+            data=np.random.default_rng(0)
+            .integers(0, 256, 1920 * 1080 * 3, dtype=np.uint8)
+            .tobytes(),
+        )
         pub = client.node.create_publisher(Image, "image_raw", RELIABLE)
         stop = threading.Event()
 
@@ -109,10 +137,15 @@ def main() -> int:
         image = first_chunk_overhead(client, "What is in front of me?", args.questions)
         stop.set()
         thread.join()
-        print(f"question -> first chunk minus engine TTFT and ViT, image mode (1080p frame): median "
-              f"{statistics.median(image):.2f} ms (min {min(image):.2f}, max {max(image):.2f})")
-        print(f"node CPU while idle: no camera {100 * idle_none:.1f} % of a core; 30 Hz 1080p rgb8 camera "
-              f"{100 * idle_cam:.1f} % of a core (frames received at {rate} Hz)")
+        print(
+            f"question -> first chunk minus engine TTFT and ViT, image mode (1080p frame): median "
+            f"{statistics.median(image):.2f} ms (min {min(image):.2f}, max {max(image):.2f})"
+        )
+        print(
+            f"node CPU while idle: no camera {100 * idle_none:.1f} % of a core; 30 Hz 1080p rgb8 "
+            "camera "
+            f"{100 * idle_cam:.1f} % of a core (frames received at {rate} Hz)"
+        )
     finally:
         client.close()
         rclpy.try_shutdown()

@@ -1,12 +1,13 @@
-"""Write the GGUF files ``internvl-bench --contexts ... --gguf`` times llama.cpp on: the checkpoint's
-Qwen2 decoder converted by llama.cpp's own ``convert_hf_to_gguf.py`` (F32, Q8_0), and Q4_0 quantised
-from the F32 file by llama.cpp itself (llama-cpp-python's ``llama_model_quantize``, llama-quantize's
-defaults).
+"""Write the GGUF files ``internvl-bench --contexts ... --gguf`` times llama.cpp on: the
+checkpoint's Qwen2 decoder converted by llama.cpp's own ``convert_hf_to_gguf.py`` (F32, Q8_0), and
+Q4_0 quantised from the F32 file by llama.cpp itself (llama-cpp-python's ``llama_model_quantize``,
+llama-quantize's defaults).
 
 Needs: llama.cpp's source tree for its converter (``--llama-cpp``: ``vendor/llama.cpp`` of the
 llama-cpp-python sdist, ``pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36``), its
 gguf-py (``pip install <tree>/gguf-py``), sentencepiece, torch and transformers, and
-llama-cpp-python for Q4_0 (``pip install llama-cpp-python==0.3.36``: it compiles llama.cpp, minutes).
+llama-cpp-python for Q4_0 (``pip install llama-cpp-python==0.3.36``: it compiles llama.cpp,
+minutes).
 
 llama.cpp's converter recognises a tokenizer by hashing what its pre-tokenizer makes of a test
 text, and refuses one it does not know. The random checkpoints the tests and benchmarks build have a
@@ -17,6 +18,7 @@ tokenization is never timed.
     python scripts/make_gguf.py --hf-model real/hf --llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp \\
         --out real/gguf            # real/gguf/qwen2-f32.gguf, -q8_0.gguf, -q4_0.gguf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +41,25 @@ convert_hf_to_gguf.main()
 
 
 def convert(llama_cpp_dir: Path, qwen2: Path, outtype: str, out: Path) -> None:
-    run = subprocess.run([sys.executable, "-c", CONVERT, str(llama_cpp_dir), str(qwen2), "--outtype", outtype,
-                          "--outfile", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CONVERT,
+            str(llama_cpp_dir),
+            str(qwen2),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode:
-        raise SystemExit(f"make_gguf: llama.cpp's converter failed for {outtype}:\n{run.stderr[-2000:]}")
+        raise SystemExit(
+            f"make_gguf: llama.cpp's converter failed for {outtype}:\n{run.stderr[-2000:]}"
+        )
 
 
 def quantize_q4_0(f32: Path, out: Path) -> None:
@@ -55,11 +72,19 @@ def quantize_q4_0(f32: Path, out: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hf-model", required=True, type=Path, help="original InternVL2.5 checkpoint")
-    ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree (convert_hf_to_gguf.py)")
-    ap.add_argument("--out", required=True, type=Path, help="directory for qwen2-{f32,q8_0,q4_0}.gguf")
+    ap.add_argument(
+        "--llama-cpp",
+        required=True,
+        type=Path,
+        help="llama.cpp source tree (convert_hf_to_gguf.py)",
+    )
+    ap.add_argument(
+        "--out", required=True, type=Path, help="directory for qwen2-{f32,q8_0,q4_0}.gguf"
+    )
     args = ap.parse_args()
     if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         ap.error(f"{args.llama_cpp} has no convert_hf_to_gguf.py")

@@ -7,6 +7,7 @@ present), then reports the export time, the largest post-model logit difference 
 whether every engine token is the reference's argmax, for a text question and a one-image question.
 Needs the test extras (torch) and about 12 GB of memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from internvl_engine.reference import load_reference, reference_logits  # noqa: E402
-
 from internvl_engine import Engine, GenerationConfig, Request  # noqa: E402
 from internvl_engine.cli import timing_table  # noqa: E402
 from internvl_engine.engine import forced_logits  # noqa: E402
 from internvl_engine.export import export  # noqa: E402
 from internvl_engine.make_tiny import make_tiny  # noqa: E402
+from internvl_engine.reference import load_reference, reference_logits  # noqa: E402
 
 
 def main() -> int:
@@ -43,17 +42,27 @@ def main() -> int:
     reference = load_reference(hf, engine.tokenizer.ids["<IMG_CONTEXT>"])
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     ok = True
-    for request in (Request("Describe the robot's surroundings."), Request("What is in the image?", images=[image])):
+    for request in (
+        Request("Describe the robot's surroundings."),
+        Request("What is in the image?", images=[image]),
+    ):
         answer = engine.answer(request, GenerationConfig(max_new_tokens=args.tokens))
         prompt = engine.prepare(request)
-        ref = reference_logits(reference, answer.prompt_token_ids + answer.token_ids, prompt.pixel_values)
+        ref = reference_logits(
+            reference, answer.prompt_token_ids + answer.token_ids, prompt.pixel_values
+        )
         n = len(prompt.token_ids)
         logits = forced_logits(engine.llm, prompt.embeds, answer.token_ids[:-1])
         diffs = [float(np.abs(row - ref[n - 1 + i]).max()) for i, row in enumerate(logits)]
-        argmax_ok = [bool(ref[n - 1 + i][t] >= ref[n - 1 + i].max() - 1e-3) for i, t in enumerate(answer.token_ids)]
+        argmax_ok = [
+            bool(ref[n - 1 + i][t] >= ref[n - 1 + i].max() - 1e-3)
+            for i, t in enumerate(answer.token_ids)
+        ]
         ok &= all(argmax_ok) and max(diffs) <= 1e-3
-        print(f"\n{len(request.images)} image(s), {n} prompt tokens: max |logit diff| per step "
-              f"{[f'{d:.2e}' for d in diffs]}, tokens are reference argmax: {argmax_ok}")
+        print(
+            f"\n{len(request.images)} image(s), {n} prompt tokens: max |logit diff| per step "
+            f"{[f'{d:.2e}' for d in diffs]}, tokens are reference argmax: {argmax_ok}"
+        )
         print(timing_table(answer))
     print("\nPARITY", "OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -14,6 +14,7 @@ wheels and a workspace's install/setup.bash chains to it.
 Idempotent; run by the Makefile after installing requirements/ros-build.txt. A real ROS 2 install
 needs none of this.
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,10 +46,13 @@ def main() -> int:
         changed += 1
     print(f"ros wheels' CMake files: {changed} rewritten for {sys.prefix}")
     prefix = Path(sys.prefix).resolve()
-    script = (f"# Written by scripts/ros_wheels_prefix.py: this venv as a ROS 2 prefix (the ros-* wheels).\n"
-              f'export AMENT_PREFIX_PATH="{prefix}${{AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}}"\n'
-              f'export CMAKE_PREFIX_PATH="{prefix}${{CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}}"\n'
-              f'export PATH="{prefix}/bin:$PATH"\n')
+    script = (
+        "# Written by scripts/ros_wheels_prefix.py: this venv as a ROS 2 prefix (the ros-* "
+        "wheels).\n"
+        f'export AMENT_PREFIX_PATH="{prefix}${{AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}}"\n'
+        f'export CMAKE_PREFIX_PATH="{prefix}${{CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}}"\n'
+        f'export PATH="{prefix}/bin:$PATH"\n'
+    )
     for shell in ("sh", "bash"):
         (prefix / f"local_setup.{shell}").write_text(script)
     return 0

@@ -1,4 +1,5 @@
 """Shared fixtures. Every test process keeps DDS on loopback and gets its own ROS domain."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,8 @@ def update_field(tree: dict, path: str, change) -> None:
 
 
 def with_manifest(model_dir: Path, out: Path, path: str, change) -> Path:
-    """``model_dir`` again at ``out`` (its files linked) with the manifest field ``path`` edited by ``change``,
-    as a user editing the file by hand would."""
+    """``model_dir`` again at ``out`` (its files linked) with the manifest field ``path`` edited by
+    ``change``, as a user editing the file by hand would."""
     out.mkdir()
     for p in model_dir.iterdir():
         if p.name != "manifest.json":
@@ -54,12 +55,22 @@ def with_manifest(model_dir: Path, out: Path, path: str, change) -> Path:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--toy-questions", type=int, default=60, metavar="N",
-                     help="fresh questions per type in the toy model's accuracy tests (default 60; the ARM64 job, "
-                          "emulated, asks fewer)")
-    parser.addoption("--board-select", default="", metavar="EXPRESSION",
-                     help="only the board stand-in tests (tests/axboard) this -k expression selects, for each "
-                          "pyaxengine version (default: all; the ARM64 job, emulated, runs fewer)")
+    parser.addoption(
+        "--toy-questions",
+        type=int,
+        default=60,
+        metavar="N",
+        help="fresh questions per type in the toy model's accuracy tests (default 60; the ARM64 "
+        "job, "
+        "emulated, asks fewer)",
+    )
+    parser.addoption(
+        "--board-select",
+        default="",
+        metavar="EXPRESSION",
+        help="only the board stand-in tests (tests/axboard) this -k expression selects, for each "
+        "pyaxengine version (default: all; the ARM64 job, emulated, runs fewer)",
+    )
 
 
 TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_tokens=1152)
@@ -77,8 +88,8 @@ def tiny_model(tiny_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def contract_model(tiny_hf, tmp_path_factory) -> Path:
-    """The tiny checkpoint exported to the AX650N contract (one model per Pulsar2 shape group) with the
-    seed's llm_build (LayerBuild's defaults)."""
+    """The tiny checkpoint exported to the AX650N contract (one model per Pulsar2 shape group) with
+    the seed's llm_build (LayerBuild's defaults)."""
     from internvl_engine.config import LayerBuild
     from internvl_engine.export import export
 
@@ -123,8 +134,12 @@ def toy_model(tmp_path_factory) -> Path:
 
 
 def needs_torch():
-    """Skip a test that needs torch and transformers (requirements/dev.txt), where they are missing (a board)."""
-    pytest.importorskip("torch", reason="needs torch (requirements/dev.txt): transformers' InternVL is the reference")
+    """Skip a test that needs torch and transformers (requirements/dev.txt), where they are missing
+    (a board)."""
+    pytest.importorskip(
+        "torch",
+        reason="needs torch (requirements/dev.txt): transformers' InternVL is the reference",
+    )
     pytest.importorskip("transformers", reason="needs transformers (requirements/dev.txt)")
 
 
@@ -137,5 +152,6 @@ def reference(tiny_hf, engine):
 
 
 # tests/launch holds launch_testing files, run by tests/test_launch.py with the launch_test command;
-# tests/axboard runs only under tests/test_board.py, once per pyaxengine version over the board stand-in.
+# tests/axboard runs only under tests/test_board.py, once per pyaxengine version over the board
+# stand-in.
 collect_ignore = ["launch"] + ([] if os.environ.get("AXSTANDIN_VERSION") else ["axboard"])

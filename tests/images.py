@@ -1,4 +1,5 @@
 """Test images and videos made on the fly (tests never read files they did not write)."""
+
 from __future__ import annotations
 
 from pathlib import Path

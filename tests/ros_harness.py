@@ -1,5 +1,6 @@
 """Real rclpy over real DDS for the node tests: the node runs as its own process, started the way
 launch/internvl.launch.py starts it; the test side is an ordinary rclpy node."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,12 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def node_command(model_dir: Path, params: dict | None = None, namespace: str = "",
-                 remaps: dict | None = None, ros_args: list[str] | None = None) -> list[str]:
+def node_command(
+    model_dir: Path,
+    params: dict | None = None,
+    namespace: str = "",
+    remaps: dict | None = None,
+    ros_args: list[str] | None = None,
+) -> list[str]:
     """The command launch_ros builds for internvl.launch.py: the package's parameter file, then
     overrides, the node name, namespace and remappings; then any other ROS arguments."""
-    cmd = [str(BIN / "internvl_node"), "--ros-args", "-r", "__node:=internvl",
-           "--params-file", str(ROOT / "config" / "internvl.yaml"), "-p", f"model_dir:={model_dir}"]
+    cmd = [
+        str(BIN / "internvl_node"),
+        "--ros-args",
+        "-r",
+        "__node:=internvl",
+        "--params-file",
+        str(ROOT / "config" / "internvl.yaml"),
+        "-p",
+        f"model_dir:={model_dir}",
+    ]
     for key, value in (params or {}).items():
         cmd += ["-p", f"{key}:={value}"]
     if namespace:
@@ -34,7 +48,9 @@ class NodeProcess:
     def __init__(self, model_dir: Path, log_path: Path, **kwargs):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(node_command(model_dir, **kwargs), stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            node_command(model_dir, **kwargs), stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -67,19 +83,35 @@ def image_msg(rgb, encoding: str, padding: int = 0, big_endian: bool = False) ->
     if pixels.dtype == np.uint16:  # a low byte unlike the high one, so a byte-order mistake shows
         pixels = ((pixels & 0xFF00) | 0x3C).astype(">u2" if big_endian else "<u2")
     h, w = rgb.shape[:2]
-    rows = np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)  # NV21: 1.5 h rows
+    rows = (
+        np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)
+    )  # NV21: 1.5 h rows
     planes = [rows]
-    if ENCODINGS[encoding].chroma_plane == 444:  # its chroma rows are twice as long as its Y rows, padding too
+    if (
+        ENCODINGS[encoding].chroma_plane == 444
+    ):  # its chroma rows are twice as long as its Y rows, padding too
         planes = [rows[:h], rows[h:].reshape(h, -1)]
-    data = b"".join(np.pad(plane, ((0, 0), (0, padding * (plane.shape[1] // rows.shape[1]))), constant_values=77)
-                    .tobytes() for plane in planes)
-    return Image(height=h, width=w, encoding=encoding, is_bigendian=int(big_endian), step=rows.shape[1] + padding,
-                 data=data)
+    data = b"".join(
+        np.pad(
+            plane, ((0, 0), (0, padding * (plane.shape[1] // rows.shape[1]))), constant_values=77
+        ).tobytes()
+        for plane in planes
+    )
+    return Image(
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=int(big_endian),
+        step=rows.shape[1] + padding,
+        data=data,
+    )
 
 
 def compressed_msg(rgb, fmt: str = "jpeg") -> CompressedImage:
     import cv2
 
-    ok, data = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ok, data = cv2.imencode(
+        ".jpg" if fmt == "jpeg" else ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    )
     assert ok
     return CompressedImage(format=fmt, data=data.tobytes())

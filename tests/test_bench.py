@@ -1,5 +1,7 @@
-"""internvl-bench on the tiny checkpoint: the shape of its output (figures are not asserted), and the
-peers its decoder comparison runs (onnxruntime-genai's model of the same checkpoint decodes the same tokens)."""
+"""internvl-bench on the tiny checkpoint: the shape of its output (figures are not asserted), and
+the peers its decoder comparison runs (onnxruntime-genai's model of the same checkpoint decodes the
+same tokens)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -11,28 +13,55 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import pytest
 from conftest import TINY_BUILD_ARGS, needs_torch
-
 from internvl_engine.bench import failure, worker_pool
 from internvl_engine.config import LayerBuild
 from internvl_engine.export import export
 from internvl_engine.session import thread_count
 
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
-ENGINE_FIGURES = FIGURES | {"host_overhead_ms", "host_overhead_pct", "bytes_per_token", "second_question_ttft_ms",
-                            "second_question_ttft_no_reuse_ms", "second_question_reused_tokens",
-                            "second_question_tokens"}
+ENGINE_FIGURES = FIGURES | {
+    "host_overhead_ms",
+    "host_overhead_pct",
+    "bytes_per_token",
+    "second_question_ttft_ms",
+    "second_question_ttft_no_reuse_ms",
+    "second_question_reused_tokens",
+    "second_question_tokens",
+}
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "-m", "internvl_engine.bench", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "internvl_engine.bench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_json_has_every_figure_and_the_ratios(tiny_model, tiny_hf, tmp_path):
     needs_torch()
     plot = tmp_path / "bench.png"
-    run = bench("--model-dir", tiny_model, "--hf-model", tiny_hf, "--images", 0, 2, "--decode-tokens", 3,
-                "--repeats", 2, "--warmup", 1, "--compare", "transformers", "--json", "--plot", plot)
+    run = bench(
+        "--model-dir",
+        tiny_model,
+        "--hf-model",
+        tiny_hf,
+        "--images",
+        0,
+        2,
+        "--decode-tokens",
+        3,
+        "--repeats",
+        2,
+        "--warmup",
+        1,
+        "--compare",
+        "transformers",
+        "--json",
+        "--plot",
+        plot,
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert set(report["runtimes"]) == {"engine", "transformers"}
@@ -40,35 +69,64 @@ def test_json_has_every_figure_and_the_ratios(tiny_model, tiny_hf, tmp_path):
         result = report["runtimes"][name]
         assert set(result["runs"]) == set(result["summary"]) == {"0", "2"}
         assert all(len(runs) == 2 and set(runs[0]) == expected for runs in result["runs"].values())
-        assert all(set(s["ttft_ms"]) == {"median", "min", "max"} for s in result["summary"].values())
+        assert all(
+            set(s["ttft_ms"]) == {"median", "min", "max"} for s in result["summary"].values()
+        )
         assert result["peak_rss_mb"] > 0
     # Same prompts on both sides; no images, no image-encoder time.
     for count in ("0", "2"):
-        assert (report["runtimes"]["engine"]["summary"][count]["prefill_tokens"]["median"]
-                == report["runtimes"]["transformers"]["summary"][count]["prefill_tokens"]["median"])
+        assert (
+            report["runtimes"]["engine"]["summary"][count]["prefill_tokens"]["median"]
+            == report["runtimes"]["transformers"]["summary"][count]["prefill_tokens"]["median"]
+        )
     assert report["runtimes"]["engine"]["summary"]["0"]["vit_ms"]["max"] == 0
-    assert set(report["ratios"]["engine"]["2"]) == {"vit_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s"}
+    assert set(report["ratios"]["engine"]["2"]) == {
+        "vit_ms",
+        "ttft_ms",
+        "decode_ms_per_token",
+        "tokens_per_s",
+    }
     engine_runs = report["runtimes"]["engine"]["runs"]["2"]
-    assert all(r["second_question_reused_tokens"] > 0 for r in engine_runs)  # system prompt and images reused
+    assert all(
+        r["second_question_reused_tokens"] > 0 for r in engine_runs
+    )  # system prompt and images reused
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_table_output(tiny_model):
-    run = bench("--model-dir", tiny_model, "--images", 1, "--decode-tokens", 2, "--repeats", 1, "--warmup", 0)
+    run = bench(
+        "--model-dir",
+        tiny_model,
+        "--images",
+        1,
+        "--decode-tokens",
+        2,
+        "--repeats",
+        1,
+        "--warmup",
+        0,
+    )
     assert run.returncode == 0, run.stderr
-    assert "| Image num | ImageEncoder ms | Prefill TTFT ms (tokens) | Decoder ms/token | tokens/s |" in run.stdout
+    assert (
+        "| Image num | ImageEncoder ms | Prefill TTFT ms (tokens) | Decoder ms/token | tokens/s |"
+        in run.stdout
+    )
     assert "host overhead ms/step" in run.stdout and "transformers" not in run.stdout
 
 
 def test_bad_arguments(tiny_model, tmp_path):
-    assert bench("--model-dir", tiny_model, "--compare", "transformers").returncode == 2  # needs --hf-model
+    assert (
+        bench("--model-dir", tiny_model, "--compare", "transformers").returncode == 2
+    )  # needs --hf-model
     run = bench("--model-dir", tmp_path / "missing", "--images", 0, "--repeats", 1)
     assert run.returncode == 2 and "no such model directory" in run.stderr
 
 
 def needs_genai():
     needs_torch()  # its builder loads the checkpoint with transformers
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (requirements/dev.txt)")
+    pytest.importorskip(
+        "onnxruntime_genai", reason="onnxruntime-genai is not installed (requirements/dev.txt)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +143,40 @@ def peers_dir(tmp_path_factory):
 
 def test_decoder_comparison(tiny_model, tiny_int4, tiny_hf, peers_dir):
     needs_genai()
-    run = bench("--model-dir", tiny_model, tiny_int4, "--hf-model", tiny_hf, "--contexts", 16, 40, "--decode-tokens", 3,
-                "--repeats", 2, "--warmup", 0, "--compare", "onnxruntime-genai", "transformers",
-                "--peers-dir", peers_dir, "--threads", 1, "--json")
+    run = bench(
+        "--model-dir",
+        tiny_model,
+        tiny_int4,
+        "--hf-model",
+        tiny_hf,
+        "--contexts",
+        16,
+        40,
+        "--decode-tokens",
+        3,
+        "--repeats",
+        2,
+        "--warmup",
+        0,
+        "--compare",
+        "onnxruntime-genai",
+        "transformers",
+        "--peers-dir",
+        peers_dir,
+        "--threads",
+        1,
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     fp32, int4 = tiny_model.name, tiny_int4.name
-    assert list(report["runtimes"]) == [fp32, int4, "onnxruntime-genai fp32", "onnxruntime-genai int4", "transformers"]
+    assert list(report["runtimes"]) == [
+        fp32,
+        int4,
+        "onnxruntime-genai fp32",
+        "onnxruntime-genai int4",
+        "transformers",
+    ]
     for result in report["runtimes"].values():
         assert len(result["runs"]) == 2 and set(result["summary"]) == {"16", "40"}
         assert all(set(s) == {"prefill_ms", "tokens_per_s"} for s in result["summary"].values())
@@ -99,29 +184,68 @@ def test_decoder_comparison(tiny_model, tiny_int4, tiny_hf, peers_dir):
     runtimes = report["runtimes"]
     assert [runtimes[n]["precision"] for n in runtimes] == ["fp32", "int4", "fp32", "int4", "fp32"]
     assert runtimes[int4]["weights_bytes"] < runtimes[fp32]["weights_bytes"] / 3
-    assert set(report["ratios"]) == {f"{fp32} vs onnxruntime-genai fp32", f"{fp32} vs transformers",
-                                     f"{int4} vs onnxruntime-genai int4"}
+    assert set(report["ratios"]) == {
+        f"{fp32} vs onnxruntime-genai fp32",
+        f"{fp32} vs transformers",
+        f"{int4} vs onnxruntime-genai int4",
+    }
     assert report["bandwidth_gb_s"] > 0
-    assert (peers_dir / "onnxruntime-genai-int4" / "genai_config.json").is_file()  # kept for the next run
-    # without --threads every runtime gets every core: onnxruntime-genai's own default took 1 of 2 here
-    table = bench("--model-dir", tiny_int4, "--hf-model", tiny_hf, "--contexts", 16, "--decode-tokens", 2,
-                  "--repeats", 1, "--warmup", 0, "--compare", "onnxruntime-genai", "--peers-dir", peers_dir)
+    assert (
+        peers_dir / "onnxruntime-genai-int4" / "genai_config.json"
+    ).is_file()  # kept for the next run
+    # without --threads every runtime gets every core: onnxruntime-genai's own default took 1 of 2
+    # here
+    table = bench(
+        "--model-dir",
+        tiny_int4,
+        "--hf-model",
+        tiny_hf,
+        "--contexts",
+        16,
+        "--decode-tokens",
+        2,
+        "--repeats",
+        1,
+        "--warmup",
+        0,
+        "--compare",
+        "onnxruntime-genai",
+        "--peers-dir",
+        peers_dir,
+    )
     assert table.returncode == 0, table.stderr
-    assert "| runtime | weights read per token MB | prefill 16 tokens ms | decode tok/s at 16 |" in table.stdout
+    assert (
+        "| runtime | weights read per token MB | prefill 16 tokens ms | decode tok/s at 16 |"
+        in table.stdout
+    )
     assert f"GB/s ({thread_count(None)} threads)" in table.stdout
-    genai_config = json.loads((peers_dir / "onnxruntime-genai-int4" / "genai_config.json").read_text())
-    assert genai_config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == thread_count(None)
+    genai_config = json.loads(
+        (peers_dir / "onnxruntime-genai-int4" / "genai_config.json").read_text()
+    )
+    assert genai_config["model"]["decoder"]["session_options"][
+        "intra_op_num_threads"
+    ] == thread_count(None)
 
 
 def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
     """The peers run the same decoder: onnxruntime-genai's fp32 model of the checkpoint and
-    transformers' Qwen2 on its language model pick the engine's greedy tokens after the same prompt."""
+    transformers' Qwen2 on its language model pick the engine's greedy tokens after the same
+    prompt."""
     needs_genai()
-    from internvl_engine.peers import EngineDecoder, GenaiDecoder, TransformersDecoder, build_genai, export_qwen2
+    from internvl_engine.peers import (
+        EngineDecoder,
+        GenaiDecoder,
+        TransformersDecoder,
+        build_genai,
+        export_qwen2,
+    )
 
     genai = build_genai(tiny_hf, "fp32", peers_dir, 1)
-    decoders = [EngineDecoder(str(tiny_model), 1), GenaiDecoder(str(genai), "fp32", 1, 64),
-                TransformersDecoder(str(export_qwen2(tiny_hf, peers_dir / "qwen2")), 1)]
+    decoders = [
+        EngineDecoder(str(tiny_model), 1),
+        GenaiDecoder(str(genai), "fp32", 1, 64),
+        TransformersDecoder(str(export_qwen2(tiny_hf, peers_dir / "qwen2")), 1),
+    ]
     ids = np.random.default_rng(5).integers(0, 500, 20).tolist()
     tokens = []
     for decoder in decoders:
@@ -131,18 +255,39 @@ def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
 
 
 def test_decoder_comparison_arguments(tiny_model, tmp_path):
-    assert bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2  # needs --hf-model
+    assert (
+        bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2
+    )  # needs --hf-model
     run = bench("--model-dir", tiny_model, "--gguf", tmp_path / "q8_0.gguf")
     assert run.returncode == 2 and "time them with --contexts" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png")
-    assert run.returncode == 2 and "--plot draws TTFT against image count: not with --contexts" in run.stderr
+    assert (
+        run.returncode == 2
+        and "--plot draws TTFT against image count: not with --contexts" in run.stderr
+    )
     run = bench("--model-dir", tiny_model, "--contexts", 0)
-    assert run.returncode == 2 and run.stderr.splitlines()[-1] == "internvl-bench: error: --contexts must be >= 1"
-    run = bench("--model-dir", tiny_model, "--contexts", 16, "--gguf", tmp_path / "missing.gguf", "--repeats", 1)
+    assert (
+        run.returncode == 2
+        and run.stderr.splitlines()[-1] == "internvl-bench: error: --contexts must be >= 1"
+    )
+    run = bench(
+        "--model-dir",
+        tiny_model,
+        "--contexts",
+        16,
+        "--gguf",
+        tmp_path / "missing.gguf",
+        "--repeats",
+        1,
+    )
     assert run.returncode == 2 and "missing.gguf" in run.stderr
-    run = bench("--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1)  # over the build's limit
+    run = bench(
+        "--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1
+    )  # over the build's limit
     assert run.returncode == 2 and "needs an export with --max-prompt-tokens 2000" in run.stderr
-    run = bench("--model-dir", tiny_model, "--contexts", 16, "--threads", -1)  # was a numpy traceback
+    run = bench(
+        "--model-dir", tiny_model, "--contexts", 16, "--threads", -1
+    )  # was a numpy traceback
     assert run.returncode == 2 and "--threads >= 0" in run.stderr and "Traceback" not in run.stderr
 
 

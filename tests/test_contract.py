@@ -1,7 +1,8 @@
-"""The AX650N fixed-shape contract without a board: ``internvl-export --contract axmodel`` writes one
-ONNX model per Pulsar2 shape group, and the engine drives them through the same group selection,
-padding, masks, dummy K/V and bf16 embedding file as on the NPU. Teacher-forced against the
-dynamic path: same tokens, same logits."""
+"""The AX650N fixed-shape contract without a board: ``internvl-export --contract axmodel`` writes
+one ONNX model per Pulsar2 shape group, and the engine drives them through the same group selection,
+padding, masks, dummy K/V and bf16 embedding file as on the NPU. Teacher-forced against the dynamic
+path: same tokens, same logits."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 from images import noise_image
-
 from internvl_engine import Engine, GenerationConfig, PromptTooLongError, Request
 from internvl_engine.config import LayerBuild, ModelLayout
 from internvl_engine.engine import forced_logits, greedy_tokens
@@ -40,17 +40,31 @@ def test_groups_have_the_contract_shapes(contract_model, contract_engine, engine
     files = sorted(contract_model.glob("layer_0_g*.onnx"), key=lambda p: int(p.stem.split("_g")[1]))
     assert len(files) == 1 + 1152 // 128  # decode, no history, history 128 .. 1024
     inputs, outputs = shapes(files[0])
-    assert inputs == [("K_cache", [1, 2559, kv]), ("V_cache", [1, 2559, kv]), ("indices", [1, 1]),
-                      ("input", [1, 1, h]), ("mask", [1, 1, 2560])]
+    assert inputs == [
+        ("K_cache", [1, 2559, kv]),
+        ("V_cache", [1, 2559, kv]),
+        ("indices", [1, 1]),
+        ("input", [1, 1, h]),
+        ("mask", [1, 1, 2560]),
+    ]
     assert outputs == [("K", [1, 1, kv]), ("V", [1, 1, kv]), ("output", [1, 1, h])]
-    assert shapes(files[1])[0] == [("K_cache", [1, 1, h]), ("V_cache", [1, 1, h]), ("indices", [1, 128]),
-                                   ("input", [1, 128, h]), ("mask", [1, 128, 128])]
+    assert shapes(files[1])[0] == [
+        ("K_cache", [1, 1, h]),
+        ("V_cache", [1, 1, h]),
+        ("indices", [1, 128]),
+        ("input", [1, 128, h]),
+        ("mask", [1, 128, 128]),
+    ]
     for j, path in enumerate(files[2:], start=1):
         inputs, outputs = shapes(path)
-        assert inputs[0] == ("K_cache", [1, 128 * j, kv]) and inputs[4] == ("mask", [1, 128, 128 * j + 128])
+        assert inputs[0] == ("K_cache", [1, 128 * j, kv]) and inputs[4] == (
+            "mask",
+            [1, 128, 128 * j + 128],
+        )
         assert outputs == [("K", [1, 128, kv]), ("V", [1, 128, kv]), ("output", [1, 128, h])]
     assert shapes(contract_model / "post.onnx")[0] == [("input", [1, 1, h])]
-    # The engine reads its limits from the groups, as it does for a seed directory without a manifest.
+    # The engine reads its limits from the groups, as it does for a seed directory without a
+    # manifest.
     assert contract_engine.llm.shapes.build() == BUILD
 
 
@@ -63,12 +77,16 @@ def test_same_logits_at_chunk_boundaries(engine, contract_engine, n):
     fixed = forced_logits(contract_engine.llm, contract_engine.llm.embed(ids), tokens[:-1])
     assert [int(np.argmax(row)) for row in fixed] == tokens
     for step, (a, b) in enumerate(zip(fixed, dynamic)):
-        np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=f"step {step}, prompt of {n} tokens")
+        np.testing.assert_allclose(
+            a, b, atol=TOL, rtol=0, err_msg=f"step {step}, prompt of {n} tokens"
+        )
 
 
 @pytest.mark.parametrize("count", [1, 4])
 def test_same_tokens_with_images(engine, contract_engine, count):
-    request = Request("Describe the images.", images=[noise_image(120, 160, seed=i) for i in range(count)])
+    request = Request(
+        "Describe the images.", images=[noise_image(120, 160, seed=i) for i in range(count)]
+    )
     answer = engine.answer(request, GenerationConfig(max_new_tokens=8))
     prompt = contract_engine.prepare(request)
     assert prompt.token_ids == answer.prompt_token_ids
@@ -76,7 +94,10 @@ def test_same_tokens_with_images(engine, contract_engine, count):
     dynamic = forced_logits(engine.llm, engine.prepare(request).embeds, answer.token_ids[:-1])
     assert [int(np.argmax(row)) for row in fixed] == answer.token_ids
     np.testing.assert_allclose(np.array(fixed), np.array(dynamic), atol=TOL, rtol=0)
-    assert contract_engine.answer(request, GenerationConfig(max_new_tokens=8)).token_ids == answer.token_ids
+    assert (
+        contract_engine.answer(request, GenerationConfig(max_new_tokens=8)).token_ids
+        == answer.token_ids
+    )
 
 
 def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_model, contract_engine):
@@ -94,7 +115,9 @@ def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_mode
     t = contract_engine.spec.text
     full_cache = t.num_layers * 2 * BUILD.kv_cache_len * t.kv_dim * 4
     assert moved["seed"] > full_cache  # the whole cache goes through run() every token
-    assert moved["resident"] < full_cache / 50  # only the new rows, hidden states, positions and mask
+    assert (
+        moved["resident"] < full_cache / 50
+    )  # only the new rows, hidden states, positions and mask
 
 
 def test_decode_bytes_are_reported(contract_engine):
@@ -106,24 +129,35 @@ def test_prompt_of_1153_tokens_is_refused(contract_engine):
     llm = contract_engine.llm
     assert llm.build.max_prompt_tokens == 1152
     llm.prefill(llm.embed([7] * 1152))  # the longest prompt fits
-    with pytest.raises(PromptTooLongError, match="1153 tokens; this model build accepts at most 1152"):
+    with pytest.raises(
+        PromptTooLongError, match="1153 tokens; this model build accepts at most 1152"
+    ):
         llm.prefill(llm.embed([7] * 1153))
     with pytest.raises(PromptTooLongError, match="at most 1152"):
         contract_engine.answer(Request("word " * 1200))
 
 
 def test_bf16_embedding_file_is_truncated_fp32(tmp_path, contract_model, tiny_model):
-    table = np.array([[1.0, 1.00390625 * (1 + 2 ** -9), -3.14159, 65504.0]], np.float32)
+    table = np.array([[1.0, 1.00390625 * (1 + 2**-9), -3.14159, 65504.0]], np.float32)
     save_embeddings_bf16(table, tmp_path / "e.bfloat16.bin")
     loaded = np.asarray(load_embeddings(tmp_path / "e.bfloat16.bin", 1, 4), np.float32)
-    expected = (table.view(np.uint32) & 0xFFFF0000).view(np.float32)  # upper 16 bits kept, not rounded
+    expected = (table.view(np.uint32) & 0xFFFF0000).view(
+        np.float32
+    )  # upper 16 bits kept, not rounded
     np.testing.assert_array_equal(loaded, expected)
-    # The tiny checkpoint is bf16, so the .bin of the contract export equals the dynamic export's .npy.
-    npy = load_embeddings(tiny_model / "embed_tokens.npy", *np.load(tiny_model / "embed_tokens.npy").shape)
+    # The tiny checkpoint is bf16, so the .bin of the contract export equals the dynamic export's
+    # .npy.
+    npy = load_embeddings(
+        tiny_model / "embed_tokens.npy", *np.load(tiny_model / "embed_tokens.npy").shape
+    )
     binary = load_embeddings(contract_model / "model.embed_tokens.weight.bfloat16.bin", *npy.shape)
     np.testing.assert_array_equal(np.asarray(binary, np.float32), npy)
     with pytest.raises(ModelDirError, match="has shape"):
-        load_embeddings(contract_model / "model.embed_tokens.weight.bfloat16.bin", npy.shape[0] + 1, npy.shape[1])
+        load_embeddings(
+            contract_model / "model.embed_tokens.weight.bfloat16.bin",
+            npy.shape[0] + 1,
+            npy.shape[1],
+        )
 
 
 def seed_directory(root, layers: int):
@@ -146,7 +180,9 @@ def test_seed_directory_layout(tmp_path, tiny_hf, engine):
     (seed / "model.embed_tokens.weight.bfloat16.bin").write_bytes(b"")
     layout = ModelLayout.find(seed, tiny_hf)
     assert layout.build is None and layout.vit is None
-    assert [p.name for p in layout.layers] == [f"qwen2_p128_l{i}_together.axmodel" for i in range(n)]
+    assert [p.name for p in layout.layers] == [
+        f"qwen2_p128_l{i}_together.axmodel" for i in range(n)
+    ]
     (seed / f"qwen2_p128_l{n}_together.axmodel").write_bytes(b"")
     with pytest.raises(ModelDirError, match="the model has 2"):
         ModelLayout.find(seed, tiny_hf)
@@ -159,14 +195,29 @@ def test_seed_command_line_picks_axengine(tmp_path, tiny_hf):
     (seed / "model.embed_tokens.weight.bfloat16.bin").write_bytes(b"")
     with pytest.raises(BackendError, match="needs pyaxengine"):
         Engine(seed, tokenizer_dir=tiny_hf)
-    run = subprocess.run([sys.executable, "-m", "internvl_engine.cli", "--hf_model", str(tiny_hf),
-                          "--axmodel_path", str(seed), "-q", "hello"], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internvl_engine.cli",
+            "--hf_model",
+            str(tiny_hf),
+            "--axmodel_path",
+            str(seed),
+            "-q",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "needs pyaxengine" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("fixture", ["engine", "layers_engine", "contract_engine"])
 def test_prefix_reuse_gives_the_same_logits(request, fixture):
-    """A second question about the same image runs only its new tokens and answers as a fresh prefill."""
+    """A second question about the same image runs only its new tokens and answers as a fresh
+    prefill."""
     e = request.getfixturevalue(fixture)
     image = [noise_image(120, 160, seed=3)]
     first = e.prepare(Request("Describe the image.", images=image))
@@ -177,13 +228,20 @@ def test_prefix_reuse_gives_the_same_logits(request, fixture):
     fresh = e.llm.prefill(second.embeds, reuse_prefix=False)
     assert e.llm.reused == 0
     # Everything up to the question is shared: system prompt, image tokens, the user-turn markup.
-    question_start = len(second.token_ids) - len(e.tokenizer.encode("What colour dominates the image?<|im_end|>\n"
-                                                                     "<|im_start|>assistant\n"))
+    question_start = len(second.token_ids) - len(
+        e.tokenizer.encode("What colour dominates the image?<|im_end|>\n<|im_start|>assistant\n")
+    )
     assert question_start - 2 <= shared < len(second.token_ids)
     np.testing.assert_allclose(reused, fresh, atol=TOL, rtol=0)
-    other_image = e.prepare(Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]))
+    other_image = e.prepare(
+        Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)])
+    )
     e.llm.prefill(other_image.embeds)
-    assert e.llm.reused < second.token_ids.index(e.tokenizer.ids["<IMG_CONTEXT>"]) + 1  # new frames: rerun them
-    answer = e.answer(Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]),
-                      GenerationConfig(max_new_tokens=2))
+    assert (
+        e.llm.reused < second.token_ids.index(e.tokenizer.ids["<IMG_CONTEXT>"]) + 1
+    )  # new frames: rerun them
+    answer = e.answer(
+        Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]),
+        GenerationConfig(max_new_tokens=2),
+    )
     assert answer.timings.reused_tokens >= question_start - 2

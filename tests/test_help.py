@@ -1,5 +1,6 @@
 """Every console script's --help reads as plain, complete sentences with an example: no reST markup,
 no sentence cut mid-way, parentheses closed."""
+
 from __future__ import annotations
 
 import re
@@ -13,7 +14,10 @@ from ros_tools import sourced_workspace
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SCRIPTS = re.findall(r'"([\w-]+) = [\w.]+:\w+"', (ROOT / "setup.py").read_text())
-NEEDS_MESSAGES = {"internvl_node", "internvl-ask"}  # import internvl_msgs: the workspace must be sourced
+NEEDS_MESSAGES = {
+    "internvl_node",
+    "internvl-ask",
+}  # import internvl_msgs: the workspace must be sourced
 
 
 def test_every_console_script_is_checked():
@@ -25,8 +29,11 @@ def paragraphs(text: str) -> list[str]:
     out = []
     for block in re.split(r"\n\s*\n", text):
         first = block.strip().splitlines()[0] if block.strip() else ""
-        if not first or first.startswith(("usage:", "options:", "positional arguments:", "Example")) \
-                or block.startswith("  "):
+        if (
+            not first
+            or first.startswith(("usage:", "options:", "positional arguments:", "Example"))
+            or block.startswith("  ")
+        ):
             continue
         out.append(" ".join(line.strip() for line in block.strip().splitlines()))
     return out
@@ -39,7 +46,9 @@ def test_help_is_plain_complete_sentences_with_an_example(script):
     run = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     text = run.stdout
-    assert "``" not in text and ":func:" not in text and ":class:" not in text, text  # no reStructuredText
+    assert "``" not in text and ":func:" not in text and ":class:" not in text, (
+        text
+    )  # no reStructuredText
     assert "Example" in text, text
     prose = paragraphs(text)
     assert prose, text

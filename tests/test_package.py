@@ -1,5 +1,6 @@
 """The repository is a ROS 2 package: colcon builds it in place from ros2_ws/, and the runtime
 engine imports without ROS or torch."""
+
 from __future__ import annotations
 
 import os
@@ -13,13 +14,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_colcon_builds_the_package(tmp_path):
-    """A plain (copying) colcon build of internvl_ros installs the package, its data and executables."""
+    """A plain (copying) colcon build of internvl_ros installs the package, its data and
+    executables."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(
-        ["colcon", "--log-base", str(tmp_path / "log"), "build", "--base-paths", str(ROOT / "ros2_ws" / "src"),
-         "--packages-select", "internvl_ros", "--build-base", str(tmp_path / "build"),
-         "--install-base", str(tmp_path / "install")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        [
+            "colcon",
+            "--log-base",
+            str(tmp_path / "log"),
+            "build",
+            "--base-paths",
+            str(ROOT / "ros2_ws" / "src"),
+            "--packages-select",
+            "internvl_ros",
+            "--build-base",
+            str(tmp_path / "build"),
+            "--install-base",
+            str(tmp_path / "install"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     share = tmp_path / "install" / "internvl_ros" / "share"
     assert (share / "ament_index" / "resource_index" / "packages" / "internvl_ros").is_file()
@@ -29,7 +47,9 @@ def test_colcon_builds_the_package(tmp_path):
         expected = sorted(p.name for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".yaml"))
         assert expected, f"{folder}/ is empty"
         assert sorted(p.name for p in (pkg / folder).iterdir()) == expected
-    assert (tmp_path / "install" / "internvl_ros" / "lib" / "internvl_ros" / "internvl_node").is_file()
+    assert (
+        tmp_path / "install" / "internvl_ros" / "lib" / "internvl_ros" / "internvl_node"
+    ).is_file()
 
 
 def test_the_workspace_is_a_symlink_install():
@@ -50,37 +70,82 @@ def test_colcon_test_without_torch(tmp_path):
     needs_ros_tools()
     for name in ("torch", "transformers"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name}", name="{name}")')
+        (tmp_path / name / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {name}", name="{name}")'
+        )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                              str(ROOT / "tests")], env=env, capture_output=True, text=True, timeout=300)
-    assert collect.returncode == 0 and " collected" in collect.stdout, collect.stdout[-3000:] + collect.stderr
-    test = subprocess.run(["colcon", "--log-base", str(tmp_path / "log"), "test", "--packages-select", "internvl_ros",
-                           "--test-result-base", str(tmp_path / "results"), "--pytest-args", "tests/test_parity.py",
-                           "tests/test_tokenizer.py"], cwd=ROOT / "ros2_ws", env=env, capture_output=True, text=True,
-                          timeout=600)
-    result = subprocess.run(["colcon", "test-result", "--test-result-base", str(tmp_path / "results"), "--all"],
-                            cwd=ROOT / "ros2_ws", capture_output=True, text=True)
+    collect = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collect.returncode == 0 and " collected" in collect.stdout, (
+        collect.stdout[-3000:] + collect.stderr
+    )
+    test = subprocess.run(
+        [
+            "colcon",
+            "--log-base",
+            str(tmp_path / "log"),
+            "test",
+            "--packages-select",
+            "internvl_ros",
+            "--test-result-base",
+            str(tmp_path / "results"),
+            "--pytest-args",
+            "tests/test_parity.py",
+            "tests/test_tokenizer.py",
+        ],
+        cwd=ROOT / "ros2_ws",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result = subprocess.run(
+        ["colcon", "test-result", "--test-result-base", str(tmp_path / "results"), "--all"],
+        cwd=ROOT / "ros2_ws",
+        capture_output=True,
+        text=True,
+    )
     summary = result.stdout.strip().splitlines()[-1]
-    assert test.returncode == 0 and "0 errors, 0 failures" in summary, test.stdout[-3000:] + result.stdout
+    assert test.returncode == 0 and "0 errors, 0 failures" in summary, (
+        test.stdout[-3000:] + result.stdout
+    )
     skipped = int(summary.split(" skipped")[0].rsplit(" ", 1)[1])
     assert skipped >= 10, summary  # every parity test and the transformers comparison
 
 
 def test_inference_path_never_imports_ros_or_torch(tiny_model):
     """The board has no torch: load the engine, answer about an image, then look at sys.modules."""
-    code = ("import sys, numpy as np; from internvl_engine import Engine, Request, GenerationConfig; "
-            f"e = Engine({str(tiny_model)!r}); "
-            "e.answer(Request('?', images=[np.zeros((32, 32, 3), np.uint8)]), GenerationConfig(max_new_tokens=2)); "
-            "bad = [m for m in ('rclpy', 'torch', 'torchvision', 'decord') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
+    code = (
+        "import sys, numpy as np; from internvl_engine import Engine, Request, GenerationConfig; "
+        f"e = Engine({str(tiny_model)!r}); "
+        "e.answer(Request('?', images=[np.zeros((32, 32, 3), np.uint8)]), "
+        "GenerationConfig(max_new_tokens=2)); "
+        "bad = [m for m in ('rclpy', 'torch', 'torchvision', 'decord') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
 
 def test_node_module_never_imports_torch():
-    code = ("import sys, internvl_ros.node, internvl_ros.bags, internvl_ros.client; "
-            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, internvl_ros.node, internvl_ros.bags, internvl_ros.client; "
+        "sys.exit('torch imported' if 'torch' in sys.modules else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
 

@@ -1,6 +1,7 @@
 """The engine against transformers' own InternVL on the same tiny checkpoint, teacher-forced:
 every engine token is the reference's argmax (within 1e-3 logit) and the engine's post-model
 logits at every step agree with the reference's to 1e-3."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,9 @@ def cpu_engine(request):
 
 
 def assert_matches_reference(engine, reference, request: Request):
-    from internvl_engine.reference import reference_logits  # torch: imported once a test has its reference
+    from internvl_engine.reference import (
+        reference_logits,
+    )  # torch: imported once a test has its reference
 
     answer = engine.answer(request, GenerationConfig(max_new_tokens=NEW_TOKENS))
     prompt = engine.prepare(request)
@@ -32,11 +35,15 @@ def assert_matches_reference(engine, reference, request: Request):
     # Tokens: each generated token is the reference's argmax at that position (ties within TOL).
     for step, token in enumerate(answer.token_ids):
         row = ref[n - 1 + step]
-        assert row[token] >= row.max() - TOL, f"step {step}: token {token} is not the reference argmax"
+        assert row[token] >= row.max() - TOL, (
+            f"step {step}: token {token} is not the reference argmax"
+        )
     # Logits: the engine's own prefill and decode steps, fed the same tokens.
     logits = forced_logits(engine.llm, prompt.embeds, answer.token_ids[:-1])
     for step, row in enumerate(logits):
-        np.testing.assert_allclose(row, ref[n - 1 + step], atol=TOL, rtol=0, err_msg=f"logits at step {step}")
+        np.testing.assert_allclose(
+            row, ref[n - 1 + step], atol=TOL, rtol=0, err_msg=f"logits at step {step}"
+        )
     return answer
 
 
@@ -54,13 +61,17 @@ def test_one_image_with_tiling(cpu_engine, reference):
 
 def test_four_images(cpu_engine, reference):
     images = [noise_image(120 + 40 * i, 160, seed=i) for i in range(4)]
-    answer = assert_matches_reference(cpu_engine, reference, Request("Which image is brightest?", images=images))
+    answer = assert_matches_reference(
+        cpu_engine, reference, Request("Which image is brightest?", images=images)
+    )
     assert len(answer.timings.vit_ms) == 4
 
 
 def test_eight_frame_video(cpu_engine, reference):
     frames = [noise_image(96, 128, seed=10 + i) for i in range(8)]
-    answer = assert_matches_reference(cpu_engine, reference, Request("What happens?", video_frames=frames))
+    answer = assert_matches_reference(
+        cpu_engine, reference, Request("What happens?", video_frames=frames)
+    )
     assert len(answer.timings.vit_ms) == 8
 
 
@@ -79,13 +90,17 @@ def question_with_prompt_length(engine, target: int) -> str:
 def test_prompt_of_exact_chunk_multiple(cpu_engine, reference, extra_chunks):
     """len % chunk == 0: the seed runner ran an empty chunk and read a padding row here."""
     target = (-(-shortest_prompt(cpu_engine) // TEST_CHUNK) + extra_chunks) * TEST_CHUNK
-    answer = assert_matches_reference(cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target)))
+    answer = assert_matches_reference(
+        cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target))
+    )
     assert answer.timings.prefill_tokens == target
 
 
 def test_prompt_spanning_several_chunks(cpu_engine, reference):
     target = shortest_prompt(cpu_engine) + 3 * TEST_CHUNK + 5
-    answer = assert_matches_reference(cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target)))
+    answer = assert_matches_reference(
+        cpu_engine, reference, Request(question_with_prompt_length(cpu_engine, target))
+    )
     assert answer.timings.prefill_tokens == target
 
 
@@ -94,4 +109,6 @@ def test_vit_features_equal_reference(cpu_engine, reference):
 
     prompt = cpu_engine.prepare(Request("?", images=[noise_image(112, 112, seed=3)]))
     features = cpu_engine.vit.run({"image": prompt.pixel_values})[0]
-    np.testing.assert_allclose(features, reference_image_features(reference, prompt.pixel_values), atol=1e-4)
+    np.testing.assert_allclose(
+        features, reference_image_features(reference, prompt.pixel_values), atol=1e-4
+    )

@@ -1,15 +1,21 @@
 """Preprocessing: channel order, InternVL tiling geometry, normalisation, video frame sampling."""
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from images import numbered_frames, write_video
-
 from internvl_engine import ImageError, VideoError, load_image, load_video_frames
-from internvl_engine.preprocess import (as_rgb, closest_grid, iter_video_frames, normalize, segment_centre_indices,
-                                       tiles)
+from internvl_engine.preprocess import (
+    as_rgb,
+    closest_grid,
+    iter_video_frames,
+    normalize,
+    segment_centre_indices,
+    tiles,
+)
+from PIL import Image
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -32,17 +38,22 @@ def test_as_rgb_accepts_gray_and_rgba():
         as_rgb(np.zeros((4, 5, 2), np.uint8))
     with pytest.raises(ImageError):
         as_rgb(np.zeros((4, 5, 3), np.float32))
-    with pytest.raises(ImageError, match="images are pixel arrays, not file names: read 'door.jpg' with load_image"):
+    with pytest.raises(
+        ImageError, match="images are pixel arrays, not file names: read 'door.jpg' with load_image"
+    ):
         as_rgb("door.jpg")  # was "images must be uint8, got <U8"
 
 
-@pytest.mark.parametrize("size, max_tiles, grid", [
-    ((448, 448), 12, (1, 1)),
-    ((1000, 500), 12, (2, 1)),
-    ((3840, 2160), 12, (4, 2)),  # 2:1 ties with 4:2; the large area picks the finer grid
-    ((500, 1000), 6, (1, 2)),
-    ((3840, 2160), 1, (1, 1)),
-])
+@pytest.mark.parametrize(
+    "size, max_tiles, grid",
+    [
+        ((448, 448), 12, (1, 1)),
+        ((1000, 500), 12, (2, 1)),
+        ((3840, 2160), 12, (4, 2)),  # 2:1 ties with 4:2; the large area picks the finer grid
+        ((500, 1000), 6, (1, 2)),
+        ((3840, 2160), 1, (1, 1)),
+    ],
+)
 def test_closest_grid_follows_internvl(size, max_tiles, grid):
     assert closest_grid(*size, image_size=448, min_num=1, max_num=max_tiles) == grid
 
@@ -110,14 +121,22 @@ def test_unreadable_inputs_raise_specific_errors(tmp_path):
 
 
 def photo(width: int, height: int, seed: int) -> np.ndarray:
-    """A textured, photo-like picture (gradients, edges, fine noise), JPEG-compressed as a camera's."""
+    """A textured, photo-like picture (gradients, edges, fine noise), JPEG-compressed as a
+    camera's."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([127 + 100 * np.sin(x / (7 + c * 5) + y / (11 + c * 3)) for c in range(3)], axis=-1)
+    base = np.stack(
+        [127 + 100 * np.sin(x / (7 + c * 5) + y / (11 + c * 3)) for c in range(3)], axis=-1
+    )
     image = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
     for _ in range(6):
-        cv2.circle(image, tuple(int(v) for v in rng.integers(0, [width, height])), int(rng.integers(5, 80)),
-                   tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+        cv2.circle(
+            image,
+            tuple(int(v) for v in rng.integers(0, [width, height])),
+            int(rng.integers(5, 80)),
+            tuple(int(v) for v in rng.integers(0, 256, 3)),
+            -1,
+        )
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
@@ -129,7 +148,9 @@ def to_tensor_normalize(crop: Image.Image) -> np.ndarray:
     """torchvision's ToTensor then Normalize, elementwise in float32 as torch computes them (checked
     against torch below): divide by 255, subtract the mean, divide by the std."""
     x = np.asarray(crop).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    return (x - np.float32(IMAGENET_MEAN).reshape(3, 1, 1)) / np.float32(IMAGENET_STD).reshape(3, 1, 1)
+    return (x - np.float32(IMAGENET_MEAN).reshape(3, 1, 1)) / np.float32(IMAGENET_STD).reshape(
+        3, 1, 1
+    )
 
 
 def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> np.ndarray:
@@ -138,8 +159,16 @@ def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> n
     thumbnail when split), then ToTensor and Normalize."""
     picture = Image.fromarray(image).convert("RGB")
     width, height = picture.size
-    grids = sorted({(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                    if 1 <= i * j <= max_num}, key=lambda g: g[0] * g[1])
+    grids = sorted(
+        {
+            (i, j)
+            for n in range(1, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if 1 <= i * j <= max_num
+        },
+        key=lambda g: g[0] * g[1],
+    )
     best, best_diff = (1, 1), float("inf")
     for cols, rows in grids:
         diff = abs(width / height - cols / rows)
@@ -148,9 +177,14 @@ def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> n
         elif diff == best_diff and width * height > 0.5 * input_size * input_size * cols * rows:
             best = (cols, rows)
     cols, rows = best
-    resized = picture.resize((input_size * cols, input_size * rows))  # Pillow's default filter: bicubic
-    crops = [resized.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
-             for r in range(rows) for c in range(cols)]
+    resized = picture.resize(
+        (input_size * cols, input_size * rows)
+    )  # Pillow's default filter: bicubic
+    crops = [
+        resized.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
     if len(crops) > 1:
         crops.append(picture.resize((input_size, input_size)))
     return np.stack([to_tensor_normalize(c) for c in crops])
@@ -160,11 +194,15 @@ def test_the_reference_arithmetic_is_torchvisions():
     torch = pytest.importorskip("torch")
     crop = Image.fromarray(photo(64, 48, seed=3))
     tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
-    tensor = tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    tensor = tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(
+        torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    )
     np.testing.assert_array_equal(to_tensor_normalize(crop), tensor.numpy())
 
 
-@pytest.mark.parametrize("width, height", [(1920, 1080), (640, 480), (480, 640), (1000, 300), (448, 448), (97, 33)])
+@pytest.mark.parametrize(
+    "width, height", [(1920, 1080), (640, 480), (480, 640), (1000, 300), (448, 448), (97, 33)]
+)
 @pytest.mark.parametrize("max_tiles", [1, 6, 12])
 def test_pixel_values_equal_internvl_preprocessing(width, height, max_tiles):
     image = photo(width, height, seed=width + height)
@@ -179,7 +217,9 @@ def test_opencv_bicubic_would_differ():
     downscaled photo reaches the model as another picture."""
     image = photo(1920, 1080, seed=1)
     opencv = normalize([cv2.resize(image, (448, 448), interpolation=cv2.INTER_CUBIC)])
-    assert np.abs(opencv - normalize(tiles(image, 448, 1))).mean() > 0.1  # 0.19 standard deviations here
+    assert (
+        np.abs(opencv - normalize(tiles(image, 448, 1))).mean() > 0.1
+    )  # 0.19 standard deviations here
 
 
 def test_load_image_reads_as_internvl_does(tmp_path):

@@ -1,6 +1,7 @@
 """internvl-export --precision int8|int4: block-wise quantised decoder weights (MatMulNBits), in the
 fused and the per-layer layouts; --prefill int8: prompts through a second graph of per-channel int8
 weights (RowInt8); and internvl-fidelity's report of how closely they follow fp32."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,23 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TINY_BUILD_ARGS
-
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.backend_onnxruntime import load_session, session_options
-from internvl_engine.cpu import int8_gemm_exact
 from internvl_engine.config import LayerBuild, Manifest
+from internvl_engine.cpu import int8_gemm_exact
+from internvl_engine.export import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_GATE_UP_BLOCK_SIZE,
+    DEFAULT_PREFILL,
+    Graph,
+    Quantization,
+    RowInt8,
+    export,
+    quantize_blocks,
+    quantize_channels,
+)
 from internvl_engine.fidelity import cosine
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
-from internvl_engine.export import (DEFAULT_BLOCK_SIZE, DEFAULT_GATE_UP_BLOCK_SIZE, DEFAULT_PREFILL, Graph,
-                                    Quantization, RowInt8, export, quantize_blocks, quantize_channels)
 from internvl_engine.make_tiny import make_tiny
 
 
@@ -65,7 +74,9 @@ def assert_block_sizes(path, spec, gate_up: int, other: int) -> None:
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request, tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision=request.param, log=lambda *_: None)
+    export(
+        tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), precision=request.param, log=lambda *_: None
+    )
     return request.param, out
 
 
@@ -82,20 +93,31 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     for path in decoder:
         graph = onnx.load(str(path)).graph
         weights = {t.name for t in graph.initializer}
-        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights], path.name
+        assert not [
+            n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+        ], path.name
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-        assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
-        assert path.stat().st_size < (tiny_model / path.name).stat().st_size / (2 if precision == "int8" else 3)
+        assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {
+            int(precision[3:])
+        }
+        assert path.stat().st_size < (tiny_model / path.name).stat().st_size / (
+            2 if precision == "int8" else 3
+        )
     assert_block_sizes(decoder[-1], manifest.spec.text, gate_up, DEFAULT_BLOCK_SIZE[precision])
     vit = onnx.load(str(model / "vit.onnx")).graph  # int8, whatever the decoder's precision
     assert manifest.source["vit_precision"] == "int8"
-    assert {a.i for n in vit.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
-    answer = Engine(model).answer(Request("What is in front of me?"), GenerationConfig(max_new_tokens=4))
+    assert {
+        a.i for n in vit.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    } == {8}
+    answer = Engine(model).answer(
+        Request("What is in front of me?"), GenerationConfig(max_new_tokens=4)
+    )
     assert answer.token_ids
 
 
 def run_linear(quant, weight, bias, x, where) -> np.ndarray:
-    """One linear layer of ``quant`` on ``x``, loaded as the engine loads its graphs (for this CPU)."""
+    """One linear layer of ``quant`` on ``x``, loaded as the engine loads its graphs (for this
+    CPU)."""
     g = Graph("one_linear", quant)
     y = g.linear(g.input("x", np.float32, [1, "rows", weight.shape[1]]), weight, bias)
     g.output(y, "y", np.float32, [1, "rows", weight.shape[0]])
@@ -108,19 +130,23 @@ def test_row_int8_linear_is_its_definition(tmp_path):
     """RowInt8 in onnxruntime computes what it says: int8 weights with a scale per output channel,
     each row of x rounded to 255 levels of its own scale, on every CPU (where the CPU's u8 x s8 GEMM
     saturates, the engine reads the weights as uint8: test_cpus.py). The integer products are exact;
-    the tolerance is float32's rounding of their sum and of the scales. A row of huge values (a token
-    with massive activations) leaves the other rows' results bit for bit the same, and a zero row
-    gives the bias."""
+    the tolerance is float32's rounding of their sum and of the scales. A row of huge values (a
+    token with massive activations) leaves the other rows' results bit for bit the same, and a zero
+    row gives the bias."""
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((40, 96)).astype(np.float32)
     bias = rng.standard_normal(40).astype(np.float32)
     x = rng.standard_normal((1, 5, 96)).astype(np.float32)
-    x[0, 4] = np.abs(x[0, 4]) * np.sign(weight[0])  # every product of row 4 and column 0 positive: saturates int16
+    x[0, 4] = np.abs(x[0, 4]) * np.sign(
+        weight[0]
+    )  # every product of row 4 and column 0 positive: saturates int16
     y = run_linear(RowInt8(), weight, bias, x, tmp_path)
     values, channel_scales = quantize_channels(weight)
     assert values.dtype == np.int8 and values.shape == (96, 40) and np.abs(values).max() == 127
     row_scales = np.abs(x).max(-1, keepdims=True) / 127
-    expected = np.round(x / row_scales) @ values.astype(np.float32) * row_scales * channel_scales + bias
+    expected = (
+        np.round(x / row_scales) @ values.astype(np.float32) * row_scales * channel_scales + bias
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     exact = x @ weight.T + bias
     assert np.all(np.linalg.norm(y - exact, axis=-1) < 0.02 * np.linalg.norm(exact, axis=-1))
@@ -131,7 +157,9 @@ def test_row_int8_linear_is_its_definition(tmp_path):
     y_odd = run_linear(RowInt8(), weight, bias, odd, tmp_path)
     np.testing.assert_array_equal(y_odd[0, [0, 2, 4]], y[0, [0, 2, 4]])
     np.testing.assert_array_equal(y_odd[0, 3], bias)
-    assert np.linalg.norm(y_odd[0, 1] - odd[0, 1] @ weight.T - bias) < 0.02 * np.linalg.norm(odd[0, 1] @ weight.T)
+    assert np.linalg.norm(y_odd[0, 1] - odd[0, 1] @ weight.T - bias) < 0.02 * np.linalg.norm(
+        odd[0, 1] @ weight.T
+    )
 
 
 @pytest.fixture
@@ -139,24 +167,34 @@ def with_prompt_graph(quantized):
     """The quantized export where it has a prompt graph; the others skip."""
     precision, model = quantized
     if Manifest.read(model).source["prefill"] != "int8":
-        pytest.skip(f"{precision} has one decoder graph here (DEFAULT_PREFILL; the fused layout only)")
+        pytest.skip(
+            f"{precision} has one decoder graph here (DEFAULT_PREFILL; the fused layout only)"
+        )
     return model
 
 
-def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(with_prompt_graph, tiny_model):
-    """The int8 export has a second graph for prompts, int8 per output channel (MatMulIntegerToFloat),
-    beside the decode graph (MatMulNBits). A prompt run whole and the same tokens fed one at a time
-    share the K/V buffers and end at logits close to each other and to fp32's, but not equal: they
-    took different weights."""
+def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(
+    with_prompt_graph, tiny_model
+):
+    """The int8 export has a second graph for prompts, int8 per output channel
+    (MatMulIntegerToFloat), beside the decode graph (MatMulNBits). A prompt run whole and the same
+    tokens fed one at a time share the K/V buffers and end at logits close to each other and to
+    fp32's, but not equal: they took different weights."""
     model = with_prompt_graph
-    kinds = {name: {n.op_type for n in onnx.load(str(model / name)).graph.node if "MatMul" in n.op_type}
-             for name in ("decoder.onnx", "prompt_decoder.onnx")}
-    assert kinds == {"decoder.onnx": {"MatMulNBits"}, "prompt_decoder.onnx": {"MatMulIntegerToFloat"}}
+    kinds = {
+        name: {n.op_type for n in onnx.load(str(model / name)).graph.node if "MatMul" in n.op_type}
+        for name in ("decoder.onnx", "prompt_decoder.onnx")
+    }
+    assert kinds == {
+        "decoder.onnx": {"MatMulNBits"},
+        "prompt_decoder.onnx": {"MatMulIntegerToFloat"},
+    }
     engine, reference = Engine(model), Engine(tiny_model)
     assert engine.llm.prompt_path == model / "prompt_decoder.onnx"
     ids = engine.tokenizer.encode(" ".join(["Is there a red cube on the left of the table?"] * 8))
     assert len(ids) >= PROMPT_GRAPH_MIN_ROWS
-    # First, on fresh buffers: the decode step after a prompt reads the K/V rows the prompt graph wrote.
+    # First, on fresh buffers: the decode step after a prompt reads the K/V rows the prompt graph
+    # wrote.
     whole = engine.llm.prefill(engine.llm.embed(ids), reuse_prefix=False)
     after_whole = engine.llm.decode(ids[0])
     fp32 = reference.llm.prefill(reference.llm.embed(ids), reuse_prefix=False)
@@ -165,13 +203,17 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(wi
     for token in ids[1:]:
         stepwise = engine.llm.decode(token)
     assert not np.array_equal(whole, stepwise)
-    assert cosine(whole, stepwise) > 0.999 and cosine(whole, fp32) > 0.999 and cosine(stepwise, fp32) > 0.999
+    assert (
+        cosine(whole, stepwise) > 0.999
+        and cosine(whole, fp32) > 0.999
+        and cosine(stepwise, fp32) > 0.999
+    )
 
 
 def test_the_engine_changes_the_int8_graphs_only_where_the_cpu_needs_it(quantized):
     """Where the CPU's u8 x s8 GEMM saturates (x86 without VNNI), the prompt graph reads its int8
-    weights as uint8 and the ViT's int8 blocks become fp32 weights (their int8 kernels were slower than
-    fp32 there); elsewhere every graph is taken as exported."""
+    weights as uint8 and the ViT's int8 blocks become fp32 weights (their int8 kernels were slower
+    than fp32 there); elsewhere every graph is taken as exported."""
     precision, model = quantized
     engine = Engine(model)
     if int8_gemm_exact():
@@ -198,45 +240,117 @@ def test_a_missing_or_broken_prompt_graph_is_named(with_prompt_graph, tmp_path):
 
 def test_fidelity_report(quantized, tiny_model):
     precision, model = quantized
-    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
-                          "--candidate", str(model), "--new-tokens", "6", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internvl_engine.fidelity",
+            "--reference",
+            str(tiny_model),
+            "--candidate",
+            str(model),
+            "--new-tokens",
+            "6",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
-    (name, report), = json.loads(run.stdout)["candidates"].items()
+    ((name, report),) = json.loads(run.stdout)["candidates"].items()
     prompts = ", prompts int8" if Manifest.read(model).source["prefill"] == "int8" else ""
-    gate_up = f" (gate/up {DEFAULT_GATE_UP_BLOCK_SIZE[precision]})" if precision in DEFAULT_GATE_UP_BLOCK_SIZE else ""
-    assert name == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{gate_up}{prompts})"
-    assert [r["prompt"] for r in report["prompts"]] == ["text", "text-long", "1 image", "4 images", "video"]
+    gate_up = (
+        f" (gate/up {DEFAULT_GATE_UP_BLOCK_SIZE[precision]})"
+        if precision in DEFAULT_GATE_UP_BLOCK_SIZE
+        else ""
+    )
+    assert (
+        name
+        == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{gate_up}{prompts})"
+    )
+    assert [r["prompt"] for r in report["prompts"]] == [
+        "text",
+        "text-long",
+        "1 image",
+        "4 images",
+        "video",
+    ]
     overall = report["overall"]
     assert overall["steps"] == 5 * 6 and 0 <= overall["greedy_agreement"] <= 1
-    # The tiny model's 64-wide layers quantise worse than InternVL2.5-1B's (docs/benchmarks.md has those).
+    # The tiny model's 64-wide layers quantise worse than InternVL2.5-1B's (docs/benchmarks.md has
+    # those).
     assert overall["cosine_mean"] > (0.999 if precision == "int8" else 0.98)
 
 
 def test_a_model_follows_itself_exactly(tiny_model):
-    same = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
-                           "--candidate", str(tiny_model), "--new-tokens", "4", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    same = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internvl_engine.fidelity",
+            "--reference",
+            str(tiny_model),
+            "--candidate",
+            str(tiny_model),
+            "--new-tokens",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (report,) = json.loads(same.stdout)["candidates"].values()
-    assert report["overall"]["greedy_agreement"] == 1.0 and report["overall"]["cosine_min"] > 0.99999
+    assert (
+        report["overall"]["greedy_agreement"] == 1.0 and report["overall"]["cosine_min"] > 0.99999
+    )
 
 
 def test_fidelity_refuses_exports_of_another_checkpoint(tiny_model, tmp_path):
     other = export(make_tiny(tmp_path / "hf", seed=1), tmp_path / "other", log=lambda *_: None)
-    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
-                          "--candidate", str(tiny_model), str(tmp_path / "other")], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internvl_engine.fidelity",
+            "--reference",
+            str(tiny_model),
+            "--candidate",
+            str(tiny_model),
+            str(tmp_path / "other"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2 and run.stdout == "", run.stdout
-    assert run.stderr.startswith(f"internvl-fidelity: error: {tmp_path / 'other'} is an export of another checkpoint "
-                                 f"than {tiny_model} (sha256 {other.source['sha256'][:12]}... against "), run.stderr
+    assert run.stderr.startswith(
+        f"internvl-fidelity: error: {tmp_path / 'other'} is an export of another checkpoint "
+        f"than {tiny_model} (sha256 {other.source['sha256'][:12]}... against "
+    ), run.stderr
 
 
 def test_fidelity_table_of_several_candidates(quantized, tiny_model):
     """One table per candidate, then one row each side by side."""
     _, model = quantized
-    run = subprocess.run([sys.executable, "-m", "internvl_engine.fidelity", "--reference", str(tiny_model),
-                          "--candidate", str(model), str(tiny_model), "--new-tokens", "3"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internvl_engine.fidelity",
+            "--reference",
+            str(tiny_model),
+            "--candidate",
+            str(model),
+            str(tiny_model),
+            "--new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("| prompt | steps |") == 2 and "| candidate | steps |" in run.stdout
     assert f"| {tiny_model.name} (fp32) | 15 | 1.00000 |" in run.stdout
@@ -245,7 +359,9 @@ def test_fidelity_table_of_several_candidates(quantized, tiny_model):
 def test_vit_precision(tiny_hf, tiny_model, tmp_path):
     """fp32 exports keep an fp32 ViT unless asked; int8 ViT features follow fp32's closely."""
     assert Manifest.read(tiny_model).source["vit_precision"] == "fp32"
-    export(tiny_hf, tmp_path, LayerBuild(**TINY_BUILD_ARGS), vit_precision="int8", log=lambda *_: None)
+    export(
+        tiny_hf, tmp_path, LayerBuild(**TINY_BUILD_ARGS), vit_precision="int8", log=lambda *_: None
+    )
     image = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     tile = Engine(tiny_model).prepare(Request("Describe.", images=[image])).pixel_values[:1]
     a, b = (Engine(m).vit.run({"image": tile})[0].reshape(-1) for m in (tiny_model, tmp_path))
@@ -255,12 +371,26 @@ def test_vit_precision(tiny_hf, tiny_model, tmp_path):
 @pytest.mark.parametrize("contract", ["fused", "dynamic"])
 def test_a_given_block_size_holds_for_every_matrix(tiny_hf, tmp_path, contract):
     """--block-size alone: every matrix, gate and up too; --gate-up-block-size beside it: those two."""
-    for name, sizes in (("uniform", dict(block_size=16)), ("split", dict(block_size=16, gate_up_block_size=32))):
+    for name, sizes in (
+        ("uniform", dict(block_size=16)),
+        ("split", dict(block_size=16, gate_up_block_size=32)),
+    ):
         out = tmp_path / name
-        export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract, precision="int4", log=lambda *_: None, **sizes)
+        export(
+            tiny_hf,
+            out,
+            LayerBuild(**TINY_BUILD_ARGS),
+            contract,
+            precision="int4",
+            log=lambda *_: None,
+            **sizes,
+        )
         manifest = Manifest.read(out)
         gate_up = sizes.get("gate_up_block_size", 16)
-        assert (manifest.source["block_size"], manifest.source["gate_up_block_size"]) == (16, gate_up)
+        assert (manifest.source["block_size"], manifest.source["gate_up_block_size"]) == (
+            16,
+            gate_up,
+        )
         decoder = out / ("decoder.onnx" if contract == "fused" else "layer_0.onnx")
         assert_block_sizes(decoder, manifest.spec.text, gate_up, 16)
 
@@ -270,13 +400,24 @@ def test_export_refuses_bad_quantization(tiny_hf, tmp_path):
 
     with pytest.raises(InternVLError, match="block size 24 must be a power of 2"):
         export(tiny_hf, tmp_path / "a", precision="int4", block_size=24, log=lambda *_: None)
-    with pytest.raises(InternVLError, match="gate/up block size 8 must be a power of 2, at least 16"):
+    with pytest.raises(
+        InternVLError, match="gate/up block size 8 must be a power of 2, at least 16"
+    ):
         export(tiny_hf, tmp_path / "a", precision="int4", gate_up_block_size=8, log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
         export(tiny_hf, tmp_path / "b", contract="axmodel", precision="int8", log=lambda *_: None)
     with pytest.raises(InternVLError, match="the axmodel contract is fp32"):
-        export(tiny_hf, tmp_path / "c", contract="axmodel", vit_precision="int8", log=lambda *_: None)
+        export(
+            tiny_hf, tmp_path / "c", contract="axmodel", vit_precision="int8", log=lambda *_: None
+        )
     with pytest.raises(InternVLError, match="--prefill int8 needs the fused contract"):
-        export(tiny_hf, tmp_path / "d", contract="dynamic", precision="int8", prefill="int8", log=lambda *_: None)
+        export(
+            tiny_hf,
+            tmp_path / "d",
+            contract="dynamic",
+            precision="int8",
+            prefill="int8",
+            log=lambda *_: None,
+        )
     with pytest.raises(InternVLError, match="unknown prefill 'int4'"):
         export(tiny_hf, tmp_path / "e", precision="int8", prefill="int4", log=lambda *_: None)

@@ -1,21 +1,26 @@
 """The engine's tokenizer (built with ``tokenizers``, no transformers import) tokenizes and decodes
 exactly as transformers' AutoTokenizer does for the same checkpoint files."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 from conftest import needs_torch
-
 from internvl_engine import ModelDirError
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
 from internvl_engine.prompt import Tokenizer, chat_prompt, user_content
 
 TEXTS = [
-    "What is in front of me?", "  leading and trailing spaces  ", "tabs\tand\nnew\r\nlines\n\n\n",
+    "What is in front of me?",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnew\r\nlines\n\n\n",
     "Numbers 1234567 and 3.14, mixed-case WORDS, don't it's we'll I'm they've",
-    "机器人看到了一个红色的圆。请描述这幅图像。", "emoji 😀🤖 and accents: café naïve", "ﬁ ligature and Ａ full width",
-    "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nHi<|im_end|>", "<|endoftext|>x<|endoftext|>",
+    "机器人看到了一个红色的圆。请描述这幅图像。",
+    "emoji 😀🤖 and accents: café naïve",
+    "ﬁ ligature and Ａ full width",
+    "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nHi<|im_end|>",
+    "<|endoftext|>x<|endoftext|>",
     chat_prompt(DEFAULT_SYSTEM_PROMPT, user_content("Which way?", [1, 1], 4, video=True)),
 ]
 
@@ -30,7 +35,14 @@ def test_tokenizer_matches_transformers(tiny_hf):
         assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
         assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids), text
-    for token in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<|endoftext|>"):
+    for token in (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<|endoftext|>",
+    ):
         assert ours._id(token) == theirs.convert_tokens_to_ids(token)
 
 

@@ -1,6 +1,7 @@
 """The trained toy checkpoint (models/internvl-toy) through the engine: parity with transformers,
 accuracy on fresh scenes through every export format, and the model card. No ROS here (the ARM64 job
 runs it); tests/test_toy_node.py asks the node over DDS."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import TOY, needs_torch
-from test_parity import assert_matches_reference
-
 from internvl_engine import Engine, Request
 from internvl_toy.evaluate import accuracy, table_rows
 from internvl_toy.scenes import TASKS, VIDEO_TASKS, Shape, moving_clip, render
+from test_parity import assert_matches_reference
 
 CARD = json.loads((TOY / "accuracy.json").read_text())
 RED_CIRCLE = render([Shape("circle", "red", 0.5, 0.5, 0.25)], 320, 240)
@@ -38,18 +38,26 @@ def test_parity_with_transformers(toy_engine):
     from internvl_engine.reference import load_reference
 
     reference = load_reference(TOY, toy_engine.tokenizer.ids["<IMG_CONTEXT>"])
-    assert_matches_reference(toy_engine, reference, Request("What color is the shape?", images=[RED_CIRCLE]))
+    assert_matches_reference(
+        toy_engine, reference, Request("What color is the shape?", images=[RED_CIRCLE])
+    )
     clip = moving_clip("square", "blue", "left")
-    assert_matches_reference(toy_engine, reference, Request("Which way does the square move?", video_frames=clip))
+    assert_matches_reference(
+        toy_engine, reference, Request("Which way does the square move?", video_frames=clip)
+    )
 
 
 def test_accuracy_on_fresh_scenes(toy_engine, fresh):
     report = accuracy(toy_engine, per_task=fresh, seed=20_000)
     for task, result in report.items():
         p = CARD[task]["accuracy"]
-        spread = math.sqrt(min(p, 0.99) * (1 - min(p, 0.99)) / fresh)  # a card at 100 % may still miss one
+        spread = math.sqrt(
+            min(p, 0.99) * (1 - min(p, 0.99)) / fresh
+        )  # a card at 100 % may still miss one
         floor = p - 3 * spread - 0.02  # three standard errors below the card
-        assert result["accuracy"] >= floor, f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
+        assert result["accuracy"] >= floor, (
+            f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +73,22 @@ def test_quantized_exports_answer_as_fp32_does(fp32_report, precision, tmp_path,
 
     export(TOY, tmp_path, precision=precision, log=lambda *_: None)
     quantized = accuracy(Engine(tmp_path), per_task=fresh, seed=30_000)
-    overall = [sum(r["accuracy"] for r in report.values()) / len(report) for report in (fp32_report, quantized)]
+    overall = [
+        sum(r["accuracy"] for r in report.values()) / len(report)
+        for report in (fp32_report, quantized)
+    ]
     one_answer = 1 / (fresh * len(quantized))
-    assert abs(overall[0] - overall[1]) <= max(0.01, one_answer), \
-        {t: (fp32_report[t]["wrong"], quantized[t]["wrong"]) for t in quantized}
+    assert abs(overall[0] - overall[1]) <= max(0.01, one_answer), {
+        t: (fp32_report[t]["wrong"], quantized[t]["wrong"]) for t in quantized
+    }
 
 
 def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     task_rows, group_rows = table_rows(CARD)
-    assert len(task_rows) == len(TASKS) and len(group_rows) == 8  # where, is_there: 1-3 shapes; which_image: 2-3 images
+    assert (
+        len(task_rows) == len(TASKS) and len(group_rows) == 8
+    )  # where, is_there: 1-3 shapes; which_image: 2-3 images
     for row in task_rows + group_rows:
         assert row in card, row
     # The issue's targets: 95 % for each picture question, 90 % for clips.
@@ -82,21 +96,50 @@ def test_model_card_matches_the_checkpoint():
     assert min(CARD[t]["accuracy"] for t in VIDEO_TASKS) >= 0.90
 
 
-@pytest.mark.parametrize("tool, args, message", [
-    ("internvl-eval-toy", [TOY, "--per-task", "0"], "--per-task must be >= 1 and --seed >= 0"),  # ZeroDivisionError
-    ("internvl-eval-toy", [TOY, "--seed", "-1"], "--per-task must be >= 1 and --seed >= 0"),  # numpy's traceback
-    ("internvl-eval-toy", ["missing"], "missing: no such checkpoint directory"),  # a ModelDirError traceback
-    # --lr nan: the encoder stage ran for minutes, then the decoder stage would have stepped by NaN
-    ("internvl-train-toy", ["--lr", "nan"], "--steps and --batch-size must be >= 1, --lr a number > 0"),
-    ("internvl-train-toy", ["--steps", "0"], "--steps and --batch-size must be >= 1"),  # the encoder stage ran first
-    ("internvl-train-toy", ["--threads", "-1"], "--seed and --threads must be >= 0"),  # torch's traceback
-    ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
-])
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        (
+            "internvl-eval-toy",
+            [TOY, "--per-task", "0"],
+            "--per-task must be >= 1 and --seed >= 0",
+        ),  # ZeroDivisionError
+        (
+            "internvl-eval-toy",
+            [TOY, "--seed", "-1"],
+            "--per-task must be >= 1 and --seed >= 0",
+        ),  # numpy's traceback
+        (
+            "internvl-eval-toy",
+            ["missing"],
+            "missing: no such checkpoint directory",
+        ),  # a ModelDirError traceback
+        # --lr nan: the encoder stage ran for minutes, then the decoder stage would have stepped by NaN
+        (
+            "internvl-train-toy",
+            ["--lr", "nan"],
+            "--steps and --batch-size must be >= 1, --lr a number > 0",
+        ),
+        (
+            "internvl-train-toy",
+            ["--steps", "0"],
+            "--steps and --batch-size must be >= 1",
+        ),  # the encoder stage ran first
+        (
+            "internvl-train-toy",
+            ["--threads", "-1"],
+            "--seed and --threads must be >= 0",
+        ),  # torch's traceback
+        ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
+    ],
+)
 def test_toy_tools_refuse_bad_options_before_working(tool, args, message, tmp_path):
     if tool == "internvl-train-toy":
         needs_torch()
         args = ["--out", tmp_path / "out", *args]
-    run = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 2 and f"{tool}: error: {message}" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 

@@ -2,6 +2,7 @@
 generated scenes (seeds apart from training's). An answer counts when the engine's greedy text,
 stripped, equals the expected answer exactly. Where a question type has groups (shapes in the
 picture, images in the prompt), the accuracy of each group is reported too."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,31 +37,48 @@ def accuracy(engine: Engine, per_task: int, seed: int = HELD_OUT_SEED) -> dict[s
                 groups.setdefault(s.group, []).append(text == s.answer)
         report[task] = {"accuracy": 1 - len(wrong) / per_task, "n": per_task, "wrong": wrong[:5]}
         if groups:
-            report[task]["groups"] = {g: {"accuracy": sum(r) / len(r), "n": len(r)} for g, r in sorted(groups.items())}
+            report[task]["groups"] = {
+                g: {"accuracy": sum(r) / len(r), "n": len(r)} for g, r in sorted(groups.items())
+            }
     return report
 
 
 def table_rows(report: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """The Markdown rows of ``report`` (or of ``accuracy.json``): per question type, and per group."""
-    per_task = [f"| {task} | {100 * r['accuracy']:.1f} % | {r['n']} |" for task, r in report.items()]
-    per_group = [f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |"
-                 for task, r in report.items() for group, g in r.get("groups", {}).items()]
+    """The Markdown rows of ``report`` (or of ``accuracy.json``): per question type, and per
+    group."""
+    per_task = [
+        f"| {task} | {100 * r['accuracy']:.1f} % | {r['n']} |" for task, r in report.items()
+    ]
+    per_group = [
+        f"| {task} | {group} | {100 * g['accuracy']:.1f} % | {g['n']} |"
+        for task, r in report.items()
+        for group, g in r.get("groups", {}).items()
+    ]
     return per_task, per_group
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="internvl-eval-toy", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure the toy model's accuracy through the engine, per question type, on freshly\n"
-                    "generated scenes (seeds apart from training's). An answer counts when it equals the\n"
-                    "expected one exactly.",
-        epilog="Example:\n  internvl-eval-toy models/internvl-toy --per-task 200")
-    ap.add_argument("model", type=Path, help="the toy checkpoint (exported to a temporary directory) or an export")
+        prog="internvl-eval-toy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure the toy model's accuracy through the engine, per question type, on "
+        "freshly\n"
+        "generated scenes (seeds apart from training's). An answer counts when it equals the\n"
+        "expected one exactly.",
+        epilog="Example:\n  internvl-eval-toy models/internvl-toy --per-task 200",
+    )
+    ap.add_argument(
+        "model",
+        type=Path,
+        help="the toy checkpoint (exported to a temporary directory) or an export",
+    )
     ap.add_argument("--per-task", type=int, default=200, help="questions per type (default 200)")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.per_task < 1 or args.seed < 0:  # 0 divided by zero; below 0 printed an empty table, numpy refused a seed
+    if (
+        args.per_task < 1 or args.seed < 0
+    ):  # 0 divided by zero; below 0 printed an empty table, numpy refused a seed
         ap.error("--per-task must be >= 1 and --seed >= 0")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +97,9 @@ def main(argv=None) -> int:
     else:
         task_rows, group_rows = table_rows(report)
         print("| question type | accuracy | n |\n|---|---|---|", *task_rows, sep="\n")
-        print("\n| question type | group | accuracy | n |\n|---|---|---|---|", *group_rows, sep="\n")
+        print(
+            "\n| question type | group | accuracy | n |\n|---|---|---|---|", *group_rows, sep="\n"
+        )
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Generated scenes for the toy InternVL model: coloured shapes on a plain background, questions about
-them (one answered yes or no), and short clips of a shape moving, appearing or disappearing. numpy +
-OpenCV only, so the node tests, the demo and the accuracy check can make their own pictures.
+"""Generated scenes for the toy InternVL model: coloured shapes on a plain background, questions
+about them (one answered yes or no), and short clips of a shape moving, appearing or disappearing.
+numpy + OpenCV only, so the node tests, the demo and the accuracy check can make their own pictures.
 
 Every sample is a question, its short fixed-style answer, and RGB uint8 images (one image, several
 images, or the frames of a clip in time order). The same seed gives the same samples.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,8 +14,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
-          "purple": (140, 40, 170)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 170),
+}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "center", "right")
 COUNTS = ("one", "two", "three")
@@ -37,13 +43,21 @@ class Sample:
     answer: str
     images: list[np.ndarray]
     video: bool = False
-    group: str = ""  # what the evaluation breaks accuracy down by, if anything ("2 shapes", "3 images")
+    group: str = (
+        ""  # what the evaluation breaks accuracy down by, if anything ("2 shapes", "3 images")
+    )
     subject: str = ""  # the question's word that picks what to look at ("red" in "Where is the red shape?"), if any
 
 
-def render(shapes: list[Shape], width: int = 320, height: int = 240, background=(245, 245, 245),
-           rng: np.random.Generator | None = None) -> np.ndarray:
-    """An RGB uint8 picture of ``shapes``; with ``rng``, colours and background are jittered a little."""
+def render(
+    shapes: list[Shape],
+    width: int = 320,
+    height: int = 240,
+    background=(245, 245, 245),
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """An RGB uint8 picture of ``shapes``; with ``rng``, colours and background are jittered a
+    little."""
     jitter = (lambda: rng.integers(-20, 21, 3)) if rng is not None else (lambda: np.zeros(3, int))
     image = np.empty((height, width, 3), np.uint8)
     image[:] = background
@@ -53,7 +67,14 @@ def render(shapes: list[Shape], width: int = 320, height: int = 240, background=
         if s.shape == "circle":
             cv2.circle(image, (round(cx), round(cy)), round(r), color, -1, cv2.LINE_AA)
         elif s.shape == "square":
-            cv2.rectangle(image, (round(cx - r), round(cy - r)), (round(cx + r), round(cy + r)), color, -1, cv2.LINE_AA)
+            cv2.rectangle(
+                image,
+                (round(cx - r), round(cy - r)),
+                (round(cx + r), round(cy + r)),
+                color,
+                -1,
+                cv2.LINE_AA,
+            )
         else:  # triangle, point up
             points = np.array([[cx, cy - r], [cx - r, cy + 0.8 * r], [cx + r, cy + 0.8 * r]])
             cv2.fillPoly(image, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
@@ -61,16 +82,21 @@ def render(shapes: list[Shape], width: int = 320, height: int = 240, background=
 
 
 def _size(rng) -> tuple[int, int]:
-    """Frame sizes of several aspect ratios, as cameras give (every image is resized to one tile)."""
+    """Frame sizes of several aspect ratios, as cameras give (every image is resized to one
+    tile)."""
     width = int(rng.choice([224, 256, 320, 400, 480]))
     return width, int(width * rng.choice([0.5625, 0.75, 1.0]))
 
 
 def _shape(rng, shape=None, color=None, position=None, y=None) -> Shape:
     column = POSITIONS.index(position) if position else int(rng.integers(3))
-    return Shape(shape or str(rng.choice(SHAPES)), color or str(rng.choice(list(COLORS))),
-                 x=(column + 0.5) / 3 + rng.uniform(-0.03, 0.03), y=rng.uniform(0.35, 0.65) if y is None else y,
-                 size=rng.uniform(0.2, 0.28))
+    return Shape(
+        shape or str(rng.choice(SHAPES)),
+        color or str(rng.choice(list(COLORS))),
+        x=(column + 0.5) / 3 + rng.uniform(-0.03, 0.03),
+        y=rng.uniform(0.35, 0.65) if y is None else y,
+        size=rng.uniform(0.2, 0.28),
+    )
 
 
 def _background(rng) -> np.ndarray:
@@ -82,7 +108,9 @@ def _picture(rng, shapes: list[Shape]) -> np.ndarray:
     width, height = _size(rng)
     image = render(shapes, width, height, background=_background(rng), rng=rng)
     if rng.random() < 0.25:  # camera JPEG artefacts
-        ok, data = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 95))])
+        ok, data = cv2.imencode(
+            ".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 95))]
+        )
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
     return np.ascontiguousarray(image)
 
@@ -103,8 +131,14 @@ def where_task(rng) -> Sample:
     positions = rng.choice(POSITIONS, n, replace=False)
     shapes = [_shape(rng, color=str(c), position=str(p)) for c, p in zip(colors, positions)]
     k = int(rng.integers(n))
-    return Sample("where", f"Where is the {colors[k]} shape?", str(positions[k]), [_picture(rng, shapes)],
-                  group=f"{n} shape" + "s" * (n > 1), subject=str(colors[k]))
+    return Sample(
+        "where",
+        f"Where is the {colors[k]} shape?",
+        str(positions[k]),
+        [_picture(rng, shapes)],
+        group=f"{n} shape" + "s" * (n > 1),
+        subject=str(colors[k]),
+    )
 
 
 def scene(rng, n: int | None = None) -> tuple[list[Shape], np.ndarray]:
@@ -124,25 +158,48 @@ def which_image_task(rng) -> Sample:
     target = str(rng.choice(SHAPES))
     others = [s for s in SHAPES if s != target]
     k = int(rng.integers(n))
-    images = [_picture(rng, [_shape(rng, shape=target if i == k else str(rng.choice(others)))]) for i in range(n)]
-    return Sample("which_image", f"Which image has a {target}?", f"Image-{k + 1}", images, group=f"{n} images",
-                  subject=target)
+    images = [
+        _picture(rng, [_shape(rng, shape=target if i == k else str(rng.choice(others)))])
+        for i in range(n)
+    ]
+    return Sample(
+        "which_image",
+        f"Which image has a {target}?",
+        f"Image-{k + 1}",
+        images,
+        group=f"{n} images",
+        subject=target,
+    )
 
 
 def is_there_task(rng) -> Sample:
-    """A yes/no question: is there a shape of a colour among one to three (half the time there is)."""
+    """A yes/no question: is there a shape of a colour among one to three (half the time there
+    is)."""
     n = int(rng.integers(1, 4))
     colors = [str(c) for c in rng.choice(list(COLORS), n + 1, replace=False)]
     present = bool(rng.random() < 0.5)
     asked = colors[0] if present else colors[n]  # the last colour is in no shape
     positions = rng.choice(POSITIONS, n, replace=False)
     shapes = [_shape(rng, color=c, position=str(p)) for c, p in zip(colors[:n], positions)]
-    return Sample("is_there", f"Is there a {asked} shape?", "yes" if present else "no", [_picture(rng, shapes)],
-                  group=f"{n} shape" + "s" * (n > 1), subject=asked)
+    return Sample(
+        "is_there",
+        f"Is there a {asked} shape?",
+        "yes" if present else "no",
+        [_picture(rng, shapes)],
+        group=f"{n} shape" + "s" * (n > 1),
+        subject=asked,
+    )
 
 
-def moving_clip(shape: str, color: str, direction: str, rng=None, frames: int = CLIP_FRAMES,
-                width: int = 320, height: int = 240) -> list[np.ndarray]:
+def moving_clip(
+    shape: str,
+    color: str,
+    direction: str,
+    rng=None,
+    frames: int = CLIP_FRAMES,
+    width: int = 320,
+    height: int = 240,
+) -> list[np.ndarray]:
     """A shape crossing the frame towards ``direction`` ("left" or "right")."""
     rng = rng if rng is not None else np.random.default_rng(0)
     start, end = rng.uniform(0.15, 0.3), rng.uniform(0.7, 0.85)
@@ -150,8 +207,15 @@ def moving_clip(shape: str, color: str, direction: str, rng=None, frames: int = 
         start, end = end, start
     y, size = rng.uniform(0.35, 0.65), rng.uniform(0.2, 0.28)
     background = _background(rng)
-    return [render([Shape(shape, color, start + (end - start) * i / (frames - 1), y, size)], width, height,
-                   background) for i in range(frames)]
+    return [
+        render(
+            [Shape(shape, color, start + (end - start) * i / (frames - 1), y, size)],
+            width,
+            height,
+            background,
+        )
+        for i in range(frames)
+    ]
 
 
 def motion_task(rng) -> Sample:
@@ -167,15 +231,28 @@ def appear_task(rng) -> Sample:
     background = _background(rng)
     change = int(rng.integers(2, CLIP_FRAMES - 1))  # the first frame with the new state
     appearing = bool(rng.random() < 0.5)
-    clip = [render([s] if (i >= change) == appearing else [], width, height, background)
-            for i in range(CLIP_FRAMES)]
-    return Sample("appear", f"Is the {s.shape} appearing or disappearing?",
-                  "appearing" if appearing else "disappearing", clip, video=True)
+    clip = [
+        render([s] if (i >= change) == appearing else [], width, height, background)
+        for i in range(CLIP_FRAMES)
+    ]
+    return Sample(
+        "appear",
+        f"Is the {s.shape} appearing or disappearing?",
+        "appearing" if appearing else "disappearing",
+        clip,
+        video=True,
+    )
 
 
 TASKS: dict[str, Callable[[np.random.Generator], Sample]] = {
-    "color": color_task, "shape": shape_task, "where": where_task, "count": count_task,
-    "which_image": which_image_task, "motion": motion_task, "appear": appear_task, "is_there": is_there_task,
+    "color": color_task,
+    "shape": shape_task,
+    "where": where_task,
+    "count": count_task,
+    "which_image": which_image_task,
+    "motion": motion_task,
+    "appear": appear_task,
+    "is_there": is_there_task,
 }
 VIDEO_TASKS = ("motion", "appear")
 
@@ -188,9 +265,14 @@ def samples(task: str, n: int, seed: int) -> list[Sample]:
 def corpus() -> list[str]:
     """Every question and answer word the tasks use (the toy tokenizer is trained on these)."""
     words = [*COLORS, *SHAPES, *POSITIONS, *COUNTS, "appearing", "disappearing", "yes", "no"]
-    questions = ["What color is the shape?", "What shape is it?", "How many shapes are there?",
-                 *(f"Where is the {c} shape?" for c in COLORS), *(f"Which image has a {s}?" for s in SHAPES),
-                 *(f"Which way does the {s} move?" for s in SHAPES),
-                 *(f"Is the {s} appearing or disappearing?" for s in SHAPES),
-                 *(f"Is there a {c} shape?" for c in COLORS)]
+    questions = [
+        "What color is the shape?",
+        "What shape is it?",
+        "How many shapes are there?",
+        *(f"Where is the {c} shape?" for c in COLORS),
+        *(f"Which image has a {s}?" for s in SHAPES),
+        *(f"Which way does the {s} move?" for s in SHAPES),
+        *(f"Is the {s} appearing or disappearing?" for s in SHAPES),
+        *(f"Is there a {c} shape?" for c in COLORS),
+    ]
     return questions + words + [f"Image-{i}" for i in range(1, 5)]

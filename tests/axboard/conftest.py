@@ -2,19 +2,21 @@
 board stand-in. tests/test_board.py runs this folder once per vendored pyaxengine version, in a
 process whose environment (standin.environment) makes ``import axengine`` find that version and
 the stand-in's libraries; it is not collected otherwise (tests/conftest.py)."""
+
 from __future__ import annotations
 
 import ctypes
 import os
 
+import pulsar2
 import pytest
-
 from internvl_engine import Engine
 
-import pulsar2
-
 VERSION = os.environ.get("AXSTANDIN_VERSION", "")
-RUN_VIEWS = VERSION in ("0.1.2rc0", "0.1.3rc0")  # run() returns views of its output buffer before 0.1.3.rc1
+RUN_VIEWS = VERSION in (
+    "0.1.2rc0",
+    "0.1.3rc0",
+)  # run() returns views of its output buffer before 0.1.3.rc1
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +31,8 @@ def standin():
 
 @pytest.fixture(autouse=True)
 def no_standin_errors(standin):
-    """Every test ends with the stand-in having seen no invalid call (bad flush range, bad buffer...)."""
+    """Every test ends with the stand-in having seen no invalid call (bad flush range, bad
+    buffer...)."""
     before = standin.standin_error_count()
     yield
     assert standin.standin_error_count() == before, standin.standin_last_error().decode()
@@ -37,7 +40,8 @@ def no_standin_errors(standin):
 
 @pytest.fixture(scope="session")
 def board_model(contract_model, tmp_path_factory):
-    """The contract export compiled by the stand-in's Pulsar2 into a seed-style axmodel directory."""
+    """The contract export compiled by the stand-in's Pulsar2 into a seed-style axmodel
+    directory."""
     return pulsar2.compile_contract(contract_model, tmp_path_factory.mktemp("axmodel"))
 
 

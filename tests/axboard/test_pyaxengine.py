@@ -3,6 +3,7 @@ seed-style directory compiled from a random-weight checkpoint: teacher-forced lo
 tolerance of the onnxruntime fixed-shape path, with the KV cache in the NPU's buffers, for every
 prompt shape the board meets; prefix reuse, cancellation, host traffic, both providers, and the
 fallback to pyaxengine's own run() where the in-place cache cannot work."""
+
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,7 @@ import numpy as np
 import pytest
 from conftest import RUN_VIEWS, VERSION
 from images import noise_image
-
-from internvl_engine import BackendError, Engine, GenerationConfig, Request
-from internvl_engine import backend_axengine
+from internvl_engine import BackendError, Engine, GenerationConfig, Request, backend_axengine
 from internvl_engine.engine import forced_logits, greedy_tokens
 from internvl_engine.fidelity import cosine
 
@@ -36,8 +35,11 @@ def assert_follows_cpu(board_engine: Engine, cpu_engine: Engine, request: Reques
     answer = cpu_engine.answer(request, GenerationConfig(max_new_tokens=TOKENS))
     prompt = board_engine.prepare(request)
     assert prompt.token_ids == answer.prompt_token_ids
-    assert_close(forced_logits(board_engine.llm, prompt.embeds, answer.token_ids[:-1]),
-                 forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, answer.token_ids[:-1]), repr(request.question))
+    assert_close(
+        forced_logits(board_engine.llm, prompt.embeds, answer.token_ids[:-1]),
+        forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, answer.token_ids[:-1]),
+        repr(request.question),
+    )
 
 
 def test_the_stand_in_is_an_ax650_with_both_providers(board_engine):
@@ -45,16 +47,38 @@ def test_the_stand_in_is_an_ax650_with_both_providers(board_engine):
 
     assert set(axengine.get_available_providers()) == set(backend_axengine.PROVIDERS)
     assert board_engine.backend == "axengine" and board_engine.llm.resident
-    assert board_engine.llm.layers[0].provider == "AxEngineExecutionProvider"  # the on-board NPU comes first
-    assert board_engine.llm.build == board_engine.llm.shapes.build()  # limits read from the shape groups
+    assert (
+        board_engine.llm.layers[0].provider == "AxEngineExecutionProvider"
+    )  # the on-board NPU comes first
+    assert (
+        board_engine.llm.build == board_engine.llm.shapes.build()
+    )  # limits read from the shape groups
 
 
-@pytest.mark.parametrize("name, request_", [
-    ("text", Request("What is in front of the robot?")),
-    ("one tiled image", Request("Describe the image.", images=[noise_image(300, 500, seed=1)], max_tiles=6)),
-    ("four images", Request("Which image is brightest?", images=[noise_image(120, 160, seed=i) for i in range(4)])),
-    ("video", Request("What happens?", video_frames=[noise_image(96, 128, seed=10 + i) for i in range(8)])),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name, request_",
+    [
+        ("text", Request("What is in front of the robot?")),
+        (
+            "one tiled image",
+            Request("Describe the image.", images=[noise_image(300, 500, seed=1)], max_tiles=6),
+        ),
+        (
+            "four images",
+            Request(
+                "Which image is brightest?",
+                images=[noise_image(120, 160, seed=i) for i in range(4)],
+            ),
+        ),
+        (
+            "video",
+            Request(
+                "What happens?", video_frames=[noise_image(96, 128, seed=10 + i) for i in range(8)]
+            ),
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_logits_follow_the_cpu(board_engine, cpu_engine, name, request_):
     assert_follows_cpu(board_engine, cpu_engine, request_)
 
@@ -63,8 +87,11 @@ def test_logits_follow_the_cpu(board_engine, cpu_engine, name, request_):
 def test_logits_follow_the_cpu_at_chunk_boundaries(board_engine, cpu_engine, n):
     ids = np.random.default_rng(n).integers(0, 500, n).tolist()
     tokens = greedy_tokens(cpu_engine.llm, cpu_engine.llm.embed(ids), TOKENS)
-    assert_close(forced_logits(board_engine.llm, board_engine.llm.embed(ids), tokens),
-                 forced_logits(cpu_engine.llm, cpu_engine.llm.embed(ids), tokens), f"{n}-token prompt")
+    assert_close(
+        forced_logits(board_engine.llm, board_engine.llm.embed(ids), tokens),
+        forced_logits(cpu_engine.llm, cpu_engine.llm.embed(ids), tokens),
+        f"{n}-token prompt",
+    )
 
 
 def test_every_image_keeps_its_own_features(board_engine, cpu_engine):
@@ -78,11 +105,17 @@ def test_every_image_keeps_its_own_features(board_engine, cpu_engine):
 
 def test_a_second_question_reuses_the_prefix(board_engine, cpu_engine):
     image = [noise_image(120, 160, seed=3)]
-    board_engine.answer(Request("Describe the image.", images=image), GenerationConfig(max_new_tokens=2))
+    board_engine.answer(
+        Request("Describe the image.", images=image), GenerationConfig(max_new_tokens=2)
+    )
     second = Request("What colour dominates the image?", images=image)
     answer = board_engine.answer(second, GenerationConfig(max_new_tokens=TOKENS))
-    assert answer.timings.reused_tokens > board_engine.spec.num_image_token  # system prompt and image rows kept
-    reused = board_engine.llm.prefill(board_engine.prepare(second).embeds)  # reuses again: same prompt
+    assert (
+        answer.timings.reused_tokens > board_engine.spec.num_image_token
+    )  # system prompt and image rows kept
+    reused = board_engine.llm.prefill(
+        board_engine.prepare(second).embeds
+    )  # reuses again: same prompt
     fresh = cpu_engine.llm.prefill(cpu_engine.prepare(second).embeds, reuse_prefix=False)
     assert board_engine.llm.reused > 0
     assert_close([reused], [fresh], "second question")
@@ -93,8 +126,9 @@ def test_cancel_mid_answer_then_serve_again(board_engine, cpu_engine):
     result = {}
 
     def worker():
-        for item in board_engine.stream(Request("Talk."), GenerationConfig(max_new_tokens=500, temperature=1.0, seed=1),
-                                        cancel):
+        for item in board_engine.stream(
+            Request("Talk."), GenerationConfig(max_new_tokens=500, temperature=1.0, seed=1), cancel
+        ):
             started.set()
             result["last"] = item
 
@@ -118,34 +152,50 @@ def decode_step_bytes(engine: Engine, rows_through_host: bool = True) -> int:
 
 
 def test_a_decode_step_moves_only_the_new_rows(board_model, tiny_hf, board_engine):
-    """Host traffic per decode step, in place against the seed's way (the whole cache through run())."""
+    """Host traffic per decode step, in place against the seed's way (the whole cache through
+    run())."""
     seed_style = Engine(board_model, tokenizer_dir=tiny_hf, resident_kv="off")
     assert not seed_style.llm.resident
     moved = {}
     for name, engine in (("resident", board_engine), ("seed", seed_style)):
-        answer = engine.answer(Request("Tell me about the door."), GenerationConfig(max_new_tokens=8))
+        answer = engine.answer(
+            Request("Tell me about the door."), GenerationConfig(max_new_tokens=8)
+        )
         moved[name] = answer.timings.decode_bytes_per_token
     t, build = board_engine.spec.text, board_engine.llm.build
     full_cache = t.num_layers * 2 * build.kv_cache_len * t.kv_dim * 2  # bf16 K and V of every layer
-    print(f"\nbytes per decode step: in place {moved['resident']:.0f}, through run() {moved['seed']:.0f} "
-          f"(pyaxengine {VERSION})")
+    print(
+        f"\nbytes per decode step: in place {moved['resident']:.0f}, through run() "
+        f"{moved['seed']:.0f} "
+        f"(pyaxengine {VERSION})"
+    )
     assert moved["resident"] == decode_step_bytes(board_engine)
-    assert moved["seed"] - moved["resident"] == full_cache  # run() hands over the whole cache every step
+    assert (
+        moved["seed"] - moved["resident"] == full_cache
+    )  # run() hands over the whole cache every step
 
 
 def test_the_pcie_card_keeps_the_cache_in_place_too(board_model, tiny_hf, cpu_engine):
-    """AXCLRTExecutionProvider: device memory the host cannot touch, new rows moved device to device.
-    pyaxengine 0.1.2rc0's AXCLRT run() cannot return outputs (it reads a host address the card's
-    buffers do not have), so there the engine must fail with a clear error."""
+    """AXCLRTExecutionProvider: device memory the host cannot touch, new rows moved device to
+    device. pyaxengine 0.1.2rc0's AXCLRT run() cannot return outputs (it reads a host address the
+    card's buffers do not have), so there the engine must fail with a clear error."""
     if VERSION == "0.1.2rc0":
         with pytest.raises(BackendError, match="axengine failed running"):
-            Engine(board_model, tokenizer_dir=tiny_hf, provider="AXCLRTExecutionProvider").answer(Request("Hi"))
+            Engine(board_model, tokenizer_dir=tiny_hf, provider="AXCLRTExecutionProvider").answer(
+                Request("Hi")
+            )
         return
     card = Engine(board_model, tokenizer_dir=tiny_hf, provider="AXCLRTExecutionProvider")
     assert card.llm.resident and card.llm.layers[0].provider == "AXCLRTExecutionProvider"
-    assert_follows_cpu(card, cpu_engine, Request("Describe the image.", images=[noise_image(90, 120, seed=5)]))
-    in_place = card.answer(Request("Hi"), GenerationConfig(max_new_tokens=6)).timings.decode_bytes_per_token
-    assert in_place == decode_step_bytes(card, rows_through_host=False)  # new rows move device to device
+    assert_follows_cpu(
+        card, cpu_engine, Request("Describe the image.", images=[noise_image(90, 120, seed=5)])
+    )
+    in_place = card.answer(
+        Request("Hi"), GenerationConfig(max_new_tokens=6)
+    ).timings.decode_bytes_per_token
+    assert in_place == decode_step_bytes(
+        card, rows_through_host=False
+    )  # new rows move device to device
 
 
 def _flush_short(self, index, data, offset=0):
@@ -156,30 +206,44 @@ def _flush_short(self, index, data, offset=0):
     self.sys.AX_SYS_MflushCache(buffer.phyAddr + offset, vir, max(data.nbytes - 2, 0))
 
 
-def test_a_broken_in_place_path_falls_back_to_run(board_model, tiny_hf, cpu_engine, monkeypatch, caplog):
-    """Decided by trying: with host writes that do not all reach the NPU, the probe sees other hidden
-    states than run() gives, so "auto" warns and hands every run the whole cache, and "on" refuses."""
+def test_a_broken_in_place_path_falls_back_to_run(
+    board_model, tiny_hf, cpu_engine, monkeypatch, caplog
+):
+    """Decided by trying: with host writes that do not all reach the NPU, the probe sees other
+    hidden states than run() gives, so "auto" warns and hands every run the whole cache, and "on"
+    refuses."""
     monkeypatch.setattr(backend_axengine._BoardBuffers, "write", _flush_short)
     with caplog.at_level(logging.WARNING, logger="internvl_engine.llm"):
         engine = Engine(board_model, tokenizer_dir=tiny_hf)
     assert not engine.llm.resident
-    assert "the KV cache does not work in the device buffers" in caplog.text and "stays on the host" in caplog.text
+    assert (
+        "the KV cache does not work in the device buffers" in caplog.text
+        and "stays on the host" in caplog.text
+    )
     assert_follows_cpu(engine, cpu_engine, Request("Hello there."))
-    with pytest.raises(BackendError, match="resident_kv is on, but .*does not work in the device buffers"):
+    with pytest.raises(
+        BackendError, match="resident_kv is on, but .*does not work in the device buffers"
+    ):
         Engine(board_model, tokenizer_dir=tiny_hf, resident_kv="on")
 
 
 def test_the_stand_in_catches_what_the_board_would(board_model, tiny_hf, cpu_engine, monkeypatch):
     """Negative controls: each defect the issue names, put back, makes the answers wrong here."""
-    request = Request("Describe the images.", images=[noise_image(64, 64, seed=30 + i) for i in range(4)])
+    request = Request(
+        "Describe the images.", images=[noise_image(64, 64, seed=30 + i) for i in range(4)]
+    )
     tokens = cpu_engine.answer(request, GenerationConfig(max_new_tokens=3)).token_ids
     expected = forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, tokens)
 
-    def first_logits(**engine_args):  # after the prompt and after each greedy token: prefill and decode
+    def first_logits(
+        **engine_args,
+    ):  # after the prompt and after each greedy token: prefill and decode
         engine = Engine(board_model, tokenizer_dir=tiny_hf, **engine_args)
         return forced_logits(engine.llm, engine.prepare(request).embeds, tokens)
 
-    with monkeypatch.context() as m:  # a flush range two bytes short, with nothing checking it first
+    with (
+        monkeypatch.context() as m
+    ):  # a flush range two bytes short, with nothing checking it first
         m.setattr(backend_axengine._BoardBuffers, "write", _flush_short)
         m.setattr(backend_axengine.AxEngineSession, "_probe", lambda self, device: None)
         with pytest.raises(AssertionError):
@@ -187,7 +251,9 @@ def test_the_stand_in_catches_what_the_board_would(board_model, tiny_hf, cpu_eng
     with monkeypatch.context() as m:  # the cache buffers left as allocated
         m.setattr(backend_axengine._DeviceIO, "clear_cache", lambda self: None)
         m.setattr(backend_axengine.AxEngineSession, "_probe", lambda self, device: None)
-        assert not np.isfinite(first_logits(resident_kv="on")[1]).all()  # the decode group reads every row
+        assert not np.isfinite(
+            first_logits(resident_kv="on")[1]
+        ).all()  # the decode group reads every row
     if RUN_VIEWS:  # the ViT's outputs kept as views of pyaxengine's buffer
         with monkeypatch.context() as m:
             m.setattr(backend_axengine, "_owned", lambda array: array)

@@ -1,18 +1,17 @@
-"""The trained toy checkpoint compiled for the board stand-in: through pyaxengine, bf16 on the "NPU",
-it gives the same greedy answers as the onnxruntime fixed-shape path, and they are right."""
+"""The trained toy checkpoint compiled for the board stand-in: through pyaxengine, bf16 on the
+"NPU", it gives the same greedy answers as the onnxruntime fixed-shape path, and they are right."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+import pulsar2
 import pytest
-
 from internvl_engine import Engine, GenerationConfig
 from internvl_engine.config import LayerBuild
 from internvl_engine.export import export
 from internvl_toy.evaluate import request
 from internvl_toy.scenes import TASKS, samples
-
-import pulsar2
 
 TOY = Path(__file__).resolve().parents[2] / "models" / "internvl-toy"
 PER_TASK = 15
@@ -21,7 +20,9 @@ PER_TASK = 15
 @pytest.fixture(scope="module")
 def toy_engines(tmp_path_factory):
     contract = tmp_path_factory.mktemp("toy_contract")
-    export(TOY, contract, LayerBuild(), contract="axmodel", log=lambda *_: None)  # the seed's llm_build
+    export(
+        TOY, contract, LayerBuild(), contract="axmodel", log=lambda *_: None
+    )  # the seed's llm_build
     board = pulsar2.compile_contract(contract, tmp_path_factory.mktemp("toy_axmodel"))
     return Engine(board, tokenizer_dir=TOY), Engine(contract, backend="onnxruntime")
 

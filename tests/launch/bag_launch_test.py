@@ -10,6 +10,7 @@ The bag (camera frames and a timed question) is written here with rosbags. It is
 internvl-play-bag --clock``; either way /clock carries the bag's time and the node runs with
 use_sim_time, so the recorded stamps are current.
 """
+
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,9 @@ import launch_testing.actions
 import launch_testing.asserts
 import numpy as np
 import rclpy
-from launch import LaunchDescription
+from internvl_engine.config import LayerBuild
+from internvl_engine.export import export
+from internvl_engine.make_tiny import make_tiny
 from launch.actions import ExecuteProcess, IncludeLaunchDescription, TimerAction
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import PathJoinSubstitution
@@ -30,10 +33,8 @@ from launch_ros.substitutions import FindPackageShare
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
-from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
-from internvl_engine.make_tiny import make_tiny
 from internvl_ros.bags import write_bag
+from launch import LaunchDescription
 
 QUESTION = "What is in front of the robot?"
 ASKED_AT_S = 3.0
@@ -41,34 +42,62 @@ ASKED_AT_S = 3.0
 
 def prepare(work: Path) -> tuple[Path, Path, Path]:
     model = work / "model"
-    export(make_tiny(work / "hf"), model, LayerBuild(prefill_chunk=16, kv_cache_len=511, max_prompt_tokens=256),
-           log=lambda *_: None)
+    export(
+        make_tiny(work / "hf"),
+        model,
+        LayerBuild(prefill_chunk=16, kv_cache_len=511, max_prompt_tokens=256),
+        log=lambda *_: None,
+    )
     rng = np.random.default_rng(0)
     frames = [(i * 0.1, rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)) for i in range(40)]
-    bag = write_bag(work / "bag", frames, [(ASKED_AT_S, QUESTION)], image_topic="/image_raw",
-                    question_topic="/question")
+    bag = write_bag(
+        work / "bag",
+        frames,
+        [(ASKED_AT_S, QUESTION)],
+        image_topic="/image_raw",
+        question_topic="/question",
+    )
     params = work / "params.yaml"
     params.write_text("/**:\n  ros__parameters:\n    use_sim_time: true\n    max_new_tokens: 8\n")
     return model, bag, params
 
 
 def has_ros2_bag() -> bool:
-    return shutil.which("ros2") is not None and subprocess.run(
-        ["ros2", "bag", "--help"], capture_output=True).returncode == 0
+    return (
+        shutil.which("ros2") is not None
+        and subprocess.run(["ros2", "bag", "--help"], capture_output=True).returncode == 0
+    )
 
 
 def generate_test_description():
     model, bag, params = prepare(Path(tempfile.mkdtemp(prefix="internvl_launch_")))
     node = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(PathJoinSubstitution([FindPackageShare("internvl_ros"), "launch",
-                                                            "internvl.launch.py"])),
-        launch_arguments={"model_dir": str(model), "params_file": str(params)}.items())
+        PythonLaunchDescriptionSource(
+            PathJoinSubstitution([FindPackageShare("internvl_ros"), "launch", "internvl.launch.py"])
+        ),
+        launch_arguments={"model_dir": str(model), "params_file": str(params)}.items(),
+    )
     if has_ros2_bag():  # rosbag2 starts at once: give the node time to load and subscribe
-        play = TimerAction(period=5.0, actions=[ExecuteProcess(cmd=["ros2", "bag", "play", str(bag), "--clock"],
-                                                               output="screen")])
+        play = TimerAction(
+            period=5.0,
+            actions=[
+                ExecuteProcess(cmd=["ros2", "bag", "play", str(bag), "--clock"], output="screen")
+            ],
+        )
     else:  # waits for the node's subscriptions itself
-        play = ExecuteProcess(cmd=["ros2", "run", "internvl_ros", "internvl-play-bag", str(bag), "--clock",
-                                   "--wait-for-subscribers", "60"], output="screen")
+        play = ExecuteProcess(
+            cmd=[
+                "ros2",
+                "run",
+                "internvl_ros",
+                "internvl-play-bag",
+                str(bag),
+                "--clock",
+                "--wait-for-subscribers",
+                "60",
+            ],
+            output="screen",
+        )
     return LaunchDescription([node, play, launch_testing.actions.ReadyToTest()])
 
 
@@ -86,7 +115,9 @@ class TestAnswer(unittest.TestCase):
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         answers, chunks = [], []
         node.create_subscription(String, "/answer", lambda m: answers.append(m.data), reliable)
-        node.create_subscription(String, "/answer/stream", lambda m: chunks.append(m.data), reliable)
+        node.create_subscription(
+            String, "/answer/stream", lambda m: chunks.append(m.data), reliable
+        )
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not answers:
