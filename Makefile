@@ -1,7 +1,8 @@
 # make demo        - build a project .venv (engine only, no torch) and the ROS 2 workspace, then run
 #                    the demo
-# make test        - build the .venv with test extras (torch CPU, pytest) and the workspace, run the
-#                    tests with the workspace sourced, then the board job (make test-board)
+# make test        - build the .venv with test extras (torch CPU, pytest, ruff) and the workspace, run
+#                    ruff, the tests with the workspace sourced, then the board job (make test-board) and
+#                    the ARM64 job (make test-arm64)
 # make ws          - colcon-build ros2_ws (internvl_msgs, internvl_ros) from the ros-* wheels; where
 #                    ../shared/vendor/ros2 exists, install launch, launch_testing and the ros2 CLI
 #                    from it too (and build composition_interfaces, which launch_ros needs)
@@ -78,6 +79,7 @@ demo: $(WS_SETUP)
 # extras (torch wants setuptools >= 77, which carries bdist_wheel), so make test checks the demo's
 # install steps too.
 test: $(WS_SETUP) $(VENV)/.dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(IN_WS) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-board
 	$(MAKE) --no-print-directory test-arm64

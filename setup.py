@@ -1,8 +1,9 @@
 """internvl_ros: ament_python package.
 
-Three Python packages are installed: ``internvl_engine`` (from the folder ``engine/``, the ROS-free
-runtime, exporter and tools), ``internvl_toy`` (from ``toy/``: the toy model's scenes, training and
-evaluation) and ``internvl_ros`` (the ROS 2 node).
+Three Python packages are installed, each from the folder of its name: ``internvl_engine`` (the
+ROS-free runtime; its model families in ``models/``, its tools in ``tools/``, which the runtime
+never imports), ``internvl_toy`` (the toy model's scenes, training and evaluation) and
+``internvl_ros`` (the ROS 2 node and its clients).
 """
 
 from glob import glob
@@ -14,11 +15,13 @@ PACKAGE = "internvl_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=["internvl_engine", "internvl_toy", PACKAGE],
-    package_dir={
-        "internvl_engine": "engine",
-        "internvl_toy": "toy",
-    },  # internvl_ros is where setuptools looks
+    packages=[
+        "internvl_engine",
+        "internvl_engine.models",
+        "internvl_engine.tools",
+        "internvl_toy",
+        PACKAGE,
+    ],
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -36,17 +39,17 @@ setup(
     entry_points={
         "console_scripts": [
             "internvl-infer = internvl_engine.cli:main",
-            "internvl-doctor = internvl_engine.doctor:main",
-            "internvl-export = internvl_engine.export:main",
-            "internvl-bench = internvl_engine.bench:main",
-            "internvl-fidelity = internvl_engine.fidelity:main",
-            "internvl-make-tiny = internvl_engine.make_tiny:main",
+            "internvl-doctor = internvl_engine.tools.doctor:main",
+            "internvl-export = internvl_engine.tools.export:main",
+            "internvl-bench = internvl_engine.tools.bench:main",
+            "internvl-fidelity = internvl_engine.tools.fidelity:main",
+            "internvl-make-tiny = internvl_engine.tools.make_tiny:main",
             "internvl-train-toy = internvl_toy.train:main",
             "internvl-eval-toy = internvl_toy.evaluate:main",
-            "internvl_node = internvl_ros.node:main",
+            "internvl_node = internvl_ros.cli:node_main",
             "internvl-make-bag = internvl_ros.bags:make_bag_main",
             "internvl-play-bag = internvl_ros.bags:play_bag_main",
-            "internvl-ask = internvl_ros.client:main",
+            "internvl-ask = internvl_ros.cli:ask_main",
         ],
     },
 )

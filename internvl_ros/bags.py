@@ -20,11 +20,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
 from internvl_engine import load_image
 from internvl_engine.cli import exit_on_sigterm
 from internvl_engine.preprocess import iter_video_frames
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
 
 from .image_msgs import ENCODINGS as RAW_ENCODINGS
 from .image_msgs import rgb_to_pixels
@@ -86,13 +87,13 @@ def write_bag(
         raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
     compressed = encoding in ("jpeg", "png")
     if compressed != image_topic.endswith("/compressed"):
+        kind = "CompressedImage" if compressed else "Image"
+        ending = "ending" if compressed else "not ending"
+        raw = image_topic.rsplit("/compressed", 1)[0]
+        suggested = image_topic + "/compressed" if compressed else raw
         raise ValueError(
-            f"{encoding} frames are sensor_msgs/{'CompressedImage' if compressed else 'Image'}, "
-            "which the "
-            f"node takes from a topic {'ending' if compressed else 'not ending'} in /compressed, "
-            "not "
-            f"from {image_topic!r}: use --topic "
-            f"{image_topic + '/compressed' if compressed else image_topic.rsplit('/compressed', 1)[0]}"
+            f"{encoding} frames are sensor_msgs/{kind}, which the node takes from a topic {ending} "
+            f"in /compressed, not from {image_topic!r}: use --topic {suggested}"
         )
     start_ns = time.time_ns() if start_ns is None else start_ns
 
@@ -230,9 +231,8 @@ def make_bag_main(argv=None) -> int:
             args.encoding,
             args.storage,
         )
-    except (
-        BaseException
-    ) as e:  # rosbags and the frame readers fail with their own errors; Ctrl-C; SIGTERM
+    # rosbags and the frame readers fail with their own errors; Ctrl-C; SIGTERM
+    except BaseException as e:
         shutil.rmtree(args.out, ignore_errors=True)
         if isinstance(e, KeyboardInterrupt):
             return 130
@@ -307,10 +307,11 @@ def play_bag(
             for c in reader.connections:
                 try:
                     cls = _message_class(c.msgtype)
+                # as ros2 bag play: the topic is left out, the rest play
                 except (
                     ImportError,
                     AttributeError,
-                ) as e:  # as ros2 bag play: the topic is left out, the rest play
+                ) as e:
                     node.get_logger().warning(
                         f"not playing {c.topic}: its type {c.msgtype} cannot be imported here "
                         f"({e}); source the workspace that builds it"
@@ -359,9 +360,8 @@ def play_bag(
                     else:
                         publisher.publish(bytes(raw))
                     sent += 1
-                if (
-                    not loop or sent == sent_before
-                ):  # a bag with nothing to play would loop for ever
+                # a bag with nothing to play would loop for ever
+                if not loop or sent == sent_before:
                     break
             time.sleep(0.2)  # let reliable writers deliver the tail before the process exits
     finally:
@@ -430,9 +430,8 @@ def play_bag_main(argv=None) -> int:
         ap.error("--rate must be > 0")
     if args.subscribers < 1:
         ap.error("--subscribers must be >= 1")
-    if (
-        not 0 <= args.clock <= MAX_CLOCK_HZ
-    ):  # NaN too; a faster clock never caught up and spun for ever
+    # NaN too; a faster clock never caught up and spun for ever
+    if not 0 <= args.clock <= MAX_CLOCK_HZ:
         ap.error(f"--clock must be from 0 (no /clock) to {MAX_CLOCK_HZ:g} Hz")
     if not args.wait_for_subscribers >= 0:
         ap.error("--wait-for-subscribers must be >= 0 s")
@@ -440,9 +439,8 @@ def play_bag_main(argv=None) -> int:
         ap.error(f"--remap takes FROM:=TO, not {bad[0]!r}")
     remap = dict(r.split(":=", 1) for r in args.remap)
     exit_on_sigterm()
-    signal.signal(
-        signal.SIGINT, signal.default_int_handler
-    )  # also where a script started it with SIGINT ignored
+    # also where a script started it with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sent = play_bag(
             args.bag,

@@ -17,9 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
-from internvl_engine import InternVLError
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
+
+from internvl_engine import InternVLError
 
 IMAGE_TYPES = {Image: "sensor_msgs/msg/Image", CompressedImage: "sensor_msgs/msg/CompressedImage"}
 RELIABLE_CAMERA = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
@@ -51,9 +52,8 @@ class Camera:
     topic: str  # fully qualified
     msg_type: type  # Image or CompressedImage, by the topic's name
     latest: Frame | None = None
-    history: deque = field(
-        default_factory=deque
-    )  # time-ordered, thinned to max_frames over window_s
+    # time-ordered, thinned to max_frames over window_s
+    history: deque = field(default_factory=deque)
     received: int = 0
     reliability: str = ""  # of the current subscription: "reliable" | "best_effort"
     other_types: tuple[str, ...] = ()  # message types of publishers this topic cannot take

@@ -14,9 +14,7 @@ answer and its status.
 
 from __future__ import annotations
 
-import argparse
 import math
-import signal
 import sys
 import threading
 import time
@@ -25,28 +23,25 @@ from dataclasses import dataclass
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
-from internvl_engine import InvalidRequestError, checked_choices
-from internvl_msgs.action import Ask  # noqa: I100
-from internvl_msgs.msg import Answer as AnswerMsg
-from internvl_msgs.msg import AnswerChunk
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
-from rclpy.exceptions import NameValidationException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
-from rclpy.validate_namespace import validate_namespace
-from rclpy.validate_node_name import validate_node_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from .node import (
-    ANSWER_QOS,
-    ERROR_PREFIX,
-    QUESTION_QOS,
-)  # first: it says how to get internvl_msgs if missing
-from .params import MAX_NEW_TOKENS, MODES
+from .interface import ANSWER_QOS, ERROR_PREFIX, QUESTION_QOS
+
+try:
+    from internvl_msgs.action import Ask
+    from internvl_msgs.msg import Answer as AnswerMsg
+    from internvl_msgs.msg import AnswerChunk
+except ImportError as e:
+    raise ImportError(
+        f"{e}: the client needs the internvl_msgs interface package: build the workspace (make ws, "
+        "or colcon build in ros2_ws) and source its install/setup.bash"
+    ) from e
 
 RELIABLE = ANSWER_QOS
 STATUS_NAMES = {
@@ -160,7 +155,8 @@ class AskResult:
     def error(self) -> str:
         """Why it did not succeed: the node's error code and message, or the client's view."""
         if self.answer is not None and self.answer.error_code != AnswerMsg.NONE:
-            return f"{ERROR_NAMES.get(self.answer.error_code, self.answer.error_code)}: {self.answer.error_msg}"
+            code = ERROR_NAMES.get(self.answer.error_code, self.answer.error_code)
+            return f"{code}: {self.answer.error_msg}"
         return "" if self.ok else self.status
 
 
@@ -438,7 +434,7 @@ def _print_status(values: dict) -> None:
         print(f"  {key}: {value}")
 
 
-def _ask_topic(args) -> int:
+def ask_topic(args) -> int:
     client = Client(args.namespace, args.node_name)
     try:
         client.wait_ready(args.timeout)
@@ -492,7 +488,7 @@ def _ask_topic(args) -> int:
         client.close()
 
 
-def _ask_action(args) -> int:
+def ask_action(args) -> int:
     client = AskClient(args.namespace)
     try:
         print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
@@ -536,111 +532,3 @@ def _ask_action(args) -> int:
         return 0 if result.ok else 1
     finally:
         client.close()
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="internvl-ask",
-        description="Ask the internvl node a question and print the answer as it streams, "
-        "then its status.",
-        epilog="Example: internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot",
-    )
-    ap.add_argument("-q", "--question", required=True, help="the question")
-    ap.add_argument(
-        "--mode",
-        choices=MODES,
-        help="image, video or text (topic: sets the node's mode parameter first; "
-        "action: for this question only)",
-    )
-    ap.add_argument(
-        "--choices",
-        type=lambda text: text.split(","),
-        default=[],
-        metavar="A,B,...",
-        help="answer with the most likely of these comma-separated choices (uses the action)",
-    )
-    ap.add_argument(
-        "--cameras",
-        type=lambda text: text.split(","),
-        default=[],
-        metavar="TOPIC,...",
-        help="use only these of the node's cameras (image_topics names; uses the action)",
-    )
-    ap.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=0,
-        metavar="N",
-        help="longest answer in tokens, for this question only (default: the node's; uses the "
-        "action)",
-    )
-    ap.add_argument(
-        "--action",
-        action="store_true",
-        help="ask through the ask action instead of the question topic",
-    )
-    ap.add_argument("--namespace", default="", help="the node's namespace")
-    ap.add_argument("--node-name", default="internvl", help="the node's name (topic questions)")
-    ap.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for the node and the answer"
-    )
-    args = ap.parse_args(argv)
-    try:
-        check_timeout(args.timeout)
-    except ValueError as e:
-        ap.error(f"--{e}")
-    try:  # the node would refuse them (INVALID_QUESTION) after a round trip
-        checked_choices(args.choices)
-    except InvalidRequestError as e:
-        ap.error(f"--{e}")
-    if "" in args.cameras:
-        ap.error(f"--cameras must not be empty names: {','.join(args.cameras)!r}")
-    if (
-        not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS
-    ):  # the node would refuse it after a round trip
-        ap.error(
-            f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS} tokens (0: the node's "
-            "max_new_tokens), "
-            f"not {args.max_new_tokens}"
-        )
-    for option, text in (
-        [("--question", args.question)]
-        + [("--choices", c) for c in args.choices]
-        + [("--cameras", c) for c in args.cameras]
-    ):
-        try:
-            text.encode()
-        except UnicodeEncodeError:  # Python keeps the bytes it could not decode as lone surrogates
-            ap.error(f"{option} is not valid UTF-8 text: {text!r}")
-    try:  # before any node exists: rclpy says what is wrong and where
-        if args.namespace:
-            validate_namespace(
-                args.namespace if args.namespace.startswith("/") else "/" + args.namespace
-            )
-        validate_node_name(args.node_name)
-    except NameValidationException as e:
-        ap.error(str(e))
-    stopped_by = []
-
-    def stop(signum, frame):  # Ctrl-C and SIGTERM alike: out of any wait at once, a goal cancelled
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    rclpy.init(
-        signal_handler_options=SignalHandlerOptions.NO
-    )  # rclpy's would shut ROS down under the waits
-    try:
-        per_question = (
-            args.choices or args.cameras or args.max_new_tokens
-        )  # only a goal carries them
-        return _ask_action(args) if args.action or per_question else _ask_topic(args)
-    except TimeoutError as e:
-        print(f"internvl-ask: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", flush=True)  # end the answer's line
-        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
-    finally:
-        rclpy.try_shutdown()

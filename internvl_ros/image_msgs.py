@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from internvl_engine import InternVLError
 
 
 @dataclass(frozen=True)
 class Encoding:
     depth: int  # bytes per sample
-    channels: int  # samples per pixel as stored (4:2:2: two, a Y and a U or V in turn; semi-planar: the Y)
+    # samples per pixel as stored (4:2:2: two, a Y and a U or V in turn; semi-planar: the Y)
+    channels: int
     to_rgb: int | None  # OpenCV conversion to RGB; None: already RGB
     even_width: bool = False  # chroma shared by pixel pairs
     # Semi-planar YUV: the Y rows, then a plane of U,V pairs, one pair for each 2x2 pixels (420:
@@ -29,7 +31,8 @@ class Encoding:
         """Why a w x h picture cannot be held in this encoding, or None."""
         even_height = self.chroma_plane == 420
         if (self.even_width and w % 2) or (even_height and h % 2):
-            return f"its width{' and height' * even_height} must be even (pixels share their colour), not {w}x{h}"
+            sides = "width and height" if even_height else "width"
+            return f"its {sides} must be even (pixels share their colour), not {w}x{h}"
         return None
 
     def rows(self, h: int) -> int:
@@ -63,12 +66,12 @@ ENCODINGS = {
         for bits in (8, 16)
     },
     # yuv422 and yuv422_yuy2 are Humble's names; uyvy and yuyv are later distributions' (as is nv12)
-    **dict.fromkeys(
-        ["yuv422", "uyvy"], Encoding(1, 2, cv2.COLOR_YUV2RGB_UYVY, even_width=True)
-    ),  # U Y V Y
+    # U Y V Y
+    **dict.fromkeys(["yuv422", "uyvy"], Encoding(1, 2, cv2.COLOR_YUV2RGB_UYVY, even_width=True)),
+    # Y U Y V
     **dict.fromkeys(
         ["yuv422_yuy2", "yuyv"], Encoding(1, 2, cv2.COLOR_YUV2RGB_YUY2, even_width=True)
-    ),  # Y U Y V
+    ),
     "nv12": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV12, even_width=True, chroma_plane=420),  # U,V pairs
     "nv21": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV21, even_width=True, chroma_plane=420),  # V,U pairs
     "nv24": Encoding(1, 1, cv2.COLOR_YUV2RGB_NV12, chroma_plane=444),  # U,V pairs; see _nv24_to_rgb
@@ -76,7 +79,10 @@ ENCODINGS = {
 # Encodings refused with what they likely are: a depth camera's measurements, or pixels whose
 # channel order is not given (cv_bridge's cv2_to_imgmsg without an encoding writes these).
 DEPTH = "a depth image: image_topics takes colour or grey cameras"
-UNORDERED = "pixels without a channel order, as cv2_to_imgmsg writes without an encoding: publish them as {}"
+UNORDERED = (
+    "pixels without a channel order, as cv2_to_imgmsg writes without an encoding: "
+    "publish them as {}"
+)
 REFUSED = {
     "16uc1": DEPTH,
     "32fc1": DEPTH,
@@ -137,9 +143,8 @@ def image_to_rgb(msg) -> np.ndarray:
         return pixels
     try:
         return cv2.cvtColor(pixels, encoding.to_rgb)
-    except (
-        cv2.error
-    ) as e:  # a refusal the checks above did not foresee: still the camera's problem, named
+    # a refusal the checks above did not foresee: still the camera's problem, named
+    except cv2.error as e:
         raise ImageConversionError(f"OpenCV cannot convert this {w}x{h} {name} image: {e}") from e
 
 

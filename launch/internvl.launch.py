@@ -1,6 +1,7 @@
 """Start the internvl node.
 
-    ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model image_topic:=/camera/image_raw
+    ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model \\
+        image_topic:=/camera/image_raw
 
 Arguments: params_file (default: the package's config/internvl.yaml), namespace, backend,
 model_dir, hf_model, vit_model (override the YAML when given) and image_topic (remaps the node's
@@ -21,9 +22,8 @@ OVERRIDES = ("backend", "model_dir", "hf_model", "vit_model")
 
 def node_with_overrides(context):
     params_file = LaunchConfiguration("params_file").perform(context)
-    if not os.path.isfile(
-        params_file
-    ):  # launch_ros only warns, and the node would start on its defaults
+    # launch_ros only warns, and the node would start on its defaults
+    if not os.path.isfile(params_file):
         raise FileNotFoundError(f"params_file {params_file}: no such file")
     # Only arguments that were given override the parameter file; empty ones leave it alone.
     overrides = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}

@@ -3,8 +3,7 @@
 ``cpuinfo CPU COUNT``: an Arm /proc/cpuinfo for a qemu core, to bind-mount over the host's x86 one
 (onnxruntime's cpuinfo library reads it to pick kernels: it must match the emulated core). ``venv
 ROOT CHECKOUT``: make the root's venv (/opt/venv) run the checkout (at CHECKOUT inside the root) as
-it is: a .pth file naming a folder of links to its packages (mapped as setup.py maps them), and the
-console scripts setup.py declares.
+it is: a .pth file naming it, and the console scripts setup.py declares.
 """
 
 from __future__ import annotations
@@ -48,19 +47,11 @@ SITE = f"{VENV}/lib/python3.11/site-packages"
 
 def venv(root: Path, checkout: str) -> None:
     site, bin_dir = root / SITE, root / VENV / "bin"
-    setup = (REPO / "setup.py").read_text()
-    mapped = dict(
-        re.findall(r'"(\w+)": "(\w+)"', setup[setup.index("package_dir") :].split("}")[0])
-    )
-    links = site / "_internvl_checkout"
-    links.mkdir(parents=True, exist_ok=True)
-    for package in ("internvl_engine", "internvl_toy", "internvl_ros"):
-        link = links / package
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(f"{checkout}/{mapped.get(package, package)}")
-    (site / "internvl_checkout.pth").write_text(f"/{SITE}/{links.name}\n")
-    for name, module, function in re.findall(r'"([\w-]+) = ([\w.]+):(\w+)"', setup):
+    # each package is the folder of its name
+    (site / "internvl_checkout.pth").write_text(checkout + "\n")
+    for name, module, function in re.findall(
+        r'"([\w-]+) = ([\w.]+):(\w+)"', (REPO / "setup.py").read_text()
+    ):
         script = bin_dir / name
         script.write_text(
             f"#!/{VENV}/bin/python\nimport sys\nfrom {module} import {function}\n"

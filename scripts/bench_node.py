@@ -1,7 +1,8 @@
 """Node overhead figures (prints them, with the CPU; asserts nothing). With the workspace sourced:
 
     source ros2_ws/install/setup.bash
-    .venv/bin/internvl-make-tiny --out /tmp/tiny && .venv/bin/internvl-export --hf-model /tmp/tiny --out /tmp/tiny_onnx
+    .venv/bin/internvl-make-tiny --out /tmp/tiny
+    .venv/bin/internvl-export --hf-model /tmp/tiny --out /tmp/tiny_onnx
     .venv/bin/python scripts/bench_node.py --model-dir /tmp/tiny_onnx [--questions 20] [--idle-s 10]
 
 1. Question -> first streamed chunk, seen by a client over DDS, minus the engine's own TTFT and
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from internvl_engine.bench import machine
 from sensor_msgs.msg import Image
 
+from internvl_engine.tools.bench import machine
 from internvl_ros.client import RELIABLE, Client
 from internvl_ros.params import CAMERA_QOS
 

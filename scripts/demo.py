@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import rclpy
-from internvl_toy.scenes import Shape, moving_clip, render
 
 from internvl_ros.bags import write_bag
 from internvl_ros.client import Client
+from internvl_toy.scenes import Shape, moving_clip, render
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "models" / "internvl-toy"

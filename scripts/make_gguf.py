@@ -15,8 +15,9 @@ small tokenizer of their own, so the converter is told to write Qwen2's pre-toke
 real InternVL2.5-1B checkpoint's tokenizer would hash to); the benchmark feeds token ids, so
 tokenization is never timed.
 
-    python scripts/make_gguf.py --hf-model real/hf --llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp \\
-        --out real/gguf            # real/gguf/qwen2-f32.gguf, -q8_0.gguf, -q4_0.gguf
+    python scripts/make_gguf.py --hf-model real/hf \\
+        --llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp --out real/gguf
+    # writes real/gguf/qwen2-f32.gguf, -q8_0.gguf, -q4_0.gguf
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from internvl_engine.peers import export_qwen2
+from internvl_engine.tools.peers import export_qwen2
 
 CONVERT = """
 import sys

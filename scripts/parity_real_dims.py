@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from internvl_engine import Engine, GenerationConfig, Request  # noqa: E402
 from internvl_engine.cli import timing_table  # noqa: E402
 from internvl_engine.engine import forced_logits  # noqa: E402
-from internvl_engine.export import export  # noqa: E402
-from internvl_engine.make_tiny import make_tiny  # noqa: E402
-from internvl_engine.reference import load_reference, reference_logits  # noqa: E402
+from internvl_engine.tools.export import export  # noqa: E402
+from internvl_engine.tools.make_tiny import make_tiny  # noqa: E402
+from internvl_engine.tools.reference import load_reference, reference_logits  # noqa: E402
 
 
 def main() -> int:

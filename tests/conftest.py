@@ -20,7 +20,7 @@ TOY = Path(__file__).resolve().parent.parent / "models" / "internvl-toy"
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
-    from internvl_engine.make_tiny import make_tiny
+    from internvl_engine.tools.make_tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_hf"), seed=0)
 
@@ -79,7 +79,7 @@ TINY_BUILD_ARGS = dict(prefill_chunk=TEST_CHUNK, kv_cache_len=1279, max_prompt_t
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf, tmp_path_factory) -> Path:
     from internvl_engine.config import LayerBuild
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     out = tmp_path_factory.mktemp("tiny_onnx")
     export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), log=lambda *_: None)
@@ -91,7 +91,7 @@ def contract_model(tiny_hf, tmp_path_factory) -> Path:
     """The tiny checkpoint exported to the AX650N contract (one model per Pulsar2 shape group) with
     the seed's llm_build (LayerBuild's defaults)."""
     from internvl_engine.config import LayerBuild
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     out = tmp_path_factory.mktemp("contract")
     export(tiny_hf, out, LayerBuild(), contract="axmodel", log=lambda *_: None)
@@ -102,7 +102,7 @@ def contract_model(tiny_hf, tmp_path_factory) -> Path:
 def tiny_layers_model(tiny_hf, tmp_path_factory) -> Path:
     """The same checkpoint as per-layer models (the AX650N contract with dynamic shapes)."""
     from internvl_engine.config import LayerBuild
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     out = tmp_path_factory.mktemp("tiny_layers")
     export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), contract="dynamic", log=lambda *_: None)
@@ -126,7 +126,7 @@ def engine(tiny_model):
 @pytest.fixture(scope="session")
 def toy_model(tmp_path_factory) -> Path:
     """The trained toy checkpoint (models/internvl-toy), exported."""
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     out = tmp_path_factory.mktemp("toy_onnx")
     export(TOY, out, log=lambda *_: None)
@@ -146,7 +146,7 @@ def needs_torch():
 @pytest.fixture(scope="session")
 def reference(tiny_hf, engine):
     needs_torch()
-    from internvl_engine.reference import load_reference
+    from internvl_engine.tools.reference import load_reference
 
     return load_reference(tiny_hf, engine.tokenizer.ids["<IMG_CONTEXT>"])
 

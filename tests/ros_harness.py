@@ -10,7 +10,7 @@ from pathlib import Path
 from sensor_msgs.msg import CompressedImage, Image
 
 from internvl_ros.client import RELIABLE, Client  # noqa: F401  (re-exported for the tests)
-from internvl_ros.node import ERROR_PREFIX as ERROR  # noqa: F401
+from internvl_ros.interface import ERROR_PREFIX as ERROR  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -83,13 +83,11 @@ def image_msg(rgb, encoding: str, padding: int = 0, big_endian: bool = False) ->
     if pixels.dtype == np.uint16:  # a low byte unlike the high one, so a byte-order mistake shows
         pixels = ((pixels & 0xFF00) | 0x3C).astype(">u2" if big_endian else "<u2")
     h, w = rgb.shape[:2]
-    rows = (
-        np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)
-    )  # NV21: 1.5 h rows
+    # NV21: 1.5 h rows
+    rows = np.ascontiguousarray(pixels).reshape(pixels.shape[0], -1).view(np.uint8)
     planes = [rows]
-    if (
-        ENCODINGS[encoding].chroma_plane == 444
-    ):  # its chroma rows are twice as long as its Y rows, padding too
+    # its chroma rows are twice as long as its Y rows, padding too
+    if ENCODINGS[encoding].chroma_plane == 444:
         planes = [rows[:h], rows[h:].reshape(h, -1)]
     data = b"".join(
         np.pad(

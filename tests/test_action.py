@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import rclpy
 from images import noise_image
-from internvl_engine import GenerationConfig, Request
 from internvl_msgs.msg import Answer
-from internvl_toy.scenes import COLORS, samples
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from ros_harness import image_msg
 from ros_tools import needs_ros_tools, shell, stop_ros2_daemon
 from test_node import deliver, running_node
 
+from internvl_engine import GenerationConfig, Request
 from internvl_ros.client import AskClient, wait_future
+from internvl_toy.scenes import COLORS, samples
 
 LONG = 600  # tokens: long enough that later questions arrive while the first is running
 
@@ -441,7 +441,8 @@ def test_ros2_lifecycle_and_send_goal_as_docs_show(toy_model, tmp_path):
         ) as (_, client):
             deliver(client, "/image_raw", image_msg(picture.images[0], "rgb8"))
             goal = shell(
-                """ros2 action send_goal /ask internvl_msgs/action/Ask "{question: 'What color is the shape?', """
+                "ros2 action send_goal /ask internvl_msgs/action/Ask "
+                """"{question: 'What color is the shape?', """
                 """choices: [red, green, blue, yellow, purple]}" """
             )
             assert "Goal finished with status: SUCCEEDED" in goal.stdout, goal.stdout + goal.stderr
@@ -456,7 +457,7 @@ def test_ros2_lifecycle_and_send_goal_as_docs_show(toy_model, tmp_path):
                 "inactive"
             )
             refused = shell(
-                """ros2 action send_goal /ask internvl_msgs/action/Ask "{question: 'What color?'}" """
+                "ros2 action send_goal /ask internvl_msgs/action/Ask \"{question: 'What color?'}\" "
             )
             assert (
                 "Goal finished with status: ABORTED" in refused.stdout

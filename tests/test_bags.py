@@ -225,9 +225,8 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
 
     reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     node.create_subscription(String, "/remapped", on_question, reliable)
-    node.create_subscription(
-        String, "/remapped", lambda msg: recorded.append(msg.data), reliable
-    )  # a second listener
+    # a second listener
+    node.create_subscription(String, "/remapped", lambda msg: recorded.append(msg.data), reliable)
     stop = threading.Event()
     spinner = threading.Thread(
         target=lambda: [rclpy.spin_once(node, timeout_sec=0.05) for _ in iter(stop.is_set, True)]
@@ -264,9 +263,8 @@ def test_play_bag_keeps_order_and_spacing_and_remaps(tmp_path):
     assert [text for _, text in got] == ["one", "two", "three"]
     assert recorded == ["one", "two", "three"]  # the player waited for both subscribers
     span = got[-1][0] - got[0][0]
-    assert (
-        0.25 < span < 1.5
-    )  # 0.8 s of bag at rate 2 (loose: this is a functional check, not a benchmark)
+    # 0.8 s of bag at rate 2 (loose: this is a functional check, not a benchmark)
+    assert 0.25 < span < 1.5
     assert "played 3 messages" in proc.stdout
 
 
@@ -296,12 +294,13 @@ def test_play_bag_refuses_bad_input(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.startswith("internvl-play-bag: error:")
     bag = write_bag(tmp_path / "bag", [], [(0.0, "hi")], question_topic="question")
+    # the rule would do nothing, and the camera stay silent
     proc = subprocess.run(
         [str(BIN / "internvl-play-bag"), str(bag), "--remap", "image_raw:=/cam"],
         capture_output=True,
         text=True,
         timeout=60,
-    )  # the rule would do nothing, and the camera stay silent
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == (
         f"internvl-play-bag: error: cannot remap /image_raw: {bag} has no such topic (its topics: "
@@ -328,7 +327,10 @@ def test_play_bag_leaves_out_topics_of_types_it_cannot_import(tmp_path):
                     ns,
                     store.serialize_cdr(msg, msgtype),
                 )
-    warning = "not playing /foo: its type my_pkg/msg/Foo cannot be imported here (No module named 'my_pkg')"
+    warning = (
+        "not playing /foo: its type my_pkg/msg/Foo cannot be imported here "
+        "(No module named 'my_pkg')"
+    )
     proc = subprocess.run(
         [str(BIN / "internvl-play-bag"), str(tmp_path / "mixed")],
         capture_output=True,

@@ -13,10 +13,11 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import pytest
 from conftest import TINY_BUILD_ARGS, needs_torch
-from internvl_engine.bench import failure, worker_pool
+
 from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
 from internvl_engine.session import thread_count
+from internvl_engine.tools.bench import failure, worker_pool
+from internvl_engine.tools.export import export
 
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
 ENGINE_FIGURES = FIGURES | {
@@ -32,7 +33,7 @@ ENGINE_FIGURES = FIGURES | {
 
 def bench(*args):
     return subprocess.run(
-        [sys.executable, "-m", "internvl_engine.bench", *map(str, args)],
+        [sys.executable, "-m", "internvl_engine.tools.bench", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -87,9 +88,8 @@ def test_json_has_every_figure_and_the_ratios(tiny_model, tiny_hf, tmp_path):
         "tokens_per_s",
     }
     engine_runs = report["runtimes"]["engine"]["runs"]["2"]
-    assert all(
-        r["second_question_reused_tokens"] > 0 for r in engine_runs
-    )  # system prompt and images reused
+    # system prompt and images reused
+    assert all(r["second_question_reused_tokens"] > 0 for r in engine_runs)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -115,9 +115,8 @@ def test_table_output(tiny_model):
 
 
 def test_bad_arguments(tiny_model, tmp_path):
-    assert (
-        bench("--model-dir", tiny_model, "--compare", "transformers").returncode == 2
-    )  # needs --hf-model
+    # needs --hf-model
+    assert bench("--model-dir", tiny_model, "--compare", "transformers").returncode == 2
     run = bench("--model-dir", tmp_path / "missing", "--images", 0, "--repeats", 1)
     assert run.returncode == 2 and "no such model directory" in run.stderr
 
@@ -190,11 +189,9 @@ def test_decoder_comparison(tiny_model, tiny_int4, tiny_hf, peers_dir):
         f"{int4} vs onnxruntime-genai int4",
     }
     assert report["bandwidth_gb_s"] > 0
-    assert (
-        peers_dir / "onnxruntime-genai-int4" / "genai_config.json"
-    ).is_file()  # kept for the next run
-    # without --threads every runtime gets every core: onnxruntime-genai's own default took 1 of 2
-    # here
+    # kept for the next run without --threads every runtime gets every core: onnxruntime-genai's own
+    # default took 1 of 2 here
+    assert (peers_dir / "onnxruntime-genai-int4" / "genai_config.json").is_file()
     table = bench(
         "--model-dir",
         tiny_int4,
@@ -232,7 +229,7 @@ def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
     transformers' Qwen2 on its language model pick the engine's greedy tokens after the same
     prompt."""
     needs_genai()
-    from internvl_engine.peers import (
+    from internvl_engine.tools.peers import (
         EngineDecoder,
         GenaiDecoder,
         TransformersDecoder,
@@ -255,9 +252,8 @@ def test_peers_decode_what_the_engine_decodes(tiny_model, tiny_hf, peers_dir):
 
 
 def test_decoder_comparison_arguments(tiny_model, tmp_path):
-    assert (
-        bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2
-    )  # needs --hf-model
+    # needs --hf-model
+    assert bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2
     run = bench("--model-dir", tiny_model, "--gguf", tmp_path / "q8_0.gguf")
     assert run.returncode == 2 and "time them with --contexts" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png")
@@ -281,13 +277,11 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
         1,
     )
     assert run.returncode == 2 and "missing.gguf" in run.stderr
-    run = bench(
-        "--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1
-    )  # over the build's limit
+    # over the build's limit
+    run = bench("--model-dir", tiny_model, "--contexts", 2000, "--repeats", 1)
     assert run.returncode == 2 and "needs an export with --max-prompt-tokens 2000" in run.stderr
-    run = bench(
-        "--model-dir", tiny_model, "--contexts", 16, "--threads", -1
-    )  # was a numpy traceback
+    # was a numpy traceback
+    run = bench("--model-dir", tiny_model, "--contexts", 16, "--threads", -1)
     assert run.returncode == 2 and "--threads >= 0" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -155,10 +155,11 @@ def test_seed_flags_and_video(tiny_model, tmp_path):
         (["--model-dir", "{model}", "-q", "  "], "the question is empty"),
         (["--model-dir", "{model}", "-q", "hi", "-i", "{tmp}/bad.jpg"], "not a readable image"),
         (["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/empty.avi"], "video"),
+        # no FFmpeg noise
         (
             ["--model-dir", "{model}", "-q", "hi", "-v", "{tmp}/garbage.mp4"],
             "cannot open video",
-        ),  # no FFmpeg noise
+        ),
         (["--model-dir", "{model}", "-q", "~" * 1300], "accepts at most"),
         (
             ["--model-dir", "{model}", "-q", "hi", "--threads", "-1"],

@@ -10,9 +10,10 @@ import math
 
 import pytest
 from conftest import update_field
+
 from internvl_engine import ConfigError, ModelDirError
 from internvl_engine.config import LayerBuild, Manifest, ModelSpec
-from internvl_engine.make_tiny import make_tiny
+from internvl_engine.tools.make_tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,8 @@ def test_a_spec_field_of_the_wrong_type_or_range_is_named(spec, path, value, mes
 def test_valid_values_pass_unchanged(spec):
     assert ModelSpec.from_dict(spec).to_dict() == spec
     assert ModelSpec.from_dict(edited(spec, "select_layer", -1)).select_layer == -1
-    assert (
-        ModelSpec.from_dict(edited(spec, "downsample_ratio", 1)).downsample_ratio == 1
-    )  # an integer is a number
+    # an integer is a number
+    assert ModelSpec.from_dict(edited(spec, "downsample_ratio", 1)).downsample_ratio == 1
     assert dataclasses.astuple(LayerBuild(1, 1, 1)) == (1, 1, 1)
 
 

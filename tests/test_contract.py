@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import pytest
 from images import noise_image
+
 from internvl_engine import Engine, GenerationConfig, PromptTooLongError, Request
 from internvl_engine.config import LayerBuild, ModelLayout
 from internvl_engine.engine import forced_logits, greedy_tokens
 from internvl_engine.errors import BackendError, ModelDirError
-from internvl_engine.export import save_embeddings_bf16
 from internvl_engine.llm import load_embeddings
+from internvl_engine.tools.export import save_embeddings_bf16
 
 BUILD = LayerBuild()  # the seed's llm_build, as conftest's contract_model is exported
 TOL = 1e-4
@@ -115,9 +116,8 @@ def test_seed_style_cache_gives_the_same_logits_and_moves_far_more(contract_mode
     t = contract_engine.spec.text
     full_cache = t.num_layers * 2 * BUILD.kv_cache_len * t.kv_dim * 4
     assert moved["seed"] > full_cache  # the whole cache goes through run() every token
-    assert (
-        moved["resident"] < full_cache / 50
-    )  # only the new rows, hidden states, positions and mask
+    # only the new rows, hidden states, positions and mask
+    assert moved["resident"] < full_cache / 50
 
 
 def test_decode_bytes_are_reported(contract_engine):
@@ -141,9 +141,8 @@ def test_bf16_embedding_file_is_truncated_fp32(tmp_path, contract_model, tiny_mo
     table = np.array([[1.0, 1.00390625 * (1 + 2**-9), -3.14159, 65504.0]], np.float32)
     save_embeddings_bf16(table, tmp_path / "e.bfloat16.bin")
     loaded = np.asarray(load_embeddings(tmp_path / "e.bfloat16.bin", 1, 4), np.float32)
-    expected = (table.view(np.uint32) & 0xFFFF0000).view(
-        np.float32
-    )  # upper 16 bits kept, not rounded
+    # upper 16 bits kept, not rounded
+    expected = (table.view(np.uint32) & 0xFFFF0000).view(np.float32)
     np.testing.assert_array_equal(loaded, expected)
     # The tiny checkpoint is bf16, so the .bin of the contract export equals the dynamic export's
     # .npy.
@@ -237,9 +236,8 @@ def test_prefix_reuse_gives_the_same_logits(request, fixture):
         Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)])
     )
     e.llm.prefill(other_image.embeds)
-    assert (
-        e.llm.reused < second.token_ids.index(e.tokenizer.ids["<IMG_CONTEXT>"]) + 1
-    )  # new frames: rerun them
+    # new frames: rerun them
+    assert e.llm.reused < second.token_ids.index(e.tokenizer.ids["<IMG_CONTEXT>"]) + 1
     answer = e.answer(
         Request("What colour dominates the image?", images=[noise_image(120, 160, seed=4)]),
         GenerationConfig(max_new_tokens=2),

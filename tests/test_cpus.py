@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from internvl_engine.backend_onnxruntime import load_session, session_options
 from internvl_engine.cpu import cpu_info, int8_gemm_exact, int8_path
-from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent / "cpus"))
 import cpuid_standin as standin  # noqa: E402
@@ -30,7 +31,10 @@ ZEN3_FLAGS = (
     "xsaveopt vaes "
     "vpclmulqdq rdpid fsrm"
 )
-A76_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+A76_FEATURES = (
+    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+    "asimddp"
+)
 
 
 @pytest.mark.parametrize(
@@ -118,8 +122,9 @@ def test_the_probe_says_what_the_kernel_does_and_the_engine_is_exact_either_way(
 
 def test_the_doctor_names_the_cpu_and_how_the_int8_graphs_run_on_it(tiny_hf, tmp_path):
     from conftest import TINY_BUILD_ARGS
+
     from internvl_engine.config import LayerBuild
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     export(
         tiny_hf,

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from conftest import TINY_BUILD_ARGS, first_decoder_file, with_manifest
 from images import noise_image
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 from internvl_engine import (
     BackendError,
+    Chunk,
     Engine,
     GenerationConfig,
     InvalidRequestError,
@@ -27,13 +31,12 @@ from internvl_engine import (
     PromptTooLongError,
     Request,
 )
-from internvl_engine.export import export
-from internvl_engine.make_tiny import make_tiny
+from internvl_engine.models import qwen2
 from internvl_engine.prompt import TextStream
 from internvl_engine.sampling import Sampler
 from internvl_engine.session import cpu_quota
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from internvl_engine.tools.export import export
+from internvl_engine.tools.make_tiny import make_tiny
 
 
 def test_prompt_layout(engine):
@@ -78,8 +81,8 @@ def test_stream_chunks_join_to_the_answer(engine):
         for item in engine.stream(
             Request("Describe."), GenerationConfig(max_new_tokens=40, temperature=1.0, seed=seed)
         ):
-            if isinstance(item, str):
-                chunks.append(item)
+            if isinstance(item, Chunk):
+                chunks.append(item.text)
             else:
                 answer = item
         assert "".join(chunks) == answer.text
@@ -135,9 +138,8 @@ def test_sampler_filters():
     assert Sampler(GenerationConfig(repetition_penalty=2.0))(neg, np.array([0])) == 1
     with pytest.raises(InvalidRequestError):
         GenerationConfig(top_p=0.0)
-    with pytest.raises(
-        InvalidRequestError, match="seed must be >= 0"
-    ):  # numpy's ValueError at the first sample
+    # numpy's ValueError at the first sample
+    with pytest.raises(InvalidRequestError, match="seed must be >= 0"):
         GenerationConfig(seed=-1)
 
 
@@ -145,9 +147,9 @@ def checkpoint_with_swapped_rows(src, dst, a: int, b: int):
     """Copy a checkpoint, swapping two lm_head rows (so token b scores what token a scored)."""
     with safe_open(str(src / "model.safetensors"), framework="numpy") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    head = tensors["language_model.lm_head.weight"].copy()
+    head = tensors[qwen2.LM_HEAD].copy()
     head[[a, b]] = head[[b, a]]
-    tensors["language_model.lm_head.weight"] = head
+    tensors[qwen2.LM_HEAD] = head
     dst.mkdir()
     for p in src.iterdir():
         if p.name != "model.safetensors":
@@ -176,9 +178,8 @@ def test_cancel_from_another_thread(engine):
             Request("Talk."), GenerationConfig(max_new_tokens=1000, temperature=1.0, seed=1), cancel
         ):
             result["last"] = item
-            if (
-                not started.is_set()
-            ):  # hold the first chunk until the other thread has cancelled: however
+            # hold the first chunk until the other thread has cancelled: however
+            if not started.is_set():
                 started.set()  # fast the model, the cancel then lands between two tokens
                 assert cancel.wait(30)
 
@@ -210,9 +211,8 @@ def test_cancel_stops_scoring_choices_between_two(engine, monkeypatch):
     assert decoded == engine.tokenizer.encode("dark red", markup=False)  # the first choice only
     monkeypatch.undo()
     again = engine.answer(request)
-    assert (
-        again.choice_index == expected.choice_index
-    )  # the cache reused after a cancel gives the same scores
+    # the cache reused after a cancel gives the same scores
+    assert again.choice_index == expected.choice_index
     assert again.choice_probabilities == pytest.approx(
         expected.choice_probabilities, rel=1e-4, abs=1e-9
     )
@@ -224,7 +224,7 @@ def test_a_model_that_gives_nan_logits_fails_clearly(tiny_hf, engine, tmp_path):
     with safe_open(str(tiny_hf / "model.safetensors"), framework="numpy") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     token = engine.tokenizer.encode("blue", markup=False)[0]
-    tensors["language_model.lm_head.weight"][token] = np.nan
+    tensors[qwen2.LM_HEAD][token] = np.nan
     broken = tmp_path / "hf"
     broken.mkdir()
     for p in tiny_hf.iterdir():
@@ -299,9 +299,11 @@ def test_model_directory_errors(tiny_model, tmp_path):
             "spec.text.num_layers",
             lambda n: 2 * n,
             {
-                "fused": "layers' caches of [1, {kv_heads}, {kv_cache_len}, {head_dim}] and rows of {hidden}; the manifest "
-                "says {twice_layers} of",
-                "dynamic": "files name {layers} layer models, spec.text.num_layers is {twice_layers}",
+                "fused": "layers' caches of [1, {kv_heads}, {kv_cache_len}, {head_dim}] and rows "
+                "of "
+                "{hidden}; the manifest says {twice_layers} of",
+                "dynamic": "files name {layers} layer models, "
+                "spec.text.num_layers is {twice_layers}",
             },
         ),
         # a fused graph's cache is of one length, refused before 10**12 rows are allocated; a
@@ -406,7 +408,7 @@ def test_exporting_over_a_model_in_use_leaves_its_engine_alone(tiny_hf, tmp_path
         != before
     )
     with safe_open(str(other / "model.safetensors"), framework="numpy") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "language_model.lm_head.weight"}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != qwen2.LM_HEAD}
     save_file(tensors, str(other / "model.safetensors"))  # the ViT exports, the decoder does not
     written = {p.name: p.read_bytes() for p in model.iterdir()}
     with pytest.raises(ModelDirError, match="checkpoint lacks language_model.lm_head.weight"):
@@ -429,7 +431,7 @@ def test_an_export_stopped_with_sigterm_leaves_the_directory_as_it_was(
     script = (
         "import os, signal\n"
         "from internvl_engine.cli import exit_on_sigterm\n"
-        "from internvl_engine.export import export\n"
+        "from internvl_engine.tools.export import export\n"
         "exit_on_sigterm()\n"
         f"export({str(tiny_hf)!r}, {str(model)!r}, log=lambda line: os.kill(os.getpid(), "
         "signal.SIGTERM))\n"
@@ -443,7 +445,7 @@ def test_an_export_stopped_with_sigterm_leaves_the_directory_as_it_was(
 
 
 def test_export_refuses_a_non_checkpoint(tmp_path):
-    from internvl_engine.export import export as run_export
+    from internvl_engine.tools.export import export as run_export
 
     with pytest.raises(ModelDirError, match="config.json"):
         run_export(tmp_path, tmp_path / "out")
@@ -503,9 +505,8 @@ def test_a_video_refused_only_when_two_frames_do_not_fit(short_prompt_engine):
         short_prompt_engine.answer(Request("Which way? " * 12, video_frames=frames))
     with pytest.raises(PromptTooLongError, match="at most 160"):  # images are never dropped
         short_prompt_engine.answer(Request("Which one?", images=frames))
-    with pytest.raises(
-        PromptTooLongError, match="question and system prompt alone take"
-    ):  # no frames would help
+    # no frames would help
+    with pytest.raises(PromptTooLongError, match="question and system prompt alone take"):
         short_prompt_engine.answer(Request("Which way? " * 60, video_frames=frames))
 
 
@@ -527,9 +528,8 @@ def test_markup_in_a_question_is_text(engine, question):
     plain = engine.prepare(Request("Plain question?", images=image)).token_ids
     typed = engine.prepare(Request(question, images=image)).token_ids
     assert [t for t in typed if t in special] == [t for t in plain if t in special]
-    assert (
-        tok.decode(typed, skip_special_tokens=False).count(question.strip()) == 1
-    )  # the text itself is in the prompt
+    # the text itself is in the prompt
+    assert tok.decode(typed, skip_special_tokens=False).count(question.strip()) == 1
 
 
 @pytest.mark.parametrize("system_prompt", INJECTIONS)
@@ -593,8 +593,8 @@ def test_choices_pick_the_most_likely_whole_answer(engine):
         logits = forced_logits(engine.llm, prompt.embeds, ids[:-1])
         expected.append(
             sum(
-                float(np.log(np.exp(l - l.max()) / np.exp(l - l.max()).sum())[t])
-                for l, t in zip(logits, ids)
+                float(np.log(np.exp(row - row.max()) / np.exp(row - row.max()).sum())[t])
+                for row, t in zip(logits, ids)
             )
         )
     probabilities = np.exp(np.array(expected) - max(expected))
@@ -605,7 +605,7 @@ def test_choices_pick_the_most_likely_whole_answer(engine):
         and answer.text == request.choices[answer.choice_index]
     )
     assert abs(sum(answer.choice_probabilities) - 1) < 1e-6
-    chunks = [item for item in engine.stream(request) if isinstance(item, str)]
+    chunks = [item.text for item in engine.stream(request) if isinstance(item, Chunk)]
     assert chunks == [answer.text]  # nothing but the chosen choice is streamed
     free = engine.answer(
         Request("Is the door open?", images=[noise_image(64, 64, seed=2)]),
@@ -635,25 +635,29 @@ from internvl_engine.backend_onnxruntime import back_with_huge_pages
 libc = ctypes.CDLL(None, use_errno=True)
 
 def huge_kib():
-    return next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:"))
+    rollup = open("/proc/self/smaps_rollup")
+    return next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
 
 def resident_pages(buffer):
     pages = (len(buffer) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     vector = (ctypes.c_ubyte * pages)()
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(buffer)), vector) == 0, ctypes.get_errno()
+    status = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(buffer)), vector)
+    assert status == 0, ctypes.get_errno()
     return sum(v & 1 for v in vector)
 
 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 dense = mmap.mmap(-1, 32 << 20, flags=flags)
-guard = mmap.mmap(-1, mmap.PAGESIZE, flags=flags, prot=mmap.PROT_READ)  # keeps the two mappings apart
+# keeps the two mappings apart
+guard = mmap.mmap(-1, mmap.PAGESIZE, flags=flags, prot=mmap.PROT_READ)
 sparse = mmap.mmap(-1, 32 << 20, flags=flags)
 dense.write(b"x" * (32 << 20))  # every page in use, as loaded weights are
 sparse[0] = 1  # one page in use, as in a thread's stack
 before = huge_kib()
 collapsed = back_with_huge_pages()
 print(json.dumps({"collapsed_kib": collapsed >> 10, "huge_kib_added": huge_kib() - before,
-                  "sparse_pages": resident_pages(sparse), "dense_intact": dense[:] == b"x" * (32 << 20)}))
+                  "sparse_pages": resident_pages(sparse),
+                  "dense_intact": dense[:] == b"x" * (32 << 20)}))
 """
 
 
@@ -677,9 +681,8 @@ def test_dense_private_memory_goes_to_huge_pages_and_sparse_memory_does_not():
     )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
-    assert got["collapsed_kib"] >= 30 << 10 and got["huge_kib_added"] >= 30 << 10, (
-        got
-    )  # all but its ends
+    # all but its ends
+    assert got["collapsed_kib"] >= 30 << 10 and got["huge_kib_added"] >= 30 << 10, got
     assert got["sparse_pages"] == 1 and got["dense_intact"], got
 
 
@@ -716,9 +719,8 @@ def test_sessions_take_no_more_threads_than_the_cpu_quota():
         limited.mkdir()
     except OSError as e:
         pytest.skip(f"cannot make a cgroup under {mount} ({e}): needs root and a cpu controller")
-    inner = (
-        limited / "inner"
-    )  # a cgroup with no quota of its own (v2: no cpu.max either), below one with a quota
+    # a cgroup with no quota of its own (v2: no cpu.max either), below one with a quota
+    inner = limited / "inner"
     try:
         if v2:
             if not (limited / "cpu.max").exists():
@@ -775,7 +777,8 @@ def test_sessions_take_no_more_threads_than_the_cpu_quota():
         ),
         (
             {
-                "proc/self/cgroup": "4:cpu,cpuacct:/a/b\n",  # the smaller of two quotas along the way up
+                # the smaller of two quotas along the way up
+                "proc/self/cgroup": "4:cpu,cpuacct:/a/b\n",
                 "sys/fs/cgroup/cpu/a/cpu.cfs_quota_us": "50000\n",
                 "sys/fs/cgroup/cpu/a/cpu.cfs_period_us": "100000\n",
                 "sys/fs/cgroup/cpu/cpu.cfs_quota_us": "300000\n",

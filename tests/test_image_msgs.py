@@ -168,9 +168,8 @@ def test_compressed_keeps_channel_order(fmt):
             "truncated image: 29 bytes, 4x2 nv24 .* 30",
         ),
         (
-            Image(
-                height=2, width=4, encoding="nv24", step=12, data=b"\0" * 24
-            ),  # step as 3 bytes a pixel
+            # step as 3 bytes a pixel
+            Image(height=2, width=4, encoding="nv24", step=12, data=b"\0" * 24),
             r"truncated image: 24 bytes, 4x2 nv24 with step 12 needs 72 \(step is its Y rows' "
             r"length; its U,V rows take "
             r"2 x step\)",

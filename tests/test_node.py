@@ -14,11 +14,11 @@ import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from images import noise_image
-from internvl_engine import GenerationConfig, Request
 from ros_harness import BIN, ERROR, RELIABLE, Client, NodeProcess, compressed_msg, image_msg
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from internvl_engine import GenerationConfig, Request
 from internvl_ros.bags import write_bag
 from internvl_ros.image_msgs import to_rgb
 
@@ -141,8 +141,8 @@ def test_internvl_ask_prints_each_answer_with_its_status(tiny_model, engine, tmp
 
 
 def test_internvl_ask_takes_a_relative_namespace(tiny_model, engine, tmp_path):
-    """--namespace robot means /robot, as it does for the node itself (it once waited for heartbeats of
-    "robot/internvl", a name no node has, until the timeout)."""
+    """--namespace robot means /robot, as it does for the node itself (it once waited for heartbeats
+    of "robot/internvl", a name no node has, until the timeout)."""
     expected = engine.answer(Request("Hello"), GenerationConfig(max_new_tokens=6)).text
     ask = [str(BIN / "internvl-ask"), "-q", "Hello", "--namespace", "robot"]
     with running_node(tiny_model, tmp_path, namespace="/robot", mode="text", max_new_tokens=6):
@@ -215,10 +215,11 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
 @pytest.mark.parametrize(
     "args, message",
     [
+        # waited for ever
         (
             ["--timeout", "nan"],
             "--timeout must be a positive number of seconds, not nan",
-        ),  # waited for ever
+        ),
         (["--timeout", "0", "--action"], "--timeout must be a positive number of seconds, not 0"),
         (
             ["--namespace", "robot 1"],
@@ -233,10 +234,11 @@ def test_internvl_ask_refuses_text_that_is_not_utf8():
             "Invalid node name: node name must not contain characters other than",
         ),
         (["--choices", "yes,"], "--choices must not be empty strings"),
+        # was sent, then refused
         (
             ["--choices", "yes,no, yes"],
             "--choices must differ: 'yes' is given twice",
-        ),  # was sent, then refused
+        ),
         (
             ["--cameras", "front/image_raw,"],
             "--cameras must not be empty names: 'front/image_raw,'",
@@ -271,9 +273,8 @@ def test_internvl_ask_stops_at_once_on_a_signal(signum):
         text=True,
     )
     try:
-        assert (
-            ask.stdout.readline() == "question >> Is the door open?\n"
-        )  # printed once the handlers are in
+        # printed once the handlers are in
+        assert ask.stdout.readline() == "question >> Is the door open?\n"
         started = time.monotonic()
         ask.send_signal(signum)
         assert ask.wait(10) == 128 + signum
@@ -328,9 +329,8 @@ def test_video_mode_uses_n_frames_of_the_window_in_time_order(tiny_model, engine
             set(stamps)
         ) == 6
         assert float(stamps[-1]) - float(stamps[0]) <= 2.0
-        assert (
-            float(stamps[-1]) - float(stamps[0]) >= 1.0
-        )  # spread over the window, not the last few
+        # spread over the window, not the last few
+        assert float(stamps[-1]) - float(stamps[0]) >= 1.0
         used = [seen[s] for s in stamps]
         assert client.answers[0] == engine_text(engine, question, 8, video_frames=used)
 
@@ -362,9 +362,8 @@ def test_stale_frames_namespace_and_runtime_mode(tiny_model, engine, tmp_path):
         assert fresh == engine_text(engine, "Anything there?", 4, images=[frame])
         time.sleep(1.0)
         assert client.ask_and_wait("Anything there?").startswith(ERROR + "no fresh camera frame")
-        deliver(
-            client, "/cam/front", image_msg(frame, "rgb8"), stamp=False
-        )  # zero stamp: receive time counts
+        # zero stamp: receive time counts
+        deliver(client, "/cam/front", image_msg(frame, "rgb8"), stamp=False)
         assert client.ask_and_wait("Anything there?") == fresh
         assert client.set_parameter("mode", "bogus") is False
         assert client.set_parameter("mode", "text") is True
@@ -457,9 +456,8 @@ def test_ctrl_c_while_answering_ends_every_question_with_a_log_line_and_no_trace
         for q in questions:
             client.ask(q)
         client.wait_for(lambda: len(client.chunks) > 0, 30, "the first answer to start")
-        assert (
-            proc.stop() == 0
-        )  # SIGINT, as ros2 launch sends it; running_node asserts no traceback
+        # SIGINT, as ros2 launch sends it; running_node asserts no traceback
+        assert proc.stop() == 0
     lines = proc.log().splitlines()
     for n, q in enumerate(questions, start=1):
         assert len([line for line in lines if f"request {n} ({q!r}): " in line]) == 1, proc.log()
@@ -477,10 +475,9 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
     q = "What colours?"
     TOKENS = 16  # the random model's first tokens barely depend on the image; later ones do
     swapped = engine_text(engine, q, TOKENS, images=[scene[..., ::-1].copy()])
-    assert swapped != engine_text(
-        engine, q, TOKENS, images=[scene]
-    )  # precondition: the model sees channel order
-    # Reliable camera QoS: large raw frames lose UDP fragments under best effort (see README).
+    # precondition: the model sees channel order Reliable camera QoS: large raw frames lose UDP
+    # fragments under best effort (see README).
+    assert swapped != engine_text(engine, q, TOKENS, images=[scene])
     with running_node(
         tiny_model,
         tmp_path,
@@ -519,9 +516,8 @@ def test_every_encoding_reaches_the_model_as_rgb(tiny_model, engine, tmp_path):
         answer = client.ask_and_wait(q)
         assert answer.startswith(ERROR + "no fresh camera frame: ")
         assert "/image_raw/compressed: cannot decode compressed image" in answer
-        big = cv2.resize(
-            scene, (3840, 2160), interpolation=cv2.INTER_NEAREST
-        )  # a 4K frame, 25 MB raw
+        # a 4K frame, 25 MB raw
+        big = cv2.resize(scene, (3840, 2160), interpolation=cv2.INTER_NEAREST)
         big_jpeg = compressed_msg(big, "jpeg")
         deliver(client, "/image_raw/compressed", big_jpeg)
         assert client.ask_and_wait(q, timeout=120) == engine_text(
@@ -562,9 +558,8 @@ def test_a_burst_of_1000_questions_gets_1000_answers_with_bounded_memory(tiny_mo
             f"\n{BURST} questions published in {published_s:.2f} s; answers {len(client.answers)}, "
             f"statuses {len(client.statuses)}, results {len(client.results)}"
         )
-        assert (
-            len(client.answers) == len(client.statuses) == len(client.results) == BURST
-        )  # one each, no more
+        # one each, no more
+        assert len(client.answers) == len(client.statuses) == len(client.results) == BURST
         assert sorted(r.request_id for r in client.results) == list(range(2, BURST + 2))
         assert sorted(r.question for r in client.results) == sorted(
             f"question {i}" for i in range(BURST)

@@ -10,11 +10,11 @@ import pytest
 import rclpy
 from conftest import with_manifest
 from images import noise_image
-from internvl_engine import GenerationConfig, Request
-from internvl_engine.session import thread_count
 from ros_harness import ERROR, NodeProcess, image_msg
 from test_node import deliver, running_node
 
+from internvl_engine import GenerationConfig, Request
+from internvl_engine.session import thread_count
 from internvl_ros.params import PARAMETERS
 
 
@@ -111,9 +111,8 @@ def test_bad_start_up_stops_with_one_clear_line(
         "missing": tmp_path / "no_model",
         "huge cache": tmp_path / "huge",
     }[model]
-    if (
-        model == "huge cache"
-    ):  # a per-layer export takes any cache length: this one does not fit in memory
+    # a per-layer export takes any cache length: this one does not fit in memory
+    if model == "huge cache":
         with_manifest(tiny_layers_model, model_dir, "build.kv_cache_len", lambda _: 10**15)
     line = refusal(model_dir, tmp_path, params=params)
     assert message in line
@@ -154,9 +153,8 @@ def test_a_second_parameter_file_is_checked_with_the_first(tiny_model, tmp_path)
 
 
 def test_a_misspelt_name_in_a_file_for_every_node_is_a_warning(tiny_model, tmp_path):
-    shared = (
-        tmp_path / "shared.yaml"
-    )  # read by other nodes too: their parameters are none of this node's business
+    # read by other nodes too: their parameters are none of this node's business
+    shared = tmp_path / "shared.yaml"
     shared.write_text(
         "/**:\n  ros__parameters:\n    max_new_token: 8\n    controller_frequency: 20.0\n"
     )
@@ -189,9 +187,8 @@ def test_integers_are_numbers_for_float_parameters(tiny_model, engine, tmp_path)
             client.set_parameter("temperature", 11) is False
             and "must be in [0, 10]" in client.last_set_reason
         )
-        assert (
-            client.set_parameter("model_dir", "/elsewhere") is False
-        )  # read-only: needs a restart
+        # read-only: needs a restart
+        assert client.set_parameter("model_dir", "/elsewhere") is False
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
@@ -277,9 +274,8 @@ def test_camera_and_image_parameters_take_effect(tiny_model, tmp_path):
         )
         deliver(client, "/front/image_raw", ahead, stamp=False)
         assert client.set_parameter("max_images", 2)
-        assert asked(client, "What?")["frames"].startswith(
-            "/back/image_raw@"
-        )  # the front frame is 1 s ahead
+        # the front frame is 1 s ahead
+        assert asked(client, "What?")["frames"].startswith("/back/image_raw@")
         assert client.set_parameter("max_frame_lead_s", 2.0)
         assert asked(client, "What?")["frames"].startswith("/front/image_raw@")
 
@@ -343,12 +339,13 @@ def test_question_and_generation_parameters_take_effect(tiny_model, engine, tmp_
             assert client.set_parameter(name, value), name
         configured = dict(temperature=1.5, seed=11, top_k=5, top_p=0.5, repetition_penalty=1.8)
         assert client.ask_and_wait(question) == answer(**configured)
+        # each back to its default changes it
         for name in (
             "top_k",
             "top_p",
             "repetition_penalty",
             "seed",
-        ):  # each back to its default changes it
+        ):
             default = PARAMETERS[name].default
             assert client.set_parameter(name, default), name
             configured[name] = None if name == "seed" else default

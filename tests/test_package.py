@@ -4,6 +4,7 @@ engine imports without ROS or torch."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,10 @@ def test_the_workspace_is_a_symlink_install():
     pkg = WORKSPACE / "internvl_ros" / "share" / "internvl_ros"
     for name in ("launch/internvl.launch.py", "config/internvl.yaml"):
         assert (pkg / name).is_symlink() and (pkg / name).resolve() == (ROOT / name).resolve(), name
-    code = "from internvl_msgs.action import Ask; from internvl_msgs.msg import Answer; print(Answer.BUSY)"
+    code = (
+        "from internvl_msgs.action import Ask; from internvl_msgs.msg import Answer; "
+        "print(Answer.BUSY)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "6", proc.stderr
 
@@ -169,7 +173,46 @@ def test_parameter_file_documents_every_declared_parameter():
 
 
 def test_launch_file_is_valid_python_with_the_documented_arguments():
-    source = (ROOT / "launch" / "internvl.launch.py").read_text()
-    compile(source, "internvl.launch.py", "exec")
-    for argument in ("params_file", "namespace", "backend", "model_dir", "hf_model", "image_topic"):
-        assert f'DeclareLaunchArgument("{argument}"' in source
+    import ast
+
+    tree = ast.parse((ROOT / "launch" / "internvl.launch.py").read_text(), "internvl.launch.py")
+    declared = {
+        call.args[0].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and getattr(call.func, "id", None) == "DeclareLaunchArgument"
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+    }
+    documented = {"params_file", "namespace", "backend", "model_dir", "hf_model", "image_topic"}
+    assert documented <= declared, documented - declared
+
+
+def test_readme_lists_every_parameter_with_its_default():
+    """README's parameter table names each parameter once, with its default and whether it is set at
+    start-up only (*), as internvl_ros/params.py declares it."""
+    from internvl_ros.params import DEFAULT_SYSTEM_PROMPT, PARAMETERS
+
+    readme = (ROOT / "README.md").read_text()
+    table = (
+        readme[readme.index("| parameter | default | what |") :].split("\n\n")[0].splitlines()[2:]
+    )
+
+    def shown(value) -> str:
+        if value == DEFAULT_SYSTEM_PROMPT:
+            return "InternVL2.5's"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, list):
+            return f"[{', '.join(value)}]"
+        return '""' if value == "" else str(value)
+
+    listed = {}
+    for row in table:
+        names, defaults, _ = (cell.strip() for cell in row.strip("|").split("|"))
+        read_only = names.endswith("*")
+        for name, default in zip(
+            re.findall(r"`([\w.]+)`", names), defaults.split(", "), strict=True
+        ):
+            listed[name] = (default.strip("`"), read_only)
+    assert listed == {name: (shown(p.default), p.read_only) for name, p in PARAMETERS.items()}

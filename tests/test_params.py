@@ -13,14 +13,8 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.context import Context
 from rclpy.node import Node
 
-from internvl_ros.params import (
-    PARAMETERS,
-    ParameterError,
-    check,
-    check_command_line,
-    given_values,
-    rcl_type,
-)
+from internvl_ros.command_line import check_command_line, given_values, rcl_type
+from internvl_ros.params import PARAMETERS, ParameterError, check
 
 # Plain, quoted and list values, with C's and YAML's number forms, their limits and near misses.
 VALUES = [
@@ -252,10 +246,11 @@ def test_a_layered_value_is_refused_exactly_when_rclpy_would_not_read_it(tmp_pat
     [
         ("threads:=two", "threads: -p threads:=two is a string, not an integer"),
         ("threads:=2.5", "threads: -p threads:=2.5 is a double, not an integer"),
+        # strtod overflows
         (
             "threads:=1e400",
             "threads: -p threads:=1e400 is a string, not an integer",
-        ),  # strtod overflows
+        ),
         ("temperature:=hot", "temperature: -p temperature:=hot is a string, not a double"),
         ("autostart:=maybe", "autostart: -p autostart:=maybe is a string, not a bool"),
         ("internvl:autostart:=1", "autostart: -p internvl:autostart:=1 is an integer, not a bool"),
@@ -299,9 +294,8 @@ def test_an_override_of_another_type_is_refused(rule, message):
     ],
 )
 def test_an_override_of_a_type_the_parameter_takes_passes(rule):
-    check_command_line(
-        ["--ros-args", "-p", rule], "/internvl"
-    )  # or rcl itself refuses it (mixed list)
+    # or rcl itself refuses it (mixed list)
+    check_command_line(["--ros-args", "-p", rule], "/internvl")
 
 
 @pytest.mark.parametrize(
@@ -453,9 +447,8 @@ def test_a_name_under_a_wildcard_is_a_warning_only_when_close_to_one_of_the_node
 
 
 def test_a_parameter_dump_of_another_distro_loads(tmp_path):
-    dump = (
-        tmp_path / "dump.yaml"
-    )  # ros2 param dump under Kilted; Humble has no start_type_description_service
+    # ros2 param dump under Kilted; Humble has no start_type_description_service
+    dump = tmp_path / "dump.yaml"
     dump.write_text(
         "/internvl:\n  ros__parameters:\n    max_new_tokens: 64\n    "
         "start_type_description_service: true\n"
@@ -507,9 +500,8 @@ def test_a_value_under_another_node_name_is_refused_when_an_earlier_name_wins(tm
         "-p",
         "threads:=3",
     ]
-    assert (
-        rclpy_reads(args, "threads") == 2
-    )  # rcl lists /** first: the -p joins it, and /internvl wins
+    # rcl lists /** first: the -p joins it, and /internvl wins
+    assert rclpy_reads(args, "threads") == 2
     with pytest.raises(ParameterError) as e:
         check_command_line(args, "/internvl")
     assert str(e.value) == (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import TEST_CHUNK
 from images import noise_image
+
 from internvl_engine import GenerationConfig, Request
 from internvl_engine.engine import forced_logits
 
@@ -22,9 +23,10 @@ def cpu_engine(request):
 
 
 def assert_matches_reference(engine, reference, request: Request):
-    from internvl_engine.reference import (
+    # torch: imported once a test has its reference
+    from internvl_engine.tools.reference import (
         reference_logits,
-    )  # torch: imported once a test has its reference
+    )
 
     answer = engine.answer(request, GenerationConfig(max_new_tokens=NEW_TOKENS))
     prompt = engine.prepare(request)
@@ -105,7 +107,7 @@ def test_prompt_spanning_several_chunks(cpu_engine, reference):
 
 
 def test_vit_features_equal_reference(cpu_engine, reference):
-    from internvl_engine.reference import reference_image_features
+    from internvl_engine.tools.reference import reference_image_features
 
     prompt = cpu_engine.prepare(Request("?", images=[noise_image(112, 112, seed=3)]))
     features = cpu_engine.vit.run({"image": prompt.pixel_values})[0]

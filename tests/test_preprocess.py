@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 from images import numbered_frames, write_video
+from PIL import Image
+
 from internvl_engine import ImageError, VideoError, load_image, load_video_frames
 from internvl_engine.preprocess import (
     as_rgb,
@@ -15,7 +17,6 @@ from internvl_engine.preprocess import (
     segment_centre_indices,
     tiles,
 )
-from PIL import Image
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -177,9 +178,8 @@ def internvl_pixel_values(image: np.ndarray, input_size: int, max_num: int) -> n
         elif diff == best_diff and width * height > 0.5 * input_size * input_size * cols * rows:
             best = (cols, rows)
     cols, rows = best
-    resized = picture.resize(
-        (input_size * cols, input_size * rows)
-    )  # Pillow's default filter: bicubic
+    # Pillow's default filter: bicubic
+    resized = picture.resize((input_size * cols, input_size * rows))
     crops = [
         resized.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
         for r in range(rows)
@@ -217,9 +217,8 @@ def test_opencv_bicubic_would_differ():
     downscaled photo reaches the model as another picture."""
     image = photo(1920, 1080, seed=1)
     opencv = normalize([cv2.resize(image, (448, 448), interpolation=cv2.INTER_CUBIC)])
-    assert (
-        np.abs(opencv - normalize(tiles(image, 448, 1))).mean() > 0.1
-    )  # 0.19 standard deviations here
+    # 0.19 standard deviations here
+    assert np.abs(opencv - normalize(tiles(image, 448, 1))).mean() > 0.1
 
 
 def test_load_image_reads_as_internvl_does(tmp_path):

@@ -13,24 +13,27 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TINY_BUILD_ARGS
+
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.backend_onnxruntime import load_session, session_options
 from internvl_engine.config import LayerBuild, Manifest
 from internvl_engine.cpu import int8_gemm_exact
-from internvl_engine.export import (
+from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
+from internvl_engine.tools.export import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_GATE_UP_BLOCK_SIZE,
     DEFAULT_PREFILL,
+    export,
+)
+from internvl_engine.tools.fidelity import cosine
+from internvl_engine.tools.graph import (
     Graph,
     Quantization,
     RowInt8,
-    export,
     quantize_blocks,
     quantize_channels,
 )
-from internvl_engine.fidelity import cosine
-from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
-from internvl_engine.make_tiny import make_tiny
+from internvl_engine.tools.make_tiny import make_tiny
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -57,9 +60,9 @@ def test_quantized_blocks_round_trip(bits, block_size):
 
 def assert_block_sizes(path, spec, gate_up: int, other: int) -> None:
     """Every MatMulNBits node of a decoder file is in blocks of ``gate_up`` (the MLP's gate and up
-    projections: one matrix in the fused decoder, two in a layer file) or ``other``, capped at the
-    row's width (the tiny model's 64-wide rows take blocks of 64 at most)."""
-    gate_up_rows = spec.intermediate_size * (2 if path.name == "decoder.onnx" else 1)
+    projections, one matrix in both layouts) or ``other``, capped at the row's width (the tiny
+    model's 64-wide rows take blocks of 64 at most)."""
+    gate_up_rows = spec.intermediate_size * 2
     seen = set()
     for node in onnx.load(str(path)).graph.node:
         if node.op_type == "MatMulNBits":
@@ -137,9 +140,8 @@ def test_row_int8_linear_is_its_definition(tmp_path):
     weight = rng.standard_normal((40, 96)).astype(np.float32)
     bias = rng.standard_normal(40).astype(np.float32)
     x = rng.standard_normal((1, 5, 96)).astype(np.float32)
-    x[0, 4] = np.abs(x[0, 4]) * np.sign(
-        weight[0]
-    )  # every product of row 4 and column 0 positive: saturates int16
+    # every product of row 4 and column 0 positive: saturates int16
+    x[0, 4] = np.abs(x[0, 4]) * np.sign(weight[0])
     y = run_linear(RowInt8(), weight, bias, x, tmp_path)
     values, channel_scales = quantize_channels(weight)
     assert values.dtype == np.int8 and values.shape == (96, 40) and np.abs(values).max() == 127
@@ -244,7 +246,7 @@ def test_fidelity_report(quantized, tiny_model):
         [
             sys.executable,
             "-m",
-            "internvl_engine.fidelity",
+            "internvl_engine.tools.fidelity",
             "--reference",
             str(tiny_model),
             "--candidate",
@@ -265,10 +267,8 @@ def test_fidelity_report(quantized, tiny_model):
         if precision in DEFAULT_GATE_UP_BLOCK_SIZE
         else ""
     )
-    assert (
-        name
-        == f"{model.name} ({precision}, blocks of {DEFAULT_BLOCK_SIZE[precision]}{gate_up}{prompts})"
-    )
+    blocks = f"blocks of {DEFAULT_BLOCK_SIZE[precision]}{gate_up}{prompts}"
+    assert name == f"{model.name} ({precision}, {blocks})"
     assert [r["prompt"] for r in report["prompts"]] == [
         "text",
         "text-long",
@@ -288,13 +288,16 @@ def test_a_model_follows_itself_exactly(tiny_model):
         [
             sys.executable,
             "-m",
-            "internvl_engine.fidelity",
+            "internvl_engine.tools.fidelity",
             "--reference",
             str(tiny_model),
             "--candidate",
             str(tiny_model),
             "--new-tokens",
             "4",
+            "--prompts",
+            "text",
+            "video",
             "--json",
         ],
         capture_output=True,
@@ -302,6 +305,7 @@ def test_a_model_follows_itself_exactly(tiny_model):
         timeout=300,
     )
     (report,) = json.loads(same.stdout)["candidates"].values()
+    assert [r["prompt"] for r in report["prompts"]] == ["text", "video"]  # --prompts: only those
     assert (
         report["overall"]["greedy_agreement"] == 1.0 and report["overall"]["cosine_min"] > 0.99999
     )
@@ -313,7 +317,7 @@ def test_fidelity_refuses_exports_of_another_checkpoint(tiny_model, tmp_path):
         [
             sys.executable,
             "-m",
-            "internvl_engine.fidelity",
+            "internvl_engine.tools.fidelity",
             "--reference",
             str(tiny_model),
             "--candidate",
@@ -338,7 +342,7 @@ def test_fidelity_table_of_several_candidates(quantized, tiny_model):
         [
             sys.executable,
             "-m",
-            "internvl_engine.fidelity",
+            "internvl_engine.tools.fidelity",
             "--reference",
             str(tiny_model),
             "--candidate",
@@ -370,7 +374,8 @@ def test_vit_precision(tiny_hf, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("contract", ["fused", "dynamic"])
 def test_a_given_block_size_holds_for_every_matrix(tiny_hf, tmp_path, contract):
-    """--block-size alone: every matrix, gate and up too; --gate-up-block-size beside it: those two."""
+    """--block-size alone: every matrix, gate and up too; --gate-up-block-size beside it: those
+    two."""
     for name, sizes in (
         ("uniform", dict(block_size=16)),
         ("split", dict(block_size=16, gate_up_block_size=32)),

@@ -14,10 +14,10 @@ import pytest
 import rclpy
 import yaml
 from images import noise_image
-from internvl_engine import GenerationConfig, Request
 from ros_harness import Client
 from ros_tools import needs_ros_tools, shell, stop_ros2_daemon
 
+from internvl_engine import GenerationConfig, Request
 from internvl_ros.bags import write_bag
 
 QUESTION = "What is in front of me?"
@@ -103,7 +103,8 @@ def test_readme_commands(launched, engine):
     try:
         for _ in range(3):
             pub = shell(
-                f"""ros2 topic pub --once --keep-alive 2 /robot/question std_msgs/msg/String "{{data: '{QUESTION}'}}" """
+                "ros2 topic pub --once --keep-alive 2 /robot/question std_msgs/msg/String "
+                f""""{{data: '{QUESTION}'}}" """
             )
             assert pub.returncode == 0, pub.stdout + pub.stderr
             published.append(pub.stdout + pub.stderr)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import needs_torch
+
 from internvl_engine import ModelDirError
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
 from internvl_engine.prompt import Tokenizer, chat_prompt, user_content

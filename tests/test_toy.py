@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import TOY, needs_torch
+from test_parity import assert_matches_reference
+
 from internvl_engine import Engine, Request
 from internvl_toy.evaluate import accuracy, table_rows
 from internvl_toy.scenes import TASKS, VIDEO_TASKS, Shape, moving_clip, render
-from test_parity import assert_matches_reference
 
 CARD = json.loads((TOY / "accuracy.json").read_text())
 RED_CIRCLE = render([Shape("circle", "red", 0.5, 0.5, 0.25)], 320, 240)
@@ -35,7 +36,7 @@ def fresh(request) -> int:
 
 def test_parity_with_transformers(toy_engine):
     needs_torch()
-    from internvl_engine.reference import load_reference
+    from internvl_engine.tools.reference import load_reference
 
     reference = load_reference(TOY, toy_engine.tokenizer.ids["<IMG_CONTEXT>"])
     assert_matches_reference(
@@ -51,9 +52,8 @@ def test_accuracy_on_fresh_scenes(toy_engine, fresh):
     report = accuracy(toy_engine, per_task=fresh, seed=20_000)
     for task, result in report.items():
         p = CARD[task]["accuracy"]
-        spread = math.sqrt(
-            min(p, 0.99) * (1 - min(p, 0.99)) / fresh
-        )  # a card at 100 % may still miss one
+        # a card at 100 % may still miss one
+        spread = math.sqrt(min(p, 0.99) * (1 - min(p, 0.99)) / fresh)
         floor = p - 3 * spread - 0.02  # three standard errors below the card
         assert result["accuracy"] >= floor, (
             f"{task}: {result['accuracy']:.2f} < {floor:.2f}: {result['wrong']}"
@@ -69,7 +69,7 @@ def fp32_report(toy_engine, fresh) -> dict:
 def test_quantized_exports_answer_as_fp32_does(fp32_report, precision, tmp_path, fresh):
     """The toy's accuracy through an int8 or int4 export (int8 ViT with either) stays within a point
     of fp32's on the same fresh questions (within one answer when fewer are asked)."""
-    from internvl_engine.export import export
+    from internvl_engine.tools.export import export
 
     export(TOY, tmp_path, precision=precision, log=lambda *_: None)
     quantized = accuracy(Engine(tmp_path), per_task=fresh, seed=30_000)
@@ -86,9 +86,8 @@ def test_quantized_exports_answer_as_fp32_does(fp32_report, precision, tmp_path,
 def test_model_card_matches_the_checkpoint():
     card = (TOY / "README.md").read_text()
     task_rows, group_rows = table_rows(CARD)
-    assert (
-        len(task_rows) == len(TASKS) and len(group_rows) == 8
-    )  # where, is_there: 1-3 shapes; which_image: 2-3 images
+    # where, is_there: 1-3 shapes; which_image: 2-3 images
+    assert len(task_rows) == len(TASKS) and len(group_rows) == 8
     for row in task_rows + group_rows:
         assert row in card, row
     # The issue's targets: 95 % for each picture question, 90 % for clips.
@@ -99,37 +98,42 @@ def test_model_card_matches_the_checkpoint():
 @pytest.mark.parametrize(
     "tool, args, message",
     [
+        # ZeroDivisionError
         (
             "internvl-eval-toy",
             [TOY, "--per-task", "0"],
             "--per-task must be >= 1 and --seed >= 0",
-        ),  # ZeroDivisionError
+        ),
+        # numpy's traceback
         (
             "internvl-eval-toy",
             [TOY, "--seed", "-1"],
             "--per-task must be >= 1 and --seed >= 0",
-        ),  # numpy's traceback
+        ),
+        # a ModelDirError traceback --lr nan: the encoder stage ran for minutes, then the decoder
+        # stage would have stepped by NaN
         (
             "internvl-eval-toy",
             ["missing"],
             "missing: no such checkpoint directory",
-        ),  # a ModelDirError traceback
-        # --lr nan: the encoder stage ran for minutes, then the decoder stage would have stepped by NaN
+        ),
         (
             "internvl-train-toy",
             ["--lr", "nan"],
             "--steps and --batch-size must be >= 1, --lr a number > 0",
         ),
+        # the encoder stage ran first
         (
             "internvl-train-toy",
             ["--steps", "0"],
             "--steps and --batch-size must be >= 1",
-        ),  # the encoder stage ran first
+        ),
+        # torch's traceback
         (
             "internvl-train-toy",
             ["--threads", "-1"],
             "--seed and --threads must be >= 0",
-        ),  # torch's traceback
+        ),
         ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
     ],
 )

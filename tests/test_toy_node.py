@@ -8,12 +8,12 @@ import time
 
 import pytest
 import rclpy
-from internvl_toy.scenes import CLIP_FRAMES, Shape, moving_clip, render
 from ros_harness import BIN, compressed_msg, image_msg
 from test_node import deliver, running_node
 from test_toy import RED_CIRCLE
 
 from internvl_ros.bags import write_bag
+from internvl_toy.scenes import CLIP_FRAMES, Shape, moving_clip, render
 
 
 @pytest.fixture(scope="module")

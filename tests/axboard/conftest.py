@@ -10,13 +10,15 @@ import os
 
 import pulsar2
 import pytest
+
 from internvl_engine import Engine
 
 VERSION = os.environ.get("AXSTANDIN_VERSION", "")
+# run() returns views of its output buffer before 0.1.3.rc1
 RUN_VIEWS = VERSION in (
     "0.1.2rc0",
     "0.1.3rc0",
-)  # run() returns views of its output buffer before 0.1.3.rc1
+)
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,8 @@ def build(out: Path, card: bool = True) -> Path:
     (``card``: also as the PCIe card's, so pyaxengine offers both providers)."""
     out.mkdir(parents=True, exist_ok=True)
     library = out / SONAME
-    prebuilt = os.environ.get(
-        "AXSTANDIN_LIB"
-    )  # cross-compiled for this machine (the ARM64 job has no gcc)
+    # cross-compiled for this machine (the ARM64 job has no gcc)
+    prebuilt = os.environ.get("AXSTANDIN_LIB")
     if prebuilt and not library.is_file():
         shutil.copy(prebuilt, library)
     if not library.is_file():

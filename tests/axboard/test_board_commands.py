@@ -13,9 +13,10 @@ from pathlib import Path
 import pulsar2
 import pytest
 from images import noise_image
+
 from internvl_engine import GenerationConfig, Request
 from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
+from internvl_engine.tools.export import export
 
 BIN = Path(sys.executable).parent
 
@@ -143,17 +144,15 @@ def test_doctor_finds_layers_of_another_build_and_another_checkpoint(
     ), lines
     wrong_config = Path(shutil.copytree(tiny_hf, tmp_path / "hf"))
     config = json.loads((wrong_config / "config.json").read_text())
-    config["llm_config"]["num_key_value_heads"] = (
-        4  # a checkpoint of another model beside these layers
-    )
+    # a checkpoint of another model beside these layers
+    config["llm_config"]["num_key_value_heads"] = 4
     (wrong_config / "config.json").write_text(json.dumps(config))
     code, lines = doctor("--hf_model", wrong_config, "--axmodel_path", board_model)
     text = "\n".join(lines)
-    assert (
-        code == 1
-        and "PROBLEM  model directory: the layer models' K_cache has 32 columns, config.json says 64"
-        in text
-    ), text
+    problem = (
+        "PROBLEM  model directory: the layer models' K_cache has 32 columns, config.json says 64"
+    )
+    assert code == 1 and problem in text, text
 
 
 def test_doctor_without_pyaxengine_says_what_to_install(board_model, tiny_hf):

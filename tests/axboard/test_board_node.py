@@ -10,8 +10,9 @@ rclpy = pytest.importorskip(
     "rclpy", reason="the node needs rclpy (ROS 2); the Python 3.10 job has none"
 )
 
-from internvl_engine import GenerationConfig, Request  # noqa: E402
 from ros_harness import Client, NodeProcess  # noqa: E402
+
+from internvl_engine import GenerationConfig, Request  # noqa: E402
 
 
 def test_the_node_answers_through_pyaxengine(board_model, tiny_hf, board_engine, tmp_path):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from conftest import RUN_VIEWS, VERSION
 from images import noise_image
+
 from internvl_engine import BackendError, Engine, GenerationConfig, Request, backend_axengine
 from internvl_engine.engine import forced_logits, greedy_tokens
-from internvl_engine.fidelity import cosine
+from internvl_engine.tools.fidelity import cosine
 
 # Tolerance for bf16 I/O against fp32: the layers' hidden states, K/V and mask are bf16 on the NPU.
 # Measured on this checkpoint: at most 0.011 with logits up to 4.3, cosine >= 0.999995.
@@ -47,12 +48,10 @@ def test_the_stand_in_is_an_ax650_with_both_providers(board_engine):
 
     assert set(axengine.get_available_providers()) == set(backend_axengine.PROVIDERS)
     assert board_engine.backend == "axengine" and board_engine.llm.resident
-    assert (
-        board_engine.llm.layers[0].provider == "AxEngineExecutionProvider"
-    )  # the on-board NPU comes first
-    assert (
-        board_engine.llm.build == board_engine.llm.shapes.build()
-    )  # limits read from the shape groups
+    # the on-board NPU comes first
+    assert board_engine.llm.layers[0].provider == "AxEngineExecutionProvider"
+    # limits read from the shape groups
+    assert board_engine.llm.build == board_engine.llm.shapes.build()
 
 
 @pytest.mark.parametrize(
@@ -110,12 +109,10 @@ def test_a_second_question_reuses_the_prefix(board_engine, cpu_engine):
     )
     second = Request("What colour dominates the image?", images=image)
     answer = board_engine.answer(second, GenerationConfig(max_new_tokens=TOKENS))
-    assert (
-        answer.timings.reused_tokens > board_engine.spec.num_image_token
-    )  # system prompt and image rows kept
-    reused = board_engine.llm.prefill(
-        board_engine.prepare(second).embeds
-    )  # reuses again: same prompt
+    # system prompt and image rows kept
+    assert answer.timings.reused_tokens > board_engine.spec.num_image_token
+    # reuses again: same prompt
+    reused = board_engine.llm.prefill(board_engine.prepare(second).embeds)
     fresh = cpu_engine.llm.prefill(cpu_engine.prepare(second).embeds, reuse_prefix=False)
     assert board_engine.llm.reused > 0
     assert_close([reused], [fresh], "second question")
@@ -170,9 +167,8 @@ def test_a_decode_step_moves_only_the_new_rows(board_model, tiny_hf, board_engin
         f"(pyaxengine {VERSION})"
     )
     assert moved["resident"] == decode_step_bytes(board_engine)
-    assert (
-        moved["seed"] - moved["resident"] == full_cache
-    )  # run() hands over the whole cache every step
+    # run() hands over the whole cache every step
+    assert moved["seed"] - moved["resident"] == full_cache
 
 
 def test_the_pcie_card_keeps_the_cache_in_place_too(board_model, tiny_hf, cpu_engine):
@@ -193,9 +189,8 @@ def test_the_pcie_card_keeps_the_cache_in_place_too(board_model, tiny_hf, cpu_en
     in_place = card.answer(
         Request("Hi"), GenerationConfig(max_new_tokens=6)
     ).timings.decode_bytes_per_token
-    assert in_place == decode_step_bytes(
-        card, rows_through_host=False
-    )  # new rows move device to device
+    # new rows move device to device
+    assert in_place == decode_step_bytes(card, rows_through_host=False)
 
 
 def _flush_short(self, index, data, offset=0):
@@ -235,15 +230,15 @@ def test_the_stand_in_catches_what_the_board_would(board_model, tiny_hf, cpu_eng
     tokens = cpu_engine.answer(request, GenerationConfig(max_new_tokens=3)).token_ids
     expected = forced_logits(cpu_engine.llm, cpu_engine.prepare(request).embeds, tokens)
 
+    # after the prompt and after each greedy token: prefill and decode
     def first_logits(
         **engine_args,
-    ):  # after the prompt and after each greedy token: prefill and decode
+    ):
         engine = Engine(board_model, tokenizer_dir=tiny_hf, **engine_args)
         return forced_logits(engine.llm, engine.prepare(request).embeds, tokens)
 
-    with (
-        monkeypatch.context() as m
-    ):  # a flush range two bytes short, with nothing checking it first
+    # a flush range two bytes short, with nothing checking it first
+    with monkeypatch.context() as m:
         m.setattr(backend_axengine._BoardBuffers, "write", _flush_short)
         m.setattr(backend_axengine.AxEngineSession, "_probe", lambda self, device: None)
         with pytest.raises(AssertionError):
@@ -251,9 +246,8 @@ def test_the_stand_in_catches_what_the_board_would(board_model, tiny_hf, cpu_eng
     with monkeypatch.context() as m:  # the cache buffers left as allocated
         m.setattr(backend_axengine._DeviceIO, "clear_cache", lambda self: None)
         m.setattr(backend_axengine.AxEngineSession, "_probe", lambda self, device: None)
-        assert not np.isfinite(
-            first_logits(resident_kv="on")[1]
-        ).all()  # the decode group reads every row
+        # the decode group reads every row
+        assert not np.isfinite(first_logits(resident_kv="on")[1]).all()
     if RUN_VIEWS:  # the ViT's outputs kept as views of pyaxengine's buffer
         with monkeypatch.context() as m:
             m.setattr(backend_axengine, "_owned", lambda array: array)

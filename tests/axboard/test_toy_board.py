@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pulsar2
 import pytest
+
 from internvl_engine import Engine, GenerationConfig
 from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
+from internvl_engine.tools.export import export
 from internvl_toy.evaluate import request
 from internvl_toy.scenes import TASKS, samples
 
@@ -20,9 +21,8 @@ PER_TASK = 15
 @pytest.fixture(scope="module")
 def toy_engines(tmp_path_factory):
     contract = tmp_path_factory.mktemp("toy_contract")
-    export(
-        TOY, contract, LayerBuild(), contract="axmodel", log=lambda *_: None
-    )  # the seed's llm_build
+    # the seed's llm_build
+    export(TOY, contract, LayerBuild(), contract="axmodel", log=lambda *_: None)
     board = pulsar2.compile_contract(contract, tmp_path_factory.mktemp("toy_axmodel"))
     return Engine(board, tokenizer_dir=TOY), Engine(contract, backend="onnxruntime")
 

@@ -23,9 +23,6 @@ import launch_testing.actions
 import launch_testing.asserts
 import numpy as np
 import rclpy
-from internvl_engine.config import LayerBuild
-from internvl_engine.export import export
-from internvl_engine.make_tiny import make_tiny
 from launch.actions import ExecuteProcess, IncludeLaunchDescription, TimerAction
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import PathJoinSubstitution
@@ -33,6 +30,9 @@ from launch_ros.substitutions import FindPackageShare
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
+from internvl_engine.config import LayerBuild
+from internvl_engine.tools.export import export
+from internvl_engine.tools.make_tiny import make_tiny
 from internvl_ros.bags import write_bag
 from launch import LaunchDescription
 

@@ -1,0 +1,91 @@
+"""The seam between whoever asks and whatever answers: a ``Request`` in, ``Chunk`` items as the text
+arrives, then one ``Answer``. ``Answerer`` is what the node, ``internvl-infer`` and a library user
+drive; ``engine.Engine`` (the model in this process) is one, a remote server another.
+
+Light on purpose: it imports no numpy, no onnxruntime, so a client can check a question as the
+answerer will (``checked_choices``) without loading a model's runtime.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import InvalidRequestError
+
+
+@dataclass
+class Request:
+    question: str
+    images: Sequence[Any] = ()  # RGB uint8 numpy arrays [H, W, 3] (gray and RGBA accepted)
+    video_frames: Sequence[Any] = ()  # RGB frames in time order, one tile each
+    max_tiles: int = 1  # dynamic tiling limit per image (InternVL's max_num)
+    system_prompt: str | None = None  # None: the answerer's default
+    choices: Sequence[str] = ()  # answer with the most likely of these (empty: a free answer)
+
+
+@dataclass
+class Timings:
+    vit_ms: list[float] = field(default_factory=list)  # per image / frame (all of its tiles)
+    prefill_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous question
+    ttft_ms: float = 0.0  # prefill + first token, image encoding excluded (as the seed's table)
+    decode_tokens: int = 0  # decode steps run after the first token
+    decode_ms_per_token: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_bytes_per_token: float = 0.0  # handed to and taken from the backend per decode step
+    # video frames left out so the prompt fits the model build (Answer.frames_used)
+    frames_dropped: int = 0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated, without the stop token
+    timings: Timings
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    # indices of the request's images or frames in the prompt
+    frames_used: list[int] = field(default_factory=list)
+    choice_index: int = -1  # with choices: the chosen one
+    # with choices: one per choice, summing to 1
+    choice_probabilities: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text as it arrives; never ends inside a UTF-8 character."""
+
+    text: str
+
+
+class Answerer(Protocol):
+    # what runs the model, as diagnostics name it (onnxruntime, axengine, a server's URL)
+    backend: str
+
+    def stream(
+        self, request: Request, config, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk | Answer]:
+        """``Chunk`` items as the answer is generated, then exactly one ``Answer``. ``config`` is a
+        ``GenerationConfig``; another thread may set ``cancel`` to stop between tokens."""
+        ...
+
+    def describe(self) -> str:
+        """How it runs, for a start-up line: threads, where the KV cache lives, what changed for
+        this CPU."""
+        ...
+
+
+def checked_choices(choices) -> list[str]:
+    """The choices without surrounding blanks; InvalidRequestError for an empty or a repeated
+    one."""
+    stripped = [c.strip() for c in choices]
+    if not all(stripped):
+        raise InvalidRequestError("choices must not be empty strings")
+    if twice := next((c for i, c in enumerate(stripped) if c in stripped[:i]), None):
+        # they would share the probability and the first would always be the answer
+        raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
+    return stripped
