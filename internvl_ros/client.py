@@ -171,9 +171,8 @@ class _FeedbackStream:
 
     def __init__(self, on_chunk):
         self.on_chunk, self.text, self.closed, self.error = on_chunk, "", False, None
-        self.lock = (
-            threading.Lock()
-        )  # feedback comes on the spinning thread, the result on the caller's
+        # feedback comes on the spinning thread, the result on the caller's
+        self.lock = threading.Lock()
 
     def __call__(self, msg) -> None:
         with self.lock:
@@ -209,7 +208,10 @@ class AskClient:
         # the node keeps an answer's feedback as its answer topics do: a fast answer's chunks all
         # arrive
         self._action = ActionClient(self.node, Ask, action, feedback_sub_qos_profile=ANSWER_QOS)
-        self._goal = None
+        self._goal = None  # the goal being asked, once accepted
+        self._asking = False
+        self._cancel_wanted = False  # cancel() came before the goal's acceptance
+        self._goal_lock = threading.Lock()
         self._spinner.start()
 
     def wait_for_server(self, timeout: float = 30.0) -> bool:
@@ -243,36 +245,48 @@ class AskClient:
             max_new_tokens=max_new_tokens,
         )
         stream = _FeedbackStream(on_chunk) if on_chunk else None
-        handle = self._request(
-            lambda: self._action.send_goal_async(goal, feedback_callback=stream),
-            max(0.0, deadline - time.monotonic()),
+        with self._goal_lock:
+            self._asking, self._cancel_wanted = True, False
+        call = self._spinner.call(
+            lambda: self._action.send_goal_async(goal, feedback_callback=stream)
         )
-        if handle is None:
-            return AskResult("timeout")
-        if not handle.accepted:
-            return AskResult("rejected")
-        self._goal = handle
         try:
-            try:
-                result = self._request(
-                    handle.get_result_async, max(0.0, deadline - time.monotonic())
-                )
-            except KeyboardInterrupt:  # Ctrl-C: the node stops answering, rather than answer no one
-                try:
-                    self._request(handle.cancel_goal_async, 1.0)
-                except Exception:  # rclpy's own signal handler may have shut ROS down already
-                    pass
-                raise
-            status = STATUS_NAMES.get(result.status, str(result.status)) if result else "timeout"
-            if result is None:
-                self._request(handle.cancel_goal_async, 10.0)
-                result = self._request(handle.get_result_async, 10.0)  # the partial answer
-            answer = result.result.answer if result else None
-            if stream:
-                stream.close(answer.text if answer else "")
-            return AskResult(status, answer)
+            sending = wait_future(call, max(0.0, deadline - time.monotonic()))
+            handle = sending and wait_future(sending, max(0.0, deadline - time.monotonic()))
+            if handle is None:
+                return AskResult("timeout")
+            if not handle.accepted:
+                return AskResult("rejected")
+            with self._goal_lock:
+                self._goal, cancel_wanted = handle, self._cancel_wanted
+            if cancel_wanted:
+                self._spinner.call(handle.cancel_goal_async)
+            result = self._request(handle.get_result_async, max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            # Ctrl-C: the node stops answering, rather than answer no one. The goal's feedback can
+            # come before its acceptance does, so Ctrl-C may land while the handle is on its way.
+            self._cancel_interrupted(call)
+            raise
         finally:
-            self._goal = None
+            with self._goal_lock:
+                self._goal, self._asking = None, False
+        status = STATUS_NAMES.get(result.status, str(result.status)) if result else "timeout"
+        if result is None:
+            self._request(handle.cancel_goal_async, 10.0)
+            result = self._request(handle.get_result_async, 10.0)  # the partial answer
+        answer = result.result.answer if result else None
+        if stream:
+            stream.close(answer.text if answer else "")
+        return AskResult(status, answer)
+
+    def _cancel_interrupted(self, call) -> None:
+        try:
+            sending = wait_future(call, 1.0)
+            handle = sending and wait_future(sending, 1.0)
+            if handle is not None and handle.accepted:
+                self._request(handle.cancel_goal_async, 1.0)
+        except Exception:  # rclpy's own signal handler may have shut ROS down already
+            pass
 
     def _request(self, send, timeout: float):
         """The response to the request that ``send()`` makes, or None after ``timeout`` seconds.
@@ -288,8 +302,12 @@ class AskClient:
         )
 
     def cancel(self) -> None:
-        """Cancel the question being asked (from another thread); its ask() returns canceled."""
-        goal = self._goal
+        """Cancel the question being asked (from another thread); its ask() returns canceled. Its
+        answer can start streaming before its acceptance reaches this client: a cancel then is sent
+        on acceptance."""
+        with self._goal_lock:
+            goal = self._goal
+            self._cancel_wanted = self._asking and goal is None
         if goal is not None:
             self._spinner.call(goal.cancel_goal_async)
 
@@ -454,9 +472,8 @@ def ask_topic(args) -> int:
         with client.lock:
             seen, answered = len(client.statuses), len(client.answers)
 
-        def streamed_to_the_end() -> (
-            bool
-        ):  # the answer's final typed chunk is in, so its stream is too
+        # the answer's final typed chunk is in, so its stream is too
+        def streamed_to_the_end() -> bool:
             rid = client.status_values(client.statuses[seen]).get("request_id")
             return any(c.final and str(c.request_id) == rid for c in client.typed_chunks)
 

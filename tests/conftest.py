@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -83,6 +84,35 @@ def tiny_model(tiny_hf, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_onnx")
     export(tiny_hf, out, LayerBuild(**TINY_BUILD_ARGS), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def endless_model(tmp_path_factory) -> Path:
+    """The tiny model whose answers never end by themselves: the lm_head rows of its stop tokens are
+    the mean of the other rows, so their logit is below the largest one at every step and greedy
+    answers run to max_new_tokens (up to 4096 here, 0.6 s alone). Cancel tests then do not race the
+    answer's natural end (the plain tiny model stops after ~1,300 tokens, 0.15 s)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from internvl_engine.config import LayerBuild
+    from internvl_engine.models import qwen2
+    from internvl_engine.prompt import Tokenizer
+    from internvl_engine.tools.export import export
+    from internvl_engine.tools.make_tiny import make_tiny
+
+    hf = make_tiny(tmp_path_factory.mktemp("endless_hf"), seed=0)
+    tensors = load_file(str(hf / "model.safetensors"))
+    head = tensors[qwen2.LM_HEAD].astype(np.float32)
+    stops = sorted(Tokenizer(hf).stop_ids)
+    others = np.setdiff1d(np.arange(head.shape[0]), stops)
+    head[stops] = head[others].mean(axis=0)
+    tensors[qwen2.LM_HEAD] = head.astype(ml_dtypes.bfloat16)
+    save_file(tensors, str(hf / "model.safetensors"))
+    out = tmp_path_factory.mktemp("endless_onnx")
+    build = LayerBuild(prefill_chunk=TEST_CHUNK, kv_cache_len=8191)
+    export(hf, out, build, log=lambda *_: None)
     return out
 
 

@@ -25,6 +25,7 @@ from test_node import deliver, running_node
 
 from internvl_engine import GenerationConfig, Request
 from internvl_ros.client import AskClient, wait_future
+from internvl_ros.params import MAX_NEW_TOKENS
 from internvl_toy.scenes import COLORS, samples
 
 LONG = 600  # tokens: long enough that later questions arrive while the first is running
@@ -60,11 +61,12 @@ def test_choices_pick_the_answer_at_least_as_often_as_the_free_answer(
             deliver(client, "/image_raw", image_msg(sample.images[0], "rgb8"))
             free = vision.ask(sample.question, timeout=60)
             chosen = vision.ask(sample.question, choices=choices, timeout=60)
+            # the node logs each answer
             assert free.ok and chosen.ok, (
                 free.error,
                 chosen.error,
                 node.log()[-1000:],
-            )  # the node logs each answer
+            )
             assert chosen.choice in choices and len(chosen.probabilities) == len(choices)
             assert abs(sum(chosen.probabilities) - 1) < 1e-4
             free_right += free.text.strip() == sample.answer
@@ -90,9 +92,8 @@ def test_a_goal_streams_and_its_answer_is_matched_on_the_topics(
             Request("Tell me about the door."), GenerationConfig(max_new_tokens=12)
         )
         assert result.text == expected.text == "".join(streamed)
-        assert (
-            len(streamed) > 1
-        )  # the pieces came as feedback (the client adds only a tail the result brought)
+        # the pieces came as feedback (the client adds only a tail the result brought)
+        assert len(streamed) > 1
         assert result.answer.timings.generated_tokens == len(expected.token_ids)
         assert result.choice is None and result.answer.choice_index == -1
         rid = result.answer.request_id
@@ -125,16 +126,14 @@ def test_a_goal_naming_an_unknown_camera_is_aborted(tiny_model, tmp_path, vision
         assert vision.ask("What is there?", cameras=["front/image_raw"], max_new_tokens=2).ok
         empty = vision.ask("Which?", choices=["yes", ""])
         assert empty.status == "aborted" and empty.answer.error_code == Answer.INVALID_QUESTION
-        twice = vision.ask(
-            "Which?", choices=["yes", "no", "yes"]
-        )  # was answered: 'yes' at 0.5, 'yes' at 0.5
+        # was answered: 'yes' at 0.5, 'yes' at 0.5
+        twice = vision.ask("Which?", choices=["yes", "no", "yes"])
         assert twice.status == "aborted" and twice.answer.error_code == Answer.INVALID_QUESTION
         assert twice.answer.error_msg.endswith("choices must differ: 'yes' is given twice"), (
             twice.answer.error_msg
         )
-        endless = vision.ask(
-            "What is there?", max_new_tokens=4097
-        )  # ran to the end of the KV cache
+        # ran to the end of the KV cache
+        endless = vision.ask("What is there?", max_new_tokens=4097)
         assert endless.status == "aborted" and endless.answer.error_code == Answer.INVALID_QUESTION
         assert endless.answer.error_msg == (
             "max_new_tokens 4097 is above 4096, the most the max_new_tokens parameter takes"
@@ -168,9 +167,8 @@ def test_errors_in_on_chunk_or_the_question_come_out_of_ask_and_the_client_goes_
             ("Is the door open?", ("yes", "n\0o")),
         ]:
             with pytest.raises(ValueError, match="holds a NUL character, where a ROS string ends"):
-                vision.ask(
-                    question, choices=choices, timeout=20
-                )  # it would arrive as "Is the door"
+                # it would arrive as "Is the door"
+                vision.ask(question, choices=choices, timeout=20)
 
 
 def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Thread, dict]:
@@ -182,9 +180,9 @@ def _ask_in_background(vision, question: str, **kwargs) -> tuple[threading.Threa
     return thread, out
 
 
-def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
+def test_cancel_and_preempt_a_goal(endless_model, tmp_path, vision):
     with running_node(
-        tiny_model, tmp_path, mode="text", max_new_tokens=LONG, on_busy="preempt"
+        endless_model, tmp_path, mode="text", max_new_tokens=MAX_NEW_TOKENS, on_busy="preempt"
     ) as (_, client):
         chunks = []
         thread, out = _ask_in_background(vision, "Tell me a long story.", on_chunk=chunks.append)
@@ -193,9 +191,8 @@ def test_cancel_and_preempt_a_goal(tiny_model, tmp_path, vision):
         thread.join(60)
         cancelled = out["result"]
         assert cancelled.status == "canceled" and cancelled.answer.error_code == Answer.CANCELLED
-        assert (
-            cancelled.answer.finish_reason == "cancelled" and cancelled.text
-        )  # with its partial text
+        # with its partial text
+        assert cancelled.answer.finish_reason == "cancelled" and cancelled.text
         assert (
             cancelled.text == "".join(chunks)
             and cancelled.answer.error_msg == "cancelled: cancelled by its client"
@@ -239,41 +236,39 @@ def ctrl_c_raises():
 
 
 def test_ctrl_c_inside_ask_cancels_the_goal_on_the_node(
-    tiny_model, tmp_path, vision, ctrl_c_raises
+    endless_model, tmp_path, vision, ctrl_c_raises
 ):
     """A script stopped with Ctrl-C while it waits for an answer: the KeyboardInterrupt comes out of
     ask(), and the node stops that answer (cancelled by its client) instead of finishing it for no
     one."""
     interrupted = []
+    question = "Tell me a long story."
 
-    def on_chunk(
-        text,
-    ):  # the first piece: the node is still answering; Ctrl-C lands in the waiting ask()
-        if not interrupted:
-            interrupted.append(text)
-            _thread.interrupt_main()
+    with running_node(endless_model, tmp_path, mode="text", max_new_tokens=MAX_NEW_TOKENS) as (
+        node,
+        client,
+    ):
 
-    # ~1000 tokens (the random model's end of text comes then): ~0.15 s of answer after the first
-    # piece
-    with running_node(tiny_model, tmp_path, mode="text", max_new_tokens=4096) as (node, client):
+        def on_chunk(text):
+            # The first piece: the node has ~4,000 tokens to go (over 0.6 s); Ctrl-C lands in the
+            # waiting ask()
+            if not interrupted:
+                interrupted.append(text)
+                _thread.interrupt_main()
+
         with pytest.raises(KeyboardInterrupt):
-            result = vision.ask("Tell me a long story.", on_chunk=on_chunk, timeout=60)
+            result = vision.ask(question, on_chunk=on_chunk, timeout=60)
             seen = "a chunk" if interrupted else "no chunk"
             pytest.fail(
-                f"ask() returned {result.status} ({result.error!r}, {len(result.text)} characters, "
-                f"{seen} "
-                f"seen) instead of raising; the node's log:\n{node.log()}"
+                f"ask() returned {result.status} ({result.error!r}, {len(result.text)} "
+                f"characters, {seen} seen) instead of raising; the node's log:\n{node.log()}"
             )
-        client.wait_for(
-            lambda: any(r.question == "Tell me a long story." for r in client.results),
-            30,
-            "its result",
-        )
-        result = next(r for r in client.results if r.question == "Tell me a long story.")
+        client.wait_for(lambda: any(r.question == question for r in client.results), 30, "result")
+        result = next(r for r in client.results if r.question == question)
         assert (result.error_code, result.error_msg) == (
             Answer.CANCELLED,
             "cancelled: cancelled by its client",
-        )
+        ), f"{len(result.text)} characters answered; the node's log:\n{node.log()}"
         assert vision.ask("Is the door open?", timeout=20).ok  # the client goes on
 
 
