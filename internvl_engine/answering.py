@@ -57,9 +57,18 @@ class Answer:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Text as it arrives; never ends inside a UTF-8 character."""
+    """Text as it arrives; never ends inside a UTF-8 character. ``logprobs``: with
+    ``GenerationConfig.logprobs``, one per token of this text."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float  # of the model's distribution (before temperature, top-k, top-p)
+    top: tuple[tuple[int, float], ...] = ()  # the likeliest tokens and theirs, likeliest first
 
 
 class Answerer(Protocol):

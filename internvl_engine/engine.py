@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .answering import Answer, Chunk, Request, Timings, checked_choices
+from .answering import Answer, Chunk, Request, Timings, TokenLogprob, checked_choices
 from .backends import open_session, resolve_backend
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
 from .errors import (
@@ -35,7 +35,7 @@ from .errors import (
 from .llm import LLM, Decoder, load_embeddings
 from .preprocess import normalize, segment_centre_indices, tiles
 from .prompt import IM_END, IMG_CONTEXT, TextStream, Tokenizer
-from .sampling import GenerationConfig, Sampler, not_finite
+from .sampling import GenerationConfig, Sampler, StopTexts, not_finite
 from .session import thread_count
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ def forced_logits(llm: Decoder, embeds: np.ndarray, tokens: Sequence[int]) -> li
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.asarray(logits, np.float64) - np.max(logits)
     return shifted - np.log(np.exp(shifted).sum())
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits``, with the ``top`` likeliest tokens'."""
+    logp = _log_softmax(np.asarray(logits, dtype=np.float32).reshape(-1))
+    best = np.argsort(-logp, kind="stable")[:top] if top else ()
+    return TokenLogprob(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in best))
 
 
 def score_choices(
@@ -379,13 +386,21 @@ class Engine:
             return
         sampler = Sampler(config)
         text = TextStream(self.tokenizer)
+        stops = StopTexts(config.stop)
+        logprobs: list[TokenLogprob] = []  # of the tokens not yet in a chunk
         seen = list(prompt.token_ids)
         generated: list[int] = []
         decode_s, decode_bytes = 0.0, 0
         reason = "length"  # if the KV cache fills
-        steps = generate_step(
-            self.llm, prompt.embeds, lambda logits: sampler(logits, seen), self.prefix_reuse
-        )
+        stop_ids = np.array(sorted(self.tokenizer.stop_ids))
+
+        def choose(logits: np.ndarray) -> int:
+            if len(generated) < config.min_new_tokens:  # the end of text may not come yet
+                logits = np.array(logits, dtype=np.float32)
+                logits.reshape(-1)[stop_ids] = -np.inf
+            return sampler(logits, seen)
+
+        steps = generate_step(self.llm, prompt.embeds, choose, self.prefix_reuse)
         for index, step in enumerate(steps):
             if index == 0:
                 timings.ttft_ms, timings.reused_tokens = step.seconds * 1e3, self.llm.reused
@@ -397,22 +412,28 @@ class Engine:
                 break
             generated.append(step.token)
             seen.append(step.token)
-            if chunk := text.push(step.token):
-                yield Chunk(chunk)
+            if config.logprobs is not None:
+                logprobs.append(token_logprob(step.logits, step.token, config.logprobs))
+            if chunk := stops.push(text.push(step.token)):
+                yield Chunk(chunk, tuple(logprobs))
+                logprobs.clear()
+            if stops.hit:
+                reason = "stop"
+                break
             if len(generated) >= config.max_new_tokens:
                 break
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
-        if chunk := text.flush():
-            yield Chunk(chunk)
+        if chunk := stops.push(text.flush()) + stops.flush():
+            yield Chunk(chunk, tuple(logprobs))
         if timings.decode_tokens:
             timings.decode_ms_per_token = decode_s * 1e3 / timings.decode_tokens
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
             timings.decode_bytes_per_token = decode_bytes / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
         yield Answer(
-            self.tokenizer.decode(generated),
+            stops.text if stops.hit else self.tokenizer.decode(generated),
             prompt.token_ids,
             generated,
             timings,

@@ -19,15 +19,21 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 = off; HF semantics over prompt and generated tokens
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (not included)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest
+    min_new_tokens: int = 0  # the end of text is not chosen before this many tokens
 
     def __post_init__(self):
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in 0..max"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.seed is None or self.seed >= 0, "seed must be >= 0"),
+            (all(isinstance(t, str) and t for t in self.stop), "stop texts must be non-empty"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in 0..20"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,3 +87,36 @@ def not_finite() -> BackendError:
         "the model's logits are not finite (NaN or Inf): check the model files (internvl-doctor "
         "runs them once)"
     )
+
+
+class StopTexts:
+    """Ends a text stream before the first of the ``stop`` texts: ``push`` returns what can be shown
+    now, holding back a tail that may still become a stop text."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self.text = ""  # all that was shown
+        self._held = ""
+        self.hit = False
+
+    def push(self, chunk: str) -> str:
+        if self.hit:
+            return ""
+        held = self._held + chunk
+        ends = [i for i in (held.find(t) for t in self.stop) if i >= 0]
+        if ends:
+            self.hit, self._held = True, ""
+            return self._show(held[: min(ends)])
+        keep = max(
+            (n for t in self.stop for n in range(1, len(t)) if held.endswith(t[:n])), default=0
+        )
+        self._held = held[len(held) - keep :] if keep else ""
+        return self._show(held[: len(held) - keep])
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return self._show(held)
+
+    def _show(self, text: str) -> str:
+        self.text += text
+        return text
