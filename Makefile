@@ -39,8 +39,8 @@ IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.engine: requirements/engine.txt requirements/ros-pypi.txt setup.py | $(BIN)/python
-	$(PIP) -r requirements/engine.txt -r requirements/ros-pypi.txt
+$(VENV)/.engine: requirements/engine.txt requirements/serve.txt requirements/ros-pypi.txt setup.py | $(BIN)/python
+	$(PIP) -r requirements/engine.txt -r requirements/serve.txt -r requirements/ros-pypi.txt
 	$(PIP) --no-deps -e .
 	touch $@
 

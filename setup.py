@@ -43,6 +43,7 @@ setup(
             "internvl-export = internvl_engine.tools.export:main",
             "internvl-bench = internvl_engine.tools.bench:main",
             "internvl-fidelity = internvl_engine.tools.fidelity:main",
+            "internvl-serve = internvl_engine.serve:main",
             "internvl-make-tiny = internvl_engine.tools.make_tiny:main",
             "internvl-train-toy = internvl_toy.train:main",
             "internvl-eval-toy = internvl_toy.evaluate:main",

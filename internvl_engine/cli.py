@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from .errors import InternVLError, ModelDirError
 from .llm import RESIDENT_KV
 from .preprocess import load_image, load_video_frames
 from .sampling import GenerationConfig
+
+REMOTE_KEY_VARIABLE = "INTERNVL_SERVER_API_KEY"  # as the node's server_api_key_env default
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
@@ -156,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming"
     )
+    ap.add_argument(
+        "--server-url",
+        help="ask this OpenAI-compatible server (internvl-serve, vLLM: http://host:8000/v1) "
+        f"instead of a local model; its API key from ${REMOTE_KEY_VARIABLE}",
+    )
+    ap.add_argument("--server-model", default="", help="the server's model (default: its first)")
     return ap
 
 
@@ -185,7 +194,13 @@ def run(args) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    engine = open_engine(args, system_prompt=args.system_prompt)
+    if args.server_url:
+        from .remote import RemoteAnswerer
+
+        key = os.environ.get(REMOTE_KEY_VARIABLE)
+        engine = RemoteAnswerer(args.server_url, args.server_model, key, 60.0, args.system_prompt)
+    else:
+        engine = open_engine(args, system_prompt=args.system_prompt)
     request = Request(
         args.question,
         images=images,

@@ -32,3 +32,11 @@ class PromptTooLongError(InternVLError):
 
 class BackendError(InternVLError):
     """The inference backend failed to load or run a model."""
+
+
+class ServerUnreachableError(InternVLError):
+    """The answering server did not answer: down, refusing connections, or past the timeout."""
+
+
+class ServerError(InternVLError):
+    """The answering server answered with an error (its HTTP status and message)."""

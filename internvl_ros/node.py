@@ -13,6 +13,7 @@ owns the answerer), ``outputs`` (everything published about an answer), ``action
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from rclpy.clock import Clock, ClockType
@@ -31,6 +32,19 @@ from .interface import QUESTION_QOS
 from .jobs import CancelledError, Job, JobQueue
 from .outputs import Outputs
 from .worker import Worker
+
+
+def remote_answerer(p: dict):
+    """A server answering for this node (server_url set)."""
+    from internvl_engine.remote import RemoteAnswerer
+
+    return RemoteAnswerer(
+        p["server_url"],
+        p["server_model"],
+        os.environ.get(p["server_api_key_env"]) if p["server_api_key_env"] else None,
+        p["server_timeout_s"],
+        p["system_prompt"],
+    )
 
 
 def local_answerer(p: dict):
@@ -93,9 +107,10 @@ class InternVLNode(LifecycleNode):
 
     def _configure(self) -> None:
         p = {name: self.get_parameter(name).value for name in params.PARAMETERS}
-        if not p["model_dir"]:
+        if not p["model_dir"] and not p["server_url"]:
             raise params.ParameterError(
-                "model_dir: not set (the internvl-export output, or a Pulsar2 directory)"
+                "model_dir: not set (the internvl-export output, or a Pulsar2 directory; or set "
+                "server_url to answer through a server)"
             )
         topics = []
         for name in p["image_topics"]:
@@ -108,14 +123,16 @@ class InternVLNode(LifecycleNode):
         # each frame would go in twice
         if twice := sorted({t for t in topics if topics.count(t) > 1}):
             raise params.ParameterError(f"image_topics: {', '.join(twice)} named more than once")
-        answerer = local_answerer(p)
+        answerer = remote_answerer(p) if p["server_url"] else local_answerer(p)
         self.worker.answerer, self.outputs.backend = answerer, answerer.backend
         self.cameras = Cameras(topics)
         self._subscriber = CameraSubscriber(self, self.cameras, p["camera_qos"], self._on_image)
-        self.get_logger().info(
-            f"model {p['model_dir']} loaded on {answerer.describe()}; "
-            f"cameras: {', '.join(topics) or 'none'}"
+        where = (
+            f"answering through {answerer.describe()}"
+            if p["server_url"]
+            else f"model {p['model_dir']} loaded on {answerer.describe()}"
         )
+        self.get_logger().info(f"{where}; cameras: {', '.join(topics) or 'none'}")
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         self._subscriber.start()

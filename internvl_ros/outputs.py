@@ -18,6 +18,8 @@ from internvl_engine.errors import (
     InvalidRequestError,
     ModelDirError,
     PromptTooLongError,
+    ServerError,
+    ServerUnreachableError,
     VideoError,
 )
 
@@ -51,6 +53,8 @@ ERROR_CODES = [
     (VideoError, AnswerMsg.INVALID_QUESTION),
     (BackendError, AnswerMsg.BACKEND_FAILED),
     (ModelDirError, AnswerMsg.BACKEND_FAILED),
+    (ServerUnreachableError, AnswerMsg.SERVER_UNREACHABLE),
+    (ServerError, AnswerMsg.SERVER_ERROR),
 ]  # a model that does not fit its manifest cannot run
 
 

@@ -57,6 +57,27 @@ PARAMETERS: dict[str, Param] = {
     "vit_model": Param(
         "", "ViT model file, when it is not in model_dir (axmodel directories).", read_only=True
     ),
+    "server_url": Param(
+        "",
+        "Answer through this OpenAI-compatible server (internvl-serve, vLLM: http://host:8000/v1) "
+        "instead of a model in this process; empty: the local model_dir.",
+        read_only=True,
+    ),
+    "server_model": Param(
+        "", "The server's model name (empty: the first it lists).", read_only=True
+    ),
+    "server_api_key_env": Param(
+        "INTERNVL_SERVER_API_KEY",
+        "Environment variable holding the server's API key (unset: none); the key itself is "
+        "never a parameter, so it is never logged or listed.",
+        read_only=True,
+    ),
+    "server_timeout_s": Param(
+        60.0,
+        "Server: seconds to wait for a connection and for each piece of the answer.",
+        read_only=True,
+        limits=(0.1, 3600.0),
+    ),
     "backend": Param(
         "auto",
         "Inference backend (auto: axengine for .axmodel files, else onnxruntime).",

@@ -2,10 +2,11 @@
 
     ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model \\
         image_topic:=/camera/image_raw
+    ros2 launch internvl_ros internvl.launch.py server_url:=http://192.168.1.20:8000/v1
 
 Arguments: params_file (default: the package's config/internvl.yaml), namespace, backend,
-model_dir, hf_model, vit_model (override the YAML when given) and image_topic (remaps the node's
-relative ``image_raw`` subscription).
+model_dir, hf_model, vit_model, server_url, server_model (override the YAML when given) and
+image_topic (remaps the node's relative ``image_raw`` subscription).
 """
 
 import os
@@ -17,7 +18,7 @@ from launch_ros.substitutions import FindPackageShare
 
 from launch import LaunchDescription
 
-OVERRIDES = ("backend", "model_dir", "hf_model", "vit_model")
+OVERRIDES = ("backend", "model_dir", "hf_model", "vit_model", "server_url", "server_model")
 
 
 def node_with_overrides(context):
@@ -67,6 +68,14 @@ def generate_launch_description():
             ),
             DeclareLaunchArgument(
                 "vit_model", default_value="", description="ViT model file (axmodel directories)"
+            ),
+            DeclareLaunchArgument(
+                "server_url",
+                default_value="",
+                description="answer through this OpenAI-compatible server instead of model_dir",
+            ),
+            DeclareLaunchArgument(
+                "server_model", default_value="", description="the server's model name"
             ),
             DeclareLaunchArgument(
                 "image_topic", default_value="image_raw", description="camera topic for image_raw"

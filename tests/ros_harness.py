@@ -32,9 +32,9 @@ def node_command(
         "__node:=internvl",
         "--params-file",
         str(ROOT / "config" / "internvl.yaml"),
-        "-p",
-        f"model_dir:={model_dir}",
     ]
+    if model_dir:  # none: a node answering through a server
+        cmd += ["-p", f"model_dir:={model_dir}"]
     for key, value in (params or {}).items():
         cmd += ["-p", f"{key}:={value}"]
     if namespace:

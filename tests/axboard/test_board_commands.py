@@ -5,9 +5,11 @@ on a good and on broken model directories."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pulsar2
@@ -173,3 +175,37 @@ def test_doctor_without_pyaxengine_says_what_to_install(board_model, tiny_hf):
     assert proc.returncode == 1 and proc.stdout.startswith(
         "PROBLEM  the axengine backend needs pyaxengine"
     ), proc.stdout
+
+
+def test_serve_answers_from_the_npu_path(board_model, tiny_hf, board_engine, tmp_path):
+    """internvl-serve on the board: the axengine path behind the OpenAI API, as axllm serve."""
+    openai = pytest.importorskip("openai", reason="needs openai (requirements/board.txt)")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "internvl-serve"),
+            *("--hf_model", str(tiny_hf), "--axmodel_path", str(board_model), "--port", "0"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"listening on (http://\S+)", read(tmp_path / "serve.log"))):
+            assert proc.poll() is None and time.monotonic() < deadline, read(tmp_path / "serve.log")
+            time.sleep(0.1)
+        assert "axengine" in found.string
+        client = openai.OpenAI(base_url=found.group(1), api_key="none", max_retries=0)
+        answer = client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "What is it?"}], max_tokens=6
+        )
+        expected = board_engine.answer(Request("What is it?"), GenerationConfig(max_new_tokens=6))
+        assert answer.choices[0].message.content == expected.text
+        assert answer.usage.completion_tokens == len(expected.token_ids)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def read(path: Path) -> str:
+    return path.read_text()
