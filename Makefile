@@ -34,7 +34,7 @@ WS := ros2_ws
 WS_SETUP := $(WS)/install/setup.bash
 IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
 
-.PHONY: demo test test-board test-arm64 ws venv venv-dev clean
+.PHONY: demo test test-board test-arm64 test-vllm ws venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,7 @@ test: $(WS_SETUP) $(VENV)/.dev
 	$(IN_WS) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-board
 	$(MAKE) --no-print-directory test-arm64
+	$(MAKE) --no-print-directory test-vllm
 
 $(BOARD_VENV)/.board: requirements/ubuntu-22.04.txt requirements/board.txt requirements/board-test.txt setup.py
 	rm -rf $(BOARD_VENV)
@@ -108,6 +109,9 @@ endif
 # and on the board stand-in pyaxengine's own tests and one toy task for each pyaxengine version.
 test-arm64: $(VENV)/.engine
 	bash scripts/test_arm64.sh --toy-questions 4 --board-select "pyaxengine or toy_answers and color" $(PYTEST_ARGS)
+
+test-vllm: $(WS_SETUP) $(VENV)/.dev
+	PYTHON=$(PYTHON) $(IN_WS) bash scripts/test_vllm.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BOARD_VENV) .demo ros2_ws/build ros2_ws/install ros2_ws/log build/arm64

@@ -41,6 +41,7 @@ setup(
             "internvl-infer = internvl_engine.cli:main",
             "internvl-doctor = internvl_engine.tools.doctor:main",
             "internvl-export = internvl_engine.tools.export:main",
+            "internvl-export-native = internvl_engine.tools.native:main",
             "internvl-bench = internvl_engine.tools.bench:main",
             "internvl-fidelity = internvl_engine.tools.fidelity:main",
             "internvl-serve = internvl_engine.serve:main",

@@ -18,27 +18,11 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from ..models import internvit, internvl
 from .checkpoint import Checkpoint
+from .native import native_state_dict
 
 
 def hf_state_dict(ck: Checkpoint, language_model_type: str) -> dict[str, torch.Tensor]:
-    renames = internvl.transformers_names(language_model_type)
-    out = {}
-    for key in ck.keys():
-        tensor = torch.from_numpy(ck.get(key))
-        if m := internvit.QKV.match(key):
-            for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
-                out[internvit.TRANSFORMERS_QKV.format(layer=m[1], part=part, kind=m[2])] = (
-                    chunk.clone()
-                )
-            continue
-        for pattern, repl in renames:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = tensor
-                break
-        else:
-            raise KeyError(f"no mapping for original key {key}")
-    return out
+    return {k: torch.from_numpy(v) for k, v in native_state_dict(ck, language_model_type).items()}
 
 
 def original_state_dict(model: InternVLForConditionalGeneration) -> dict[str, torch.Tensor]:
