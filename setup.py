@@ -43,6 +43,7 @@ setup(
             "internvl-export = internvl_engine.tools.export:main",
             "internvl-export-native = internvl_engine.tools.native:main",
             "internvl-bench = internvl_engine.tools.bench:main",
+            "internvl-bench-serve = internvl_engine.tools.bench_serve:main",
             "internvl-fidelity = internvl_engine.tools.fidelity:main",
             "internvl-serve = internvl_engine.serve:main",
             "internvl-make-tiny = internvl_engine.tools.make_tiny:main",
