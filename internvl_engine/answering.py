@@ -98,3 +98,15 @@ def checked_choices(choices) -> list[str]:
         # they would share the probability and the first would always be the answer
         raise InvalidRequestError(f"choices must differ: {twice!r} is given twice")
     return stripped
+
+
+class AnswerAtTheEnd:
+    """``answer()`` for an answerer: the ``Answer`` its ``stream()`` ends with."""
+
+    def answer(
+        self, request: Request, config=None, cancel: threading.Event | None = None
+    ) -> Answer:
+        from .sampling import GenerationConfig
+
+        *_, result = self.stream(request, config or GenerationConfig(), cancel)
+        return result

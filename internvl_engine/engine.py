@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .answering import Answer, Chunk, Request, Timings, TokenLogprob, checked_choices
+from .answering import (
+    Answer,
+    AnswerAtTheEnd,
+    Chunk,
+    Request,
+    Timings,
+    TokenLogprob,
+    checked_choices,
+)
 from .backends import open_session, resolve_backend
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
 from .errors import (
@@ -143,7 +151,7 @@ def score_choices(
     return np.array(scores)
 
 
-class Engine:
+class Engine(AnswerAtTheEnd):
     """``model_dir``: an ``internvl-export`` directory (manifest, models, tokenizer) or a Pulsar2
     seed directory (``qwen2_p128_l{i}_together.axmodel``, ``qwen2_post.axmodel``, embedding file),
     which has no manifest: then ``tokenizer_dir`` (the seed's ``--hf_model``) supplies config.json
@@ -484,12 +492,3 @@ class Engine:
             best,
             [float(p) for p in probabilities],
         )
-
-    def answer(
-        self,
-        request: Request,
-        config: GenerationConfig = GenerationConfig(),
-        cancel: threading.Event | None = None,
-    ) -> Answer:
-        *_, result = self.stream(request, config, cancel)
-        return result

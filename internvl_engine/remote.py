@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .answering import Answer, Chunk, Request, Timings, checked_choices
+from .answering import Answer, AnswerAtTheEnd, Chunk, Request, Timings, checked_choices
 from .config import DEFAULT_SYSTEM_PROMPT
 from .errors import InternVLError, ServerError, ServerUnreachableError
 from .sampling import GenerationConfig
@@ -47,7 +47,7 @@ def png_data_url(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-class RemoteAnswerer:
+class RemoteAnswerer(AnswerAtTheEnd):
     """Answers through the chat-completions API of the server at ``base_url`` (``.../v1``)."""
 
     def __init__(
@@ -206,15 +206,6 @@ class RemoteAnswerer:
         yield Answer(
             request.choices[index].strip(), [], [], timings, "stop", frames, index, probabilities
         )
-
-    def answer(
-        self,
-        request: Request,
-        config: GenerationConfig = GenerationConfig(),
-        cancel: threading.Event | None = None,
-    ) -> Answer:
-        *_, result = self.stream(request, config, cancel)
-        return result
 
     def _chosen(self, choices, text, server_choice, first_logprobs) -> tuple[int, list[float]]:
         """The chosen choice's index and every choice's probability."""

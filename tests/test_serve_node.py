@@ -4,19 +4,16 @@ the node keeps serving and answers again when the server is back."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import rclpy
 from internvl_msgs.msg import Answer
-from ros_harness import BIN, image_msg
+from ros_harness import image_msg
 from test_node import deliver, running_node
 from test_serve import CIRCLE, TRIANGLE, Server
 from test_toy import RED_CIRCLE
+from test_toy_node import answer_about_a_clip
 
-from internvl_ros.bags import write_bag
 from internvl_ros.interface import ERROR_PREFIX
-from internvl_toy.scenes import CLIP_FRAMES, moving_clip
 
 pytest.importorskip("openai", reason="needs openai (requirements/serve.txt)")
 
@@ -48,23 +45,7 @@ def test_the_demos_questions_through_the_server(toy_server, tmp_path):
         deliver(client, "/front/image_raw", image_msg(CIRCLE, "rgb8"))
         deliver(client, "/back/image_raw", image_msg(TRIANGLE, "rgb8"))
         assert client.ask_and_wait("Which image has a triangle?").strip() == "Image-2"
-    clip = moving_clip("circle", "green", "right", frames=2 * CLIP_FRAMES)
-    question = "Which way does the circle move?"
-    bag = write_bag(
-        tmp_path / "bag",
-        [(0.1 * i, f) for i, f in enumerate(clip)],
-        [(0.1 * len(clip) + 0.05, question)],
-    )
-    video = {"mode": "video", "video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES}
-    with running_node("", tmp_path, **remote, **video) as (_, client):
-        subprocess.run(
-            [str(BIN / "internvl-play-bag"), str(bag), "--restamp", "--wait-for-subscribers", "20"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        client.wait_for(lambda: client.answers, 30, "the answer")
-        assert client.answers[0].strip() == "right"
+    assert answer_about_a_clip("", tmp_path, server_url=toy_server.url) == "right"
 
 
 def test_a_server_that_stops_mid_question_and_comes_back(endless_model, tmp_path):

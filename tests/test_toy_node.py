@@ -43,11 +43,11 @@ def test_node_sees_a_red_circle_in_every_encoding(toy_model, tmp_path, ros):
         assert client.ask_and_wait("What shape is it?").strip() == "circle"
 
 
-@pytest.mark.parametrize("direction", ["right", "left"])
-def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
-    """The same clip of a circle moving right, played forwards and reversed."""
+def answer_about_a_clip(model_dir, tmp_path, reverse: bool = False, **params) -> str:
+    """The node's answer to "Which way does the circle move?" about a played bag of a circle
+    moving right (``reverse``: left), in video mode; ``model_dir`` "" with ``server_url`` set."""
     clip = moving_clip("circle", "green", "right", frames=2 * CLIP_FRAMES)
-    if direction == "left":
+    if reverse:
         clip = clip[::-1]
     question = "Which way does the circle move?"
     bag = write_bag(
@@ -55,21 +55,25 @@ def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
         [(0.1 * i, f) for i, f in enumerate(clip)],
         [(0.1 * len(clip) + 0.05, question)],
     )
-    with running_node(
-        toy_model,
-        tmp_path,
-        mode="video",
-        max_new_tokens=6,
-        **{"video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES},
-    ) as (_, client):
+    video = {"video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES}
+    with running_node(model_dir, tmp_path, mode="video", max_new_tokens=6, **video, **params) as (
+        _,
+        client,
+    ):
         subprocess.run(
             [str(BIN / "internvl-play-bag"), str(bag), "--restamp", "--wait-for-subscribers", "20"],
             check=True,
             capture_output=True,
             timeout=60,
         )
-        client.wait_for(lambda: client.answers, 30, "the answer")
-        assert client.answers[0].strip() == direction
+        client.wait_for(lambda: client.answers, 60, "the answer")
+        return client.answers[0].strip()
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_node_tells_which_way_a_clip_moves(toy_model, tmp_path, ros, direction):
+    """The same clip of a circle moving right, played forwards and reversed."""
+    assert answer_about_a_clip(toy_model, tmp_path, reverse=direction == "left") == direction
 
 
 def test_two_cameras_reach_the_model_in_topic_order(toy_model, tmp_path, ros):

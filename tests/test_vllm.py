@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import rclpy
 from conftest import TOY
-from ros_harness import BIN, image_msg
+from ros_harness import image_msg
 from test_node import deliver, running_node
 from test_serve import CIRCLE, TRIANGLE, free_port
 from test_toy import RED_CIRCLE
+from test_toy_node import answer_about_a_clip
 
 from internvl_engine import Engine, GenerationConfig, Request
-from internvl_ros.bags import write_bag
 from internvl_toy.scenes import CLIP_FRAMES, moving_clip
 
 VLLM_PYTHON = os.environ.get("INTERNVL_VLLM_PYTHON", "")
@@ -128,20 +128,4 @@ def test_the_node_answers_the_demos_questions_through_vllm(vllm_server, tmp_path
         assert client.ask_and_wait("What color is the shape?").strip() == "red"
         assert client.ask_and_wait("What shape is it?").strip() == "circle"
         assert client.ask_and_wait("How many shapes are there?").strip() == "one"
-    clip = moving_clip("circle", "green", "right", frames=2 * CLIP_FRAMES)
-    question = "Which way does the circle move?"
-    bag = write_bag(
-        tmp_path / "bag",
-        [(0.1 * i, f) for i, f in enumerate(clip)],
-        [(0.1 * len(clip) + 0.05, question)],
-    )
-    video = {"mode": "video", "video.window_s": 0.1 * len(clip), "video.num_frames": CLIP_FRAMES}
-    with running_node("", tmp_path, **remote, **video) as (_, client):
-        subprocess.run(
-            [str(BIN / "internvl-play-bag"), str(bag), "--restamp", "--wait-for-subscribers", "20"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        client.wait_for(lambda: client.answers, 60, "the answer")
-        assert client.answers[0].strip() == "right"
+    assert answer_about_a_clip("", tmp_path, server_url=vllm_server) == "right"
