@@ -18,6 +18,7 @@ comes back answers again without being rebuilt.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import threading
@@ -88,33 +89,24 @@ class RemoteAnswerer(AnswerAtTheEnd):
             self.model = models[0].id
         return self.model
 
+    @contextlib.contextmanager
     def _errors(self):
+        """The openai client's failures as the node's: unreachable, or the server's error."""
         openai, url = self._openai, self.base_url
-
-        class Mapped:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, kind, e, tb):
-                if isinstance(e, openai.APITimeoutError):
-                    raise ServerUnreachableError(f"{url}: no answer within the timeout") from e
-                if isinstance(e, openai.APIConnectionError):
-                    raise ServerUnreachableError(f"{url}: unreachable ({e.__cause__ or e})") from e
-                if isinstance(e, openai.APIStatusError):
-                    raise ServerError(f"{url}: HTTP {e.status_code}: {_message(e)}") from e
-                if isinstance(e, openai.OpenAIError):
-                    raise ServerError(f"{url}: {e}") from e
-                if e is not None and type(e).__module__.split(".")[0] in (
-                    "httpx",
-                    "httpx2",
-                    "httpcore",
-                    "httpcore2",
-                ):
-                    # the connection broke mid-answer: the stream's reads are not wrapped
-                    raise ServerUnreachableError(f"{url}: the connection broke ({e})") from e
-                return False
-
-        return Mapped()
+        try:
+            yield
+        except openai.APITimeoutError as e:
+            raise ServerUnreachableError(f"{url}: no answer within the timeout") from e
+        except openai.APIConnectionError as e:
+            raise ServerUnreachableError(f"{url}: unreachable ({e.__cause__ or e})") from e
+        except openai.APIStatusError as e:
+            raise ServerError(f"{url}: HTTP {e.status_code}: {_message(e)}") from e
+        except openai.OpenAIError as e:
+            raise ServerError(f"{url}: {e}") from e
+        except Exception as e:
+            if type(e).__module__.split(".")[0] not in HTTP_MODULES:
+                raise
+            raise ServerUnreachableError(f"{url}: the connection broke ({e})") from e
 
     def messages(self, request: Request) -> list[dict]:
         frames = list(request.video_frames) or list(request.images)
