@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .errors import InvalidRequestError
+from .grounding import checked_phrase, grounding_text, parse_boxes
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Request:
     max_tiles: int = 1  # dynamic tiling limit per image (InternVL's max_num)
     system_prompt: str | None = None  # None: the answerer's default
     choices: Sequence[str] = ()  # answer with the most likely of these (empty: a free answer)
+    # a phrase to find ("the red cup"): the question is then InternVL's grounding question about it
+    # (leave ``question`` empty) and the answer's boxes are in ``Answer.boxes``
+    ground: str = ""
 
 
 @dataclass
@@ -53,6 +57,10 @@ class Answer:
     choice_index: int = -1  # with choices: the chosen one
     # with choices: one per choice, summing to 1
     choice_probabilities: list[float] = field(default_factory=list)
+    # the boxes the text names (grounding.Box, pixels of the request's images), and the boxes it
+    # holds that name no place (grounding.BoxProblem: cut off, out of range, malformed)
+    boxes: list = field(default_factory=list)
+    box_problems: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,34 @@ class Answerer(Protocol):
         """How it runs, for a start-up line: threads, where the KV cache lives, what changed for
         this CPU."""
         ...
+
+
+def checked_question(request: Request) -> str:
+    """The question's text as the model is asked it: the question stripped, or with
+    ``request.ground`` the grounding question about the phrase. InvalidRequestError for an empty
+    question, or a phrase to ground beside a question or choices."""
+    if request.ground:
+        if request.question and request.question.strip():
+            raise InvalidRequestError("give a question or a phrase to ground, not both")
+        if request.choices:
+            raise InvalidRequestError("a phrase to ground is answered with boxes, not choices")
+        return grounding_text(checked_phrase(request.ground))
+    if not request.question or not request.question.strip():
+        raise InvalidRequestError("the question is empty")
+    return request.question.strip()
+
+
+def with_boxes(answer: Answer, request: Request) -> Answer:
+    """``answer`` with the boxes its text names, in pixels of the request's images (or frames)."""
+    pictures = list(request.video_frames or request.images)
+    used = answer.frames_used or list(range(len(pictures)))
+    sizes = [(pictures[i].shape[1], pictures[i].shape[0]) for i in used]
+    phrase = " ".join(request.ground.split())
+    boxes, problems = parse_boxes(answer.text, sizes, phrase)
+    # the parser counts images in prompt order; the request's own indices are what a caller has
+    answer.boxes = [replace(b, image=used[b.image]) for b in boxes] if used else boxes
+    answer.box_problems = [replace(b, image=used[b.image]) if used else b for b in problems]
+    return answer
 
 
 def checked_choices(choices) -> list[str]:

@@ -122,10 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  internvl-infer --model-dir model -q 'What is in front of me?' -i photo.jpg\n"
         "  internvl-infer --model-dir model -q 'What happens?' -v clip.mp4 --segments 8\n"
-        "  internvl-infer --model-dir model -q 'Is the door open?' -i door.jpg --choices yes,no",
+        "  internvl-infer --model-dir model -q 'Is the door open?' -i door.jpg --choices yes,no\n"
+        "  internvl-infer --model-dir model --ground 'the red cup' -i photo.jpg --draw boxes.png",
     )
     add_model_arguments(ap)
-    ap.add_argument("-q", "--question", required=True, help="the question")
+    asked = ap.add_mutually_exclusive_group(required=True)
+    asked.add_argument("-q", "--question", help="the question")
+    asked.add_argument(
+        "--ground",
+        metavar="PHRASE",
+        help="find this (e.g. 'the red cup') in the image: InternVL's grounding question; the "
+        "answer's boxes are printed in pixels of the image",
+    )
+    ap.add_argument(
+        "--draw",
+        type=Path,
+        metavar="OUT.png",
+        help="write a copy of the image with the answer's boxes drawn on it (one image)",
+    )
     ap.add_argument("-i", "--images", nargs="+", default=[], type=Path, help="image files")
     ap.add_argument("-v", "--video", type=Path, help="a video file; frames are sampled uniformly")
     ap.add_argument(
@@ -181,9 +195,47 @@ def timing_table(answer: Answer) -> str:
     return "\n".join(rows)
 
 
+def box_lines(answer: Answer) -> list[str]:
+    """One line per box (pixels of its image) and per box that names no place."""
+    lines = [
+        f"box {b.label!r}: x1={b.x1:.1f} y1={b.y1:.1f} x2={b.x2:.1f} y2={b.y2:.1f}"
+        f" (image {b.image + 1}; {list(b.normalized)} of 1000)"
+        for b in answer.boxes
+    ]
+    return lines + [f"not a box: {p}" for p in answer.box_problems]
+
+
+def draw_boxes(rgb, boxes, path: Path) -> None:
+    """A copy of ``rgb`` with ``boxes`` drawn and labelled, written to ``path``."""
+    import cv2
+    import numpy as np
+
+    image = np.ascontiguousarray(rgb[..., ::-1])  # OpenCV writes BGR
+    thickness = max(1, round(max(image.shape[:2]) / 320))
+    for box in boxes:
+        corners = (round(box.x1), round(box.y1)), (round(box.x2), round(box.y2))
+        cv2.rectangle(image, *corners, (0, 0, 255), thickness)
+        cv2.putText(
+            image,
+            box.label,
+            (corners[0][0], max(12, corners[0][1] - 4)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4 * thickness,
+            (0, 0, 255),
+            thickness,
+            cv2.LINE_AA,
+        )
+    if not cv2.imwrite(str(path), image):
+        raise InternVLError(
+            f"--draw {path}: cannot write it (a folder that exists, a .png or .jpg)"
+        )
+
+
 def run(args) -> int:
     if args.video and args.images:
         raise InternVLError("give either --images or --video, not both")
+    if args.draw and len(args.images) != 1:
+        raise InternVLError("--draw needs exactly one image (-i)")
     images = [load_image(p) for p in args.images]
     frames = load_video_frames(args.video, args.segments) if args.video else []
     config = GenerationConfig(
@@ -202,11 +254,12 @@ def run(args) -> int:
     else:
         engine = open_engine(args, system_prompt=args.system_prompt)
     request = Request(
-        args.question,
+        args.question or "",
         images=images,
         video_frames=frames,
         max_tiles=args.max_tiles,
         choices=args.choices,
+        ground=args.ground or "",
     )
     if args.json:
         answer = engine.answer(request, config)
@@ -221,6 +274,13 @@ def run(args) -> int:
                 "choice_index": answer.choice_index,
                 "choice_probabilities": answer.choice_probabilities,
             }
+        else:
+            result |= {
+                "boxes": [b.as_dict() for b in answer.boxes],
+                "box_problems": [p.as_dict() for p in answer.box_problems],
+            }
+        if args.draw:
+            draw_boxes(images[0], answer.boxes, args.draw)
         print(json.dumps(result, ensure_ascii=False))
         return 0
     items = engine.stream(request, config)
@@ -238,7 +298,15 @@ def run(args) -> int:
                     ),
                     end="",
                 )
-            print(f"\n[{item.finish_reason}]\n\n{timing_table(item)}")
+            print(f"\n[{item.finish_reason}]")
+            if lines := box_lines(item):
+                print("\n".join(lines))
+            elif args.ground:
+                print(f"no box: the answer names no place for {args.ground!r}")
+            if args.draw:
+                draw_boxes(images[0], item.boxes, args.draw)
+                print(f"boxes drawn on {args.draw}")
+            print(f"\n{timing_table(item)}")
     return 0
 
 

@@ -30,6 +30,8 @@ from .answering import (
     Timings,
     TokenLogprob,
     checked_choices,
+    checked_question,
+    with_boxes,
 )
 from .backends import open_session, resolve_backend
 from .config import DEFAULT_SYSTEM_PROMPT, ModelLayout
@@ -295,8 +297,7 @@ class Engine(AnswerAtTheEnd):
         """Tokens and input embeddings for a request, image features spliced in after each
         ``<img>``. A video with more frames than the model build's prompt limit takes fewer frames,
         spread over the clip (at least 2); images are never dropped."""
-        if not request.question or not request.question.strip():
-            raise InvalidRequestError("the question is empty")
+        question = checked_question(request)
         if request.images and request.video_frames:
             raise InvalidRequestError("give either images or video frames, not both")
         if request.max_tiles < 1:
@@ -319,10 +320,11 @@ class Engine(AnswerAtTheEnd):
         def encode(indices: list[int]) -> list[int]:
             return self.tokenizer.encode_chat(
                 system,
-                request.question.strip(),
+                question,
                 [len(per_image[i]) for i in indices],
                 self.spec.num_image_token,
                 video,
+                ground=" ".join(request.ground.split()),
             )
 
         ids = encode(used)
@@ -440,13 +442,16 @@ class Engine(AnswerAtTheEnd):
             timings.decode_tokens_per_s = timings.decode_tokens / decode_s
             timings.decode_bytes_per_token = decode_bytes / timings.decode_tokens
         timings.total_ms = (time.perf_counter() - started) * 1e3
-        yield Answer(
-            stops.text if stops.hit else self.tokenizer.decode(generated),
-            prompt.token_ids,
-            generated,
-            timings,
-            reason,
-            prompt.frames_used,
+        yield with_boxes(
+            Answer(
+                stops.text if stops.hit else self.tokenizer.decode(generated),
+                prompt.token_ids,
+                generated,
+                timings,
+                reason,
+                prompt.frames_used,
+            ),
+            request,
         )
 
     def _choose(

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .errors import ModelDirError
+from .grounding import GROUNDING_QUESTION, GROUNDING_TOKENS, REF_END, REF_START
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -158,6 +159,13 @@ class Tokenizer:
         self.stop_ids = {self.ids[IM_END]} | (
             {self._id(EOS)} if self._tok.token_to_id(EOS) is not None else set()
         )
+        # Grounding markup stays in answers (the parser reads boxes from it) though the tokenizer
+        # calls it special; every other special token is dropped.
+        self.kept_ids = {
+            token_id: token
+            for token in GROUNDING_TOKENS
+            if (token_id := self._tok.token_to_id(token)) is not None
+        }
 
     def _id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -175,7 +183,18 @@ class Tokenizer:
             self._tok.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of ``ids``; with ``skip_special_tokens`` the special tokens are dropped except the
+        grounding markup (``<ref>``, ``<box>``, ...), which is kept as its text."""
+        if not skip_special_tokens or not self.kept_ids.keys() & set(ids):
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        text, run = [], []
+        for token_id in ids:
+            if token_id in self.kept_ids:
+                text += [self._tok.decode(run, skip_special_tokens=True), self.kept_ids[token_id]]
+                run = []
+            else:
+                run.append(token_id)
+        return "".join(text) + self._tok.decode(run, skip_special_tokens=True)
 
     def encode_chat(
         self,
@@ -184,11 +203,22 @@ class Tokenizer:
         image_tiles: list[int],
         tokens_per_tile: int,
         video: bool = False,
+        ground: str = "",
     ) -> list[int]:
         """Token ids of the whole chat prompt: system turn, images (tiles per image) or frames, then
         the question; the system prompt and the question as plain text. The pieces meet where the
         pre-tokenizer splits anyway (after a newline, before a special token), so the ids are those
-        of the whole prompt string."""
+        of the whole prompt string. With ``ground`` (a phrase) the question is InternVL's grounding
+        question about it, ``<ref>`` and ``</ref>`` as their special tokens, the phrase as text."""
+        if ground:
+            question_ids = (
+                self.encode(GROUNDING_QUESTION, markup=False)
+                + [self._id(REF_START)]
+                + self.encode(ground, markup=False)
+                + [self._id(REF_END)]
+            )
+        else:
+            question_ids = self.encode(question, markup=False)
         system = (
             self.encode(SYSTEM_TURN[0])
             + self.encode(system_prompt, markup=False)
@@ -199,7 +229,7 @@ class Tokenizer:
         return (
             system
             + self.encode(USER_TURN[0] + image_lines(image_tiles, tokens_per_tile, video))
-            + self.encode(question, markup=False)
+            + question_ids
             + self.encode(USER_TURN[1])
         )
 

@@ -6,6 +6,9 @@ The request is the one the local engine builds: the system prompt (the model's d
 is given), each image or frame as a PNG data URL in the user message before the question, so that
 the server's InternVL chat template writes the same ``Image-k:`` layout. Video frames carry
 ``"video": true`` (internvl-serve labels them ``Frame-k:``; other servers take them as images).
+A phrase to ground goes as InternVL's grounding question (``<ref>`` as text: the server's tokenizer
+makes it the special token), with ``skip_special_tokens: false`` so that vLLM keeps the answer's
+``<ref>``/``<box>``; the boxes are read from the answer's text as the local engine's are.
 Choices go as vLLM's ``structured_outputs: {choice: [...]}``; their probabilities come from the
 server's ``choice_probabilities`` (internvl-serve), else from the first token's ``top_logprobs``
 (vLLM), else the chosen one gets 1.
@@ -27,7 +30,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .answering import Answer, AnswerAtTheEnd, Chunk, Request, Timings, checked_choices
+from .answering import (
+    Answer,
+    AnswerAtTheEnd,
+    Chunk,
+    Request,
+    Timings,
+    checked_choices,
+    checked_question,
+    with_boxes,
+)
 from .config import DEFAULT_SYSTEM_PROMPT
 from .errors import InternVLError, ServerError, ServerUnreachableError
 from .sampling import GenerationConfig
@@ -111,7 +123,7 @@ class RemoteAnswerer(AnswerAtTheEnd):
     def messages(self, request: Request) -> list[dict]:
         frames = list(request.video_frames) or list(request.images)
         content = [{"type": "image_url", "image_url": {"url": png_data_url(f)}} for f in frames]
-        content.append({"type": "text", "text": request.question})
+        content.append({"type": "text", "text": checked_question(request)})
         system = self.system_prompt if request.system_prompt is None else request.system_prompt
         return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
@@ -130,9 +142,14 @@ class RemoteAnswerer(AnswerAtTheEnd):
             extra["max_tiles"] = request.max_tiles
         if choices:
             extra["structured_outputs"] = {"choice": list(request.choices)}
+        messages = self.messages(request)  # checks the question before the server is asked
+        # vLLM drops special tokens from answers, <ref> and <box> among them (the parser reads the
+        # bare [[...]] too, but the phrase of each box would be lost)
+        extra["skip_special_tokens"] = False
+        extra["spaces_between_special_tokens"] = False  # "<ref> cup </ref>" otherwise
         arguments = dict(
             model=self._model(),
-            messages=self.messages(request),
+            messages=messages,
             max_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
@@ -189,7 +206,8 @@ class RemoteAnswerer(AnswerAtTheEnd):
         )
         frames = list(range(len(request.video_frames) or len(request.images)))
         if not choices or finish == "cancelled":
-            yield Answer("" if choices else answer_text, [], [], timings, finish, frames)
+            answer = Answer("" if choices else answer_text, [], [], timings, finish, frames)
+            yield with_boxes(answer, request) if not choices else answer
             return
         index, probabilities = self._chosen(
             request.choices, answer_text, server_choice, first_logprobs

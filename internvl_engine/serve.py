@@ -42,6 +42,7 @@ import numpy as np
 
 from .answering import Answer, Chunk, Request
 from .errors import ImageError, InternVLError, InvalidRequestError, PromptTooLongError
+from .grounding import grounded_phrase
 from .sampling import GenerationConfig
 
 API_KEY_VARIABLE = "INTERNVL_SERVE_API_KEY"
@@ -234,8 +235,10 @@ def parse_request(body, model_name: str, allow_remote: bool, default_max_tokens:
             stop=tuple(stop),
             logprobs=top if logprobs else None,
         )
+        phrase = grounded_phrase(question)  # asked as the engine asks it, <ref> a special token
         request = Request(
-            question,
+            "" if phrase else question,
+            ground=phrase,
             images=() if video else tuple(images),
             video_frames=tuple(images) if video else (),
             max_tiles=_number(body, "max_tiles", int, 1),

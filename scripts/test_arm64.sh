@@ -27,7 +27,7 @@ QEMU_CPU=${QEMU_CPU:-cortex-a76}
 HOST_PYTHON=${HOST_PYTHON:-$ROOT_DIR/.venv/bin/python}  # its pip fills the root's venv
 TESTS=(tests/test_config.py tests/test_engine.py tests/test_contract.py tests/test_quantized.py
        tests/test_preprocess.py tests/test_cli.py tests/test_tokenizer.py tests/test_toy.py tests/test_cpus.py
-       tests/test_board.py)
+       tests/test_board.py tests/test_grounding.py)
 # PyPI's aarch64 wheels for the engine and the tests (torch: PyPI's aarch64 build is CUDA's, so the
 # tests that compare with transformers skip there, saying so).
 WHEELS=(-r requirements/engine.txt -r requirements/arm64-test.txt)
