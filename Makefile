@@ -5,7 +5,8 @@
 #                    the ARM64 job (make test-arm64)
 # make ws          - colcon-build ros2_ws (internvl_msgs, internvl_ros) from the ros-* wheels; where
 #                    ../shared/vendor/ros2 exists, install launch, launch_testing and the ros2 CLI
-#                    from it too (and build composition_interfaces, which launch_ros needs)
+#                    from it too (and build composition_interfaces, which launch_ros needs, and
+#                    vision_msgs, for the node's detections topic)
 # make test-board  - the AX650N board's Python: a Python 3.10 venv with Ubuntu 22.04's numpy 1.21 and
 #                    OpenCV 4.5 takes requirements/board.txt without changing them, then runs the engine
 #                    and board stand-in tests
@@ -21,7 +22,7 @@ PYTHON310 ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable
 BOARD_VENV := .venv-board
 BOARD_PIP := $(BOARD_VENV)/bin/pip install --quiet --disable-pip-version-check
 BOARD_TESTS := tests/test_config.py tests/test_engine.py tests/test_contract.py tests/test_preprocess.py \
-               tests/test_cli.py tests/test_board.py
+               tests/test_cli.py tests/test_board.py tests/test_grounding.py
 # ROS 2 tools that are not on PyPI: Humble sources, for tests, copied to a writable place to install.
 ROS_VENDOR := ../shared/vendor/ros2
 ROS_VENDOR_COPY := $(VENV)/ros2-vendor
@@ -30,6 +31,10 @@ ROS_TOOLS := launch-humble/launch launch-humble/launch_xml launch-humble/launch_
 	rosidl_runtime_py-humble ros2cli-humble/ros2cli ros2cli-humble/ros2topic ros2cli-humble/ros2param \
 	ros2cli-humble/ros2node ros2cli-humble/ros2service ros2cli-humble/ros2action ros2cli-humble/ros2lifecycle \
 	ros2cli-humble/ros2pkg ros2cli-humble/ros2interface ros2cli-humble/ros2run
+# Interface packages from the same sources, built into the workspace: composition_interfaces
+# (launch_ros needs it) and vision_msgs (the node's detections topic; apt's ros-humble-vision-msgs on
+# a robot).
+ROS_INTERFACES := composition_interfaces-humble vision_msgs-ros2/vision_msgs
 WS := ros2_ws
 WS_SETUP := $(WS)/install/setup.bash
 IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
@@ -64,7 +69,7 @@ endif
 	touch $@
 
 $(WS_SETUP): $(VENV)/.ros-tools $(shell find $(WS)/src/internvl_msgs -type f) package.xml setup.py
-	cd $(WS) && . $(abspath $(VENV))/local_setup.sh && colcon build --symlink-install --base-paths src $$(ls -d $(abspath $(ROS_VENDOR_COPY))/composition_interfaces-humble 2>/dev/null) \
+	cd $(WS) && . $(abspath $(VENV))/local_setup.sh && colcon build --symlink-install --base-paths src $$(ls -d $(addprefix $(abspath $(ROS_VENDOR_COPY))/,$(ROS_INTERFACES)) 2>/dev/null) \
 		--cmake-args -DPython3_EXECUTABLE=$(abspath $(BIN))/python -DBUILD_TESTING=OFF
 	touch $@
 

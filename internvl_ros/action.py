@@ -42,6 +42,7 @@ class AskServer:
             goal.question,
             mode=goal.mode,
             choices=tuple(goal.choices),
+            ground=goal.ground,
             max_new_tokens=goal.max_new_tokens,
             goal=goal_handle,
             result=Future(),

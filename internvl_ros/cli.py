@@ -105,9 +105,19 @@ def ask_main(argv=None) -> int:
         prog="internvl-ask",
         description="Ask the internvl node a question and print the answer as it streams, "
         "then its status.",
-        epilog="Example: internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot",
+        epilog="Examples:\n"
+        "  internvl-ask -q 'Is the door open?' --choices yes,no --namespace /robot\n"
+        "  internvl-ask --ground 'the red cup'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("-q", "--question", required=True, help="the question")
+    asked = ap.add_mutually_exclusive_group(required=True)
+    asked.add_argument("-q", "--question", help="the question")
+    asked.add_argument(
+        "--ground",
+        metavar="PHRASE",
+        help="find this (e.g. 'the red cup'): the answer's boxes in pixels of the camera frame "
+        "(uses the action)",
+    )
     ap.add_argument(
         "--mode",
         choices=MODES,
@@ -163,7 +173,7 @@ def ask_main(argv=None) -> int:
             f"not {args.max_new_tokens}"
         )
     for option, text in (
-        [("--question", args.question)]
+        [("--question", args.question or ""), ("--ground", args.ground or "")]
         + [("--choices", c) for c in args.choices]
         + [("--cameras", c) for c in args.cameras]
     ):
@@ -199,7 +209,7 @@ def ask_main(argv=None) -> int:
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         # only a goal carries them
-        per_question = args.choices or args.cameras or args.max_new_tokens
+        per_question = args.choices or args.cameras or args.max_new_tokens or args.ground
         return ask_action(args) if args.action or per_question else ask_topic(args)
     except TimeoutError as e:
         print(f"internvl-ask: error: {e}", file=sys.stderr)

@@ -152,6 +152,12 @@ class AskResult:
         return list(self.answer.choice_probabilities) if self.answer else []
 
     @property
+    def boxes(self) -> list:
+        """The places the answer names (internvl_msgs/Box, in pixels of
+        ``answer.frames[box.frame]``)."""
+        return list(self.answer.boxes) if self.answer else []
+
+    @property
     def error(self) -> str:
         """Why it did not succeed: the node's error code and message, or the client's view."""
         if self.answer is not None and self.answer.error_code != AnswerMsg.NONE:
@@ -219,8 +225,9 @@ class AskClient:
 
     def ask(
         self,
-        question: str,
+        question: str = "",
         *,
+        ground: str = "",
         choices=(),
         mode: str = "",
         cameras=(),
@@ -230,15 +237,18 @@ class AskClient:
     ) -> AskResult:
         """Ask and wait up to ``timeout`` seconds (then the goal is cancelled). ``on_chunk(text)``
         sees the answer's pieces as they stream; an error it raises ends them, and comes out of
-        ask() once the goal has ended."""
+        ask() once the goal has ended. ``ground`` (with no question): find this phrase; the result's
+        ``boxes`` say where."""
         check_timeout(timeout)
-        for what, text in [("the question", question), *(("a choice", c) for c in choices)]:
+        texts = [("the question", question), ("the phrase to ground", ground)]
+        for what, text in [*texts, *(("a choice", c) for c in choices)]:
             check_sendable(text, what)
         deadline = time.monotonic() + timeout
         if not self._action.wait_for_server(timeout_sec=timeout):
             return AskResult("unavailable")
         goal = Ask.Goal(
             question=question,
+            ground=ground,
             choices=list(choices),
             mode=mode,
             cameras=list(cameras),
@@ -508,9 +518,11 @@ def ask_topic(args) -> int:
 def ask_action(args) -> int:
     client = AskClient(args.namespace)
     try:
-        print(f"question >> {args.question}\nanswer   >> ", end="", flush=True)
+        asked = f"find {args.ground!r}" if args.ground else args.question
+        print(f"question >> {asked}\nanswer   >> ", end="", flush=True)
         result = client.ask(
-            args.question,
+            args.question or "",
+            ground=args.ground or "",
             choices=args.choices,
             mode=args.mode or "",
             cameras=args.cameras,
@@ -534,6 +546,16 @@ def ask_action(args) -> int:
             values["choices"] = ", ".join(
                 f"{c}: {p:.3f}" for c, p in zip(args.choices, a.choice_probabilities)
             )
+        for box in a.boxes:
+            frame = a.frames[box.frame] if box.frame < len(a.frames) else None
+            values[f"box {box.label!r}"] = (
+                f"x {box.x_min:.1f}..{box.x_max:.1f}, y {box.y_min:.1f}..{box.y_max:.1f} px of "
+                + (f"{frame.topic} ({frame.width}x{frame.height})" if frame else "?")
+            )
+        for problem in a.box_problems:
+            values.setdefault("not a box", []).append(problem)
+        if "not a box" in values:
+            values["not a box"] = "; ".join(values["not a box"])
         if not result.ok:
             print(f"{ERROR_PREFIX}{a.error_msg}", end="")
             values["error_code"] = ERROR_NAMES.get(a.error_code, a.error_code)

@@ -42,6 +42,7 @@ class Job:
     mode: str = ""  # empty: the mode parameter
     cameras: tuple[str, ...] = ()  # resolved camera topics (empty: all)
     choices: tuple[str, ...] = ()
+    ground: str = ""  # a phrase to find: the answer is its boxes
     max_new_tokens: int = 0  # 0: the parameter
     goal: object = None  # the goal's handle, for a goal
     cancel: threading.Event = field(default_factory=threading.Event)

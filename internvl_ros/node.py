@@ -132,7 +132,9 @@ class InternVLNode(LifecycleNode):
             if p["server_url"]
             else f"model {p['model_dir']} loaded on {answerer.describe()}"
         )
-        self.get_logger().info(f"{where}; cameras: {', '.join(topics) or 'none'}")
+        self.get_logger().info(
+            f"{where}; cameras: {', '.join(topics) or 'none'}; {self.outputs.detections.describe()}"
+        )
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         self._subscriber.start()

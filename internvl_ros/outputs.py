@@ -2,11 +2,15 @@
 
 Every question gets exactly one answer, whatever happens to it: the text on ``answer`` (or one line
 starting ``ERROR: ``), an internvl_msgs/Answer on ``answer/result``, a final AnswerChunk, a status
-on /diagnostics, one log line and, for a goal, its result. Chunks stream on ``answer/stream``
+on /diagnostics, one log line and, for a goal, its result; the boxes of a grounded answer also go
+to ``detections`` (see detections.py). Chunks stream on ``answer/stream``
 (text), ``answer/chunks`` (with the request id) and as the goal's feedback.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import replace
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.time import Time
@@ -24,6 +28,7 @@ from internvl_engine.errors import (
 )
 
 from .cameras import Frame, NoFreshFrameError, UnknownCameraError
+from .detections import Detections, frame_header
 from .interface import ANSWER_QOS, ERROR_PREFIX
 from .jobs import BusyError, CancelledError, InactiveError, Job
 
@@ -31,6 +36,7 @@ try:
     from internvl_msgs.action import Ask
     from internvl_msgs.msg import Answer as AnswerMsg
     from internvl_msgs.msg import AnswerChunk, UsedFrame
+    from internvl_msgs.msg import Box as BoxMsg
     from internvl_msgs.msg import Timings as TimingsMsg
 except ImportError as e:
     raise ImportError(
@@ -90,6 +96,7 @@ class Outputs:
         self._result = node.create_publisher(AnswerMsg, "answer/result", ANSWER_QOS)
         self._chunks = node.create_publisher(AnswerChunk, "answer/chunks", ANSWER_QOS)
         self._diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", ANSWER_QOS)
+        self.detections = Detections(node)
         # resumes goals waiting for their answer
         self.wake = node.create_guard_condition(lambda: None)
 
@@ -122,13 +129,16 @@ class Outputs:
         frames: list[Frame],
         error: Exception | None = None,
         warnings: list[str] = (),
+        sizes: list[tuple[int, int]] = (),
     ) -> None:
-        """Publish one question's answer everywhere it goes, and complete its goal."""
+        """Publish one question's answer everywhere it goes, and complete its goal. ``frames``: the
+        camera frames in the prompt, in order; ``sizes``: their (width, height) in pixels."""
         info = job.info
         cancelled = isinstance(error, CancelledError)
         msg = AnswerMsg(
             request_id=job.id,
             question=job.question,
+            ground=job.ground,
             mode=info.get("mode", ""),
             choice_index=-1,
             error_code=error_code(error) if error is not None else AnswerMsg.NONE,
@@ -139,10 +149,39 @@ class Outputs:
             if error is not None
             else answer.finish_reason,
             frames=[
-                UsedFrame(topic=f.topic, stamp=Time(nanoseconds=int(f.stamp * 1e9)).to_msg())
-                for f in frames
+                UsedFrame(
+                    topic=f.topic,
+                    stamp=Time(nanoseconds=int(f.stamp * 1e9)).to_msg(),
+                    frame_id=frame_header(f).frame_id,
+                    width=int(size[0]) if size else 0,
+                    height=int(size[1]) if size else 0,
+                )
+                for f, size in itertools.zip_longest(frames, sizes[: len(frames)])
             ],
         )
+        # the boxes' images as indices into msg.frames (the request's pictures were all the frames
+        # the worker picked; the prompt may hold fewer)
+        boxes = []
+        if answer is not None and answer.boxes and (error is None or cancelled):
+            boxes = [
+                replace(b, image=answer.frames_used.index(b.image))
+                for b in answer.boxes
+                if b.image in answer.frames_used
+            ]
+            msg.boxes = [
+                BoxMsg(
+                    label=b.label,
+                    frame=b.image,
+                    x_min=b.x1,
+                    y_min=b.y1,
+                    x_max=b.x2,
+                    y_max=b.y2,
+                    normalized=[float(v) for v in b.normalized],
+                )
+                for b in boxes
+            ]
+        if answer is not None:
+            msg.box_problems = [str(p) for p in answer.box_problems]
         if answer is not None:
             t = answer.timings
             msg.text = answer.text if error is None or cancelled else ""
@@ -165,6 +204,10 @@ class Outputs:
                 decode_bytes_per_token=f"{t.decode_bytes_per_token:.0f}",
                 generated_tokens=str(len(answer.token_ids)),
                 finish_reason=msg.finish_reason,
+            )
+        if error is None:
+            self.detections.publish(
+                self.send, replace(answer, boxes=boxes), frames, bool(job.ground)
             )
         published = self.send(
             self._answer.publish,

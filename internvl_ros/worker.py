@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from internvl_engine.answering import Chunk, Request
-from internvl_engine.errors import InternVLError, InvalidRequestError
+from internvl_engine.answering import Chunk, Request, checked_question
+from internvl_engine.errors import InternVLError
 from internvl_engine.preprocess import segment_centre_indices
 
 from . import params
@@ -42,8 +42,8 @@ class Worker:
         s = params.Settings.read(self.node).for_goal(job.mode, job.max_new_tokens)
         info = job.info
         info.update(mode=s.mode, queue_wait_ms=f"{(time.monotonic() - job.received) * 1e3:.1f}")
-        if not job.question.strip():
-            raise InvalidRequestError("the question is empty")
+        # an empty question, a bad phrase to ground: refused before the cameras are looked at
+        checked_question(Request(job.question, ground=job.ground, choices=job.choices))
         cameras = self.node.cameras
         only = cameras.named(list(job.cameras)) if job.cameras else None
         now = self.node.now()
@@ -61,6 +61,7 @@ class Worker:
             max_tiles=s.max_tiles,
             system_prompt=s.system_prompt,
             choices=job.choices,
+            ground=job.ground,
         )
         for item in self.answerer.stream(request, s.generation, job.cancel):
             if isinstance(item, Chunk):
@@ -68,9 +69,14 @@ class Worker:
             else:
                 answer = item
         used = [frames[i][0] for i in answer.frames_used]
+        sizes = [frames[i][1].shape[1::-1] for i in answer.frames_used]
         if answer.finish_reason == "cancelled":
             self.outputs.answer(
-                job, answer, used, CancelledError(f"cancelled: {job.cancel_reason or 'stopped'}")
+                job,
+                answer,
+                used,
+                CancelledError(f"cancelled: {job.cancel_reason or 'stopped'}"),
+                sizes=sizes,
             )
             return
         warnings = skipped[:]
@@ -81,7 +87,13 @@ class Worker:
                 "build's "
                 "prompt limit (lower video.num_frames, or build for longer prompts)"
             )
-        self.outputs.answer(job, answer, used, warnings=warnings)
+        if answer.box_problems:
+            info["box_problems"] = "; ".join(map(str, answer.box_problems))
+            warnings.append(
+                f"{len(answer.box_problems)} box{'es' * (len(answer.box_problems) > 1)} in the "
+                "answer name no place: " + "; ".join(map(str, answer.box_problems))
+            )
+        self.outputs.answer(job, answer, used, warnings=warnings, sizes=sizes)
 
     def _frames(
         self, cameras, s: params.Settings, now: float, only: list[int] | None

@@ -45,11 +45,11 @@ def node_command(
 
 
 class NodeProcess:
-    def __init__(self, model_dir: Path, log_path: Path, **kwargs):
+    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, **kwargs):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            node_command(model_dir, **kwargs), stdout=self._log, stderr=subprocess.STDOUT
+            node_command(model_dir, **kwargs), stdout=self._log, stderr=subprocess.STDOUT, env=env
         )
 
     def rss_kib(self) -> int:

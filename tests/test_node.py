@@ -45,9 +45,10 @@ def ros():
 
 @contextmanager
 def running_node(
-    model_dir, tmp_path, namespace="", remaps=None, ready=True, ros_args=None, **params
+    model_dir, tmp_path, namespace="", remaps=None, ready=True, ros_args=None, env=None, **params
 ):
-    """The node as its own process and a client; ``ready``: wait until the node is active."""
+    """The node as its own process and a client; ``ready``: wait until the node is active;
+    ``env``: the node's environment (default: this process's)."""
     params = {"heartbeat_period_s": 0.1, **params}
     proc = NodeProcess(
         model_dir,
@@ -56,6 +57,7 @@ def running_node(
         namespace=namespace,
         remaps=remaps,
         ros_args=ros_args,
+        env=env,
     )
     client = Client(namespace)
     try:
