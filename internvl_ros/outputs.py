@@ -13,7 +13,6 @@ import itertools
 from dataclasses import replace
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.time import Time
 from std_msgs.msg import Header, String
 
 from internvl_engine.errors import (
@@ -151,7 +150,8 @@ class Outputs:
             frames=[
                 UsedFrame(
                     topic=f.topic,
-                    stamp=Time(nanoseconds=int(f.stamp * 1e9)).to_msg(),
+                    # the header's own stamp, to the nanosecond (f.stamp, in float seconds, is not)
+                    stamp=frame_header(f).stamp,
                     frame_id=frame_header(f).frame_id,
                     width=int(size[0]) if size else 0,
                     height=int(size[1]) if size else 0,
