@@ -1,7 +1,9 @@
 """``internvl-eval-toy``: the toy model's accuracy through the engine, per question type, on freshly
 generated scenes (seeds apart from training's). An answer counts when the engine's greedy text,
-stripped, equals the expected answer exactly. Where a question type has groups (shapes in the
-picture, images in the prompt), the accuracy of each group is reported too."""
+stripped, equals the expected answer exactly; a grounding answer counts when its box has an IoU of
+at least 0.5 with the shape's true box, in pixels of the picture (the mean IoU is reported too).
+Where a question type has groups (shapes in the picture, images in the prompt), the accuracy of each
+group is reported too."""
 
 from __future__ import annotations
 
@@ -13,13 +15,19 @@ from pathlib import Path
 
 from internvl_engine import Engine, GenerationConfig, InternVLError, Request
 from internvl_engine.config import MANIFEST
+from internvl_engine.grounding import iou
 
 from .scenes import TASKS, Sample, samples
 
 HELD_OUT_SEED = 10_000  # training draws from seed 0's stream; evaluation sets start here
 
 
+MIN_IOU = 0.5  # a grounding answer's box is right from here (as RefCOCO's evaluation counts)
+
+
 def request(sample: Sample) -> Request:
+    if sample.ground:
+        return Request("", images=sample.images, ground=sample.ground)
     if sample.video:
         return Request(sample.question, video_frames=sample.images)
     return Request(sample.question, images=sample.images)
@@ -28,14 +36,25 @@ def request(sample: Sample) -> Request:
 def accuracy(engine: Engine, per_task: int, seed: int = HELD_OUT_SEED) -> dict[str, dict]:
     report = {}
     for k, task in enumerate(TASKS):
-        wrong, groups = [], {}
+        wrong, groups, overlaps = [], {}, []
         for s in samples(task, per_task, seed + k):
-            text = engine.answer(request(s), GenerationConfig(max_new_tokens=8)).text.strip()
-            if text != s.answer:
+            answer = engine.answer(
+                request(s), GenerationConfig(max_new_tokens=64 if s.ground else 8)
+            )
+            text = answer.text.strip()
+            if s.ground:
+                overlap = iou(answer.boxes[0].corners, s.box) if answer.boxes else 0.0
+                overlaps.append(overlap)
+                right = overlap >= MIN_IOU
+            else:
+                right = text == s.answer
+            if not right:
                 wrong.append(f"{s.question} -> {text!r} (expected {s.answer!r})")
             if s.group:
-                groups.setdefault(s.group, []).append(text == s.answer)
+                groups.setdefault(s.group, []).append(right)
         report[task] = {"accuracy": 1 - len(wrong) / per_task, "n": per_task, "wrong": wrong[:5]}
+        if overlaps:
+            report[task]["mean_iou"] = sum(overlaps) / len(overlaps)
         if groups:
             report[task]["groups"] = {
                 g: {"accuracy": sum(r) / len(r), "n": len(r)} for g, r in sorted(groups.items())
@@ -99,6 +118,9 @@ def main(argv=None) -> int:
         print(
             "\n| question type | group | accuracy | n |\n|---|---|---|---|", *group_rows, sep="\n"
         )
+        for task, r in report.items():
+            if "mean_iou" in r:
+                print(f"\n{task}: mean IoU {r['mean_iou']:.3f} (a box counts from {MIN_IOU})")
     return 0
 
 

@@ -48,6 +48,12 @@ class Sample:
     )
     # the question's word that picks what to look at ("red" in "Where is the red shape?"), if any
     subject: str = ""
+    # a grounding question: the phrase to find ("the red circle"; the question is then InternVL's
+    # grounding prompt about it) and its true box in pixels of the image (x1, y1, x2, y2)
+    ground: str = ""
+    box: tuple[float, float, float, float] | None = None
+    # every shape's box, as fractions of the width and height (training hints)
+    regions: tuple[tuple[float, float, float, float], ...] = ()
 
 
 def render(
@@ -82,6 +88,70 @@ def render(
     return image
 
 
+def extent(s: Shape, width: int, height: int) -> tuple[float, float, float, float]:
+    """The box ``render`` draws ``s`` in: (x1, y1, x2, y2) in pixels."""
+    cx, cy, r = s.x * width, s.y * height, s.size * width / 2
+    bottom = cy + (0.8 * r if s.shape == "triangle" else r)
+    return cx - r, cy - r, cx + r, bottom
+
+
+def box_answer(phrase: str, box, width: int, height: int) -> str:
+    """InternVL's grounding answer for ``box`` (pixels): corners in 0..1000 of the image, to the
+    nearest 10 (finer is below what 8-pixel patches of a 112-pixel tile show: the last digit
+    would be noise to learn)."""
+    x1, y1, x2, y2 = box
+    corners = [x1 / width, y1 / height, x2 / width, y2 / height]
+    numbers = ", ".join(str(min(1000, max(0, 10 * round(v * 100)))) for v in corners)
+    return f"<ref>{phrase}</ref><box>[[{numbers}]]</box>"
+
+
+def spread_shapes(rng, n: int, width: int, height: int) -> list[Shape]:
+    """``n`` random shapes anywhere in a ``width`` x ``height`` frame, each inside it and none
+    touching another."""
+    shapes: list[Shape] = []
+    while len(shapes) < n:
+        size = rng.uniform(0.16, 0.3) * min(1.0, height / width / 0.75)
+        r = size / 2
+        x = rng.uniform(r, 1 - r)
+        y = rng.uniform(r * width / height, 1 - r * width / height)
+        s = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), x, y, size)
+        box = extent(s, width, height)
+        if all(
+            box[2] + 4 < o[0] or o[2] + 4 < box[0] or box[3] + 4 < o[1] or o[3] + 4 < box[1]
+            for o in (extent(t, width, height) for t in shapes)
+        ):
+            shapes.append(s)
+    return shapes
+
+
+def ground_task(rng, width: int | None = None, height: int | None = None) -> Sample:
+    """Find one of one to three shapes, anywhere in the frame, named by colour and shape; no other
+    shape has both (another may share one)."""
+    if width is None:
+        width, height = _size(rng)
+    n = int(rng.integers(1, 4))
+    while True:
+        shapes = spread_shapes(rng, n, width, height)
+        named = shapes[int(rng.integers(n))]
+        if sum((s.shape, s.color) == (named.shape, named.color) for s in shapes) == 1:
+            break
+    phrase = f"the {named.color} {named.shape}"
+    box = extent(named, width, height)
+    size = (width, height, width, height)
+    regions = tuple(tuple(v / n for v, n in zip(extent(s, width, height), size)) for s in shapes)
+    return Sample(
+        "ground",
+        phrase,
+        box_answer(phrase, box, width, height),
+        [_picture(rng, shapes, (width, height))],
+        group=f"{n} shape" + "s" * (n > 1),
+        subject=named.color,
+        ground=phrase,
+        box=box,
+        regions=regions,
+    )
+
+
 def _size(rng) -> tuple[int, int]:
     """Frame sizes of several aspect ratios, as cameras give (every image is resized to one
     tile)."""
@@ -105,8 +175,8 @@ def _background(rng) -> np.ndarray:
     return np.clip(rng.integers(190, 256) + rng.integers(-8, 9, 3), 0, 255)
 
 
-def _picture(rng, shapes: list[Shape]) -> np.ndarray:
-    width, height = _size(rng)
+def _picture(rng, shapes: list[Shape], size: tuple[int, int] | None = None) -> np.ndarray:
+    width, height = size or _size(rng)
     image = render(shapes, width, height, background=_background(rng), rng=rng)
     if rng.random() < 0.25:  # camera JPEG artefacts
         ok, data = cv2.imencode(
@@ -254,6 +324,7 @@ TASKS: dict[str, Callable[[np.random.Generator], Sample]] = {
     "motion": motion_task,
     "appear": appear_task,
     "is_there": is_there_task,
+    "ground": ground_task,
 }
 VIDEO_TASKS = ("motion", "appear")
 
@@ -277,3 +348,11 @@ def corpus() -> list[str]:
         *(f"Is there a {c} shape?" for c in COLORS),
     ]
     return questions + words + [f"Image-{i}" for i in range(1, 5)]
+
+
+def grounding_corpus() -> list[str]:
+    """The grounding task's texts, for a tokenizer trained from scratch since it was added."""
+    return [f"the {c} {s}" for c in COLORS for s in SHAPES] + [
+        "Please provide the bounding box coordinate of the region this sentence describes: ",
+        "[[0, 125, 250, 375]], [[500, 625, 750, 875, 1000]]",
+    ]

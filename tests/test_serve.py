@@ -24,7 +24,7 @@ from test_toy import RED_CIRCLE
 from internvl_engine import Engine, GenerationConfig, Request
 from internvl_engine.errors import ServerError, ServerUnreachableError
 from internvl_engine.sampling import StopTexts
-from internvl_toy.scenes import CLIP_FRAMES, Shape, moving_clip, render
+from internvl_toy.scenes import CLIP_FRAMES, Shape, ground_task, moving_clip, render
 
 openai = pytest.importorskip("openai", reason="needs openai (requirements/serve.txt)")
 pytest.importorskip("starlette", reason="needs starlette (requirements/serve.txt)")
@@ -331,6 +331,17 @@ def test_remote_answerer_gives_the_engines_answers(toy_server, toy_engine, tmp_p
         np.testing.assert_allclose(
             answer.choice_probabilities, local.choice_probabilities, atol=1e-6
         )
+    # a grounding question: the server asks it as the engine does (<ref> its special token), and
+    # the boxes come back from the answer's text in pixels of the image
+    scene = ground_task(np.random.default_rng(1), 640, 480)
+    request = Request("", images=scene.images, ground=scene.ground)
+    local = toy_engine.answer(request, GenerationConfig(64))
+    answer = remote.answer(request, GenerationConfig(64))
+    assert answer.text == local.text and answer.text.startswith(f"<ref>{scene.ground}</ref><box>")
+    assert answer.boxes == local.boxes and len(answer.boxes) == 1
+    assert answer.prompt_token_ids == [] and answer.timings.prefill_tokens == len(
+        local.prompt_token_ids
+    )
     down = RemoteAnswerer(f"http://127.0.0.1:{free_port()}/v1", model="toy", timeout_s=2)
     with pytest.raises(ServerUnreachableError, match="unreachable"):
         list(down.stream(Request("Hi")))

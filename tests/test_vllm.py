@@ -25,7 +25,7 @@ from test_toy import RED_CIRCLE
 from test_toy_node import answer_about_a_clip
 
 from internvl_engine import Engine, GenerationConfig, Request
-from internvl_toy.scenes import CLIP_FRAMES, moving_clip
+from internvl_toy.scenes import CLIP_FRAMES, ground_task, moving_clip
 
 VLLM_PYTHON = os.environ.get("INTERNVL_VLLM_PYTHON", "")
 pytestmark = pytest.mark.skipif(
@@ -112,6 +112,14 @@ def test_vllm_answers_as_the_engine_from_the_same_prompt(vllm_server, toy_engine
         video_frames=moving_clip("circle", "green", "right", frames=CLIP_FRAMES),
     )
     assert remote.answer(clip, GenerationConfig(6)).text.strip() == "right"
+    # a grounding question: vLLM keeps <ref> and <box> (skip_special_tokens: false), and the
+    # boxes are the engine's
+    scene = ground_task(np.random.default_rng(1), 640, 480)
+    request = Request("", images=scene.images, ground=scene.ground)
+    local = toy_engine.answer(request, GenerationConfig(64))
+    answer = remote.answer(request, GenerationConfig(64))
+    assert answer.text == local.text and answer.boxes == local.boxes and len(answer.boxes) == 1
+    assert answer.timings.prefill_tokens == len(local.prompt_token_ids)
 
 
 @pytest.fixture(scope="module")
