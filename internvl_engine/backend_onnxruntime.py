@@ -145,11 +145,12 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
 
     - MatMulIntegerToFloat's int8 weights B become uint8 B + 128, their zero point (0 where none
       is given) zero point + 128: the same products, through onnxruntime's u8 x u8 kernel, which is
-      exact on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, AVX2);
-    - with ``many_rows``, MatMulNBits' blocks become fp32 weights of a plain MatMul: its int8
-      kernels there took a ViT tile 1.24x as long as fp32, and multiplying its blocks in float
-      (accuracy level 0) still 1.14x; fp32 weights take fp32's time by definition, for 4x the memory
-      (AVX2, docs/benchmarks.md)."""
+      exact on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, and a ViT
+      tile 0.75 of fp32's, AVX2). Weights quantised to 7 bits would keep the faster u8 x s8 kernel
+      exact (a tile at 0.64 of fp32's time) but left the ViT's features at cosine 0.9990 to fp32's;
+    - with ``many_rows``, an earlier export's ViT in MatMulNBits blocks gets fp32 weights of a plain
+      MatMul: its int8 kernels there took a tile 1.24x as long as fp32, and multiplying its blocks
+      in float (accuracy level 0) still 1.14x (AVX2, docs/benchmarks.md)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -181,9 +182,9 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
         if zero and zero not in converted:
             as_uint8(zero)
             converted.add(zero)
-        elif not zero:
-            node.input.extend([""] * (5 - len(node.input)))  # a_zero_point may be left out
-            node.input.append("uint8_weights_zero_point")
+        elif not zero:  # a_zero_point may be left out; a bias may follow
+            node.input.extend([""] * (6 - len(node.input)))
+            node.input[5] = "uint8_weights_zero_point"
     del graph.node[:]
     graph.node.extend(nodes)
     changes = []

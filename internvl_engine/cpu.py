@@ -10,8 +10,9 @@ depended on the CPU. So the engine asks the CPU, not a list of CPU names: ``int8
 u8 x s8 once on values that saturate any int16 pair sum and compares with the definition. Where it
 is not exact, ``backend_onnxruntime.for_this_cpu`` changes the graphs as they load: the int8 weights
 are read as uint8 (onnxruntime's u8 x u8 kernel widens to int16 first and is exact everywhere, but
-takes 1.8x as long as u8 x s8 on an AVX-512 VNNI core, so it is not the default), and the ViT's int8
-blocks, whose int8 kernels there are slower than fp32, become fp32 weights.
+takes 1.8x as long as u8 x s8 on an AVX-512 VNNI core, so it is not the default); an earlier
+export's ViT in int8 blocks (MatMulNBits), whose int8 kernels there are slower than fp32, gets fp32
+weights.
 """
 
 from __future__ import annotations
@@ -138,6 +139,6 @@ def int8_path() -> str:
     if int8_gemm_exact():
         return "int8 GEMM u8 x s8, exact here"
     return (
-        "int8 GEMM u8 x s8 saturates here (x86 without VNNI): int8 weights are read as uint8, "
-        "the ViT's int8 blocks dequantized to fp32"
+        "int8 GEMM u8 x s8 saturates here (x86 without VNNI): int8 weights are read as uint8 "
+        "(u8 x u8), an earlier export's int8 ViT blocks as fp32"
     )

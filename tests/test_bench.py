@@ -294,3 +294,74 @@ def test_a_runtime_that_crashes_is_named_with_the_stack_it_died_in(capfd):
     assert failure(e.value).startswith("its process died (a crash in native code, its stack above")
     stderr = capfd.readouterr().err
     assert "Fatal Python error: Segmentation fault" in stderr and "string_at" in stderr, stderr
+
+
+def needs_openvino():
+    from internvl_engine.tools.peer_vit import openvino_missing
+
+    if why := openvino_missing():
+        pytest.skip(why)
+
+
+def test_openvino_runs_the_same_vit(tiny_hf, tiny_model):
+    """The ViT OpenVINO is timed on computes what the engine's fp32 ViT computes (the comparison is
+    of one function of one checkpoint's weights), and NNCF's int8 of it follows it closely."""
+    needs_openvino()
+    from internvl_engine import Engine, Request
+    from internvl_engine.tools.fidelity import cosine
+    from internvl_engine.tools.peer_vit import OpenVinoVit, calibration_tiles
+
+    image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    engine = Engine(tiny_model)
+    tile = engine.prepare(Request("Describe.", images=[image])).pixel_values[:1]
+    expected = engine.vit.run({"image": tile})[0]
+    fp32 = OpenVinoVit(tiny_hf, "fp32", 1, [])
+    np.testing.assert_allclose(fp32.run(tile), expected, rtol=1e-3, atol=1e-3)
+    pictures = [
+        np.random.default_rng(50 + i).integers(0, 256, image.shape, np.uint8) for i in (0, 1)
+    ]
+    size = tile.shape[-1]
+    int8 = OpenVinoVit(tiny_hf, "int8", 1, calibration_tiles(pictures, size))
+    assert int8.label.endswith("int8 (NNCF)") and int8.quantize_s > 0
+    assert cosine(int8.run(tile).reshape(-1), expected.reshape(-1)) > 0.99
+
+
+def test_openvino_comparison_table(tiny_hf, tiny_model):
+    needs_openvino()
+    run = bench(
+        "--model-dir",
+        tiny_model,
+        "--hf-model",
+        tiny_hf,
+        "--images",
+        1,
+        "--decode-tokens",
+        2,
+        "--repeats",
+        2,
+        "--warmup",
+        1,
+        "--compare",
+        "openvino",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert set(report["runtimes"]) == {"engine", "openvino fp32", "openvino int8"}
+    for name in ("openvino fp32", "openvino int8"):
+        runs = report["runtimes"][name]["runs"]["1"]
+        assert len(runs) == 2 and all(set(r) == {"vit_ms"} and r["vit_ms"] > 0 for r in runs)
+    assert "NNCF" in report["runtimes"]["openvino int8"]["backend"]
+    assert set(report["vit_ratios"]["engine"]["1"]) == {"openvino fp32", "openvino int8"}
+    assert "ratios" not in report  # no transformers side
+    table = bench(
+        "--model-dir", tiny_model, "--hf-model", tiny_hf, "--images", 1, "--repeats", 1,
+        "--warmup", 0, "--decode-tokens", 1, "--compare", "openvino",
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "ratio engine vs OpenVINO, image encoder" in table.stdout
+    assert "| Image num | openvino fp32 | openvino int8 |" in table.stdout
+    refused = bench(
+        "--model-dir", tiny_model, "--hf-model", tiny_hf, "--contexts", 16, "--compare", "openvino"
+    )  # fmt: skip
+    assert refused.returncode == 2 and "times the image encoder" in refused.stderr

@@ -146,7 +146,7 @@ def test_the_doctor_names_the_cpu_and_how_the_int8_graphs_run_on_it(tiny_hf, tmp
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"ok       CPU {cpu_info().describe()}; {int8_path()}\n" in run.stdout
     changed = (
-        "ok       for this CPU's int8 GEMM: vit.onnx: int8 blocks dequantized to fp32; "
+        "ok       for this CPU's int8 GEMM: vit.onnx: int8 weights read as uint8 (u8 x u8); "
         "prompt_decoder.onnx: "
         "int8 weights read as uint8 (u8 x u8)\n"
     )

@@ -109,9 +109,17 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     assert_block_sizes(decoder[-1], manifest.spec.text, gate_up, DEFAULT_BLOCK_SIZE[precision])
     vit = onnx.load(str(model / "vit.onnx")).graph  # int8, whatever the decoder's precision
     assert manifest.source["vit_precision"] == "int8"
-    assert {
-        a.i for n in vit.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
-    } == {8}
+    ops = [n.op_type for n in vit.node]
+    weights = {t.name for t in vit.initializer}
+    # every encoder layer's four linear layers in the int8 GEMM, the rows after a LayerNorm
+    # quantised all at once, the others row by row; the projector's two in fp32
+    layers = manifest.spec.vision.num_layers
+    assert ops.count("MatMulIntegerToFloat") == 4 * layers
+    assert ops.count("DynamicQuantizeLinear") == 2 * layers
+    assert "MatMulNBits" not in ops
+    assert len([n for n in vit.node if n.op_type == "MatMul" and n.input[1] in weights]) == 2
+    assert ops.count("MultiHeadAttention") == (layers if fused else 0)
+    assert "Softmax" not in ops if fused else ops.count("Softmax") == layers
     answer = Engine(model).answer(
         Request("What is in front of me?"), GenerationConfig(max_new_tokens=4)
     )
@@ -164,6 +172,33 @@ def test_row_int8_linear_is_its_definition(tmp_path):
     )
 
 
+def test_int8_linear_after_a_layer_norm_is_its_definition(tmp_path):
+    """The ViT's int8 linear layers after a LayerNorm (``normed``): x quantised to uint8 with one
+    scale and zero point for every row (DynamicQuantizeLinear: its range, 0 included), int8 weights
+    per output channel, the bias added in the GEMM; exact integer products on every CPU (the u8
+    reading of the weights where the CPU saturates: test_cpus.py), float32's rounding aside."""
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((40, 96)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((1, 7, 96)).astype(np.float32) + 0.5
+    x[0, 2] = np.abs(x[0, 2]) * np.sign(weight[0])  # saturates an int16 pair sum
+    g = Graph("one_linear", RowInt8())
+    y = g.linear(g.input("x", np.float32, [1, "rows", 96]), weight, bias, normed=True)
+    g.output(y, "y", np.float32, [1, "rows", 40])
+    onnx.save(g.model(), str(tmp_path / "linear.onnx"))
+    session, _ = load_session(tmp_path / "linear.onnx", session_options(1))
+    y = session.run(None, {"x": x})[0]
+    low, high = min(x.min(), 0), max(x.max(), 0)
+    scale = (high - low) / 255
+    zero = np.clip(np.round(-low / scale), 0, 255)
+    q = np.clip(np.round(x / scale) + zero, 0, 255)
+    values, channel_scales = quantize_channels(weight)
+    expected = (q - zero) @ values.astype(np.float32) * scale * channel_scales + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
+    exact = x @ weight.T + bias
+    assert np.all(np.linalg.norm(y - exact, axis=-1) < 0.02 * np.linalg.norm(exact, axis=-1))
+
+
 @pytest.fixture
 def with_prompt_graph(quantized):
     """The quantized export where it has a prompt graph; the others skip."""
@@ -213,18 +248,41 @@ def test_int8_prompts_run_through_the_prompt_graph_and_follow_the_decode_path(
 
 
 def test_the_engine_changes_the_int8_graphs_only_where_the_cpu_needs_it(quantized):
-    """Where the CPU's u8 x s8 GEMM saturates (x86 without VNNI), the prompt graph reads its int8
-    weights as uint8 and the ViT's int8 blocks become fp32 weights (their int8 kernels were slower
-    than fp32 there); elsewhere every graph is taken as exported."""
+    """Where the CPU's u8 x s8 GEMM saturates (x86 without VNNI), the ViT and the prompt graph
+    read their int8 weights as uint8 (u8 x u8, exact everywhere); elsewhere every graph is taken
+    as exported."""
     precision, model = quantized
     engine = Engine(model)
     if int8_gemm_exact():
         assert engine.cpu_changes == {}
         return
-    expected = {"vit.onnx": ["int8 blocks dequantized to fp32"]}
+    expected = {"vit.onnx": ["int8 weights read as uint8 (u8 x u8)"]}
     if (model / "prompt_decoder.onnx").is_file():
         expected["prompt_decoder.onnx"] = ["int8 weights read as uint8 (u8 x u8)"]
     assert engine.cpu_changes == expected
+
+
+def test_an_earlier_exports_block_int8_vit_runs_in_fp32_where_int8_saturates(tiny_hf, tmp_path):
+    """Exports before the int8 GEMM ViT kept its weights in MatMulNBits blocks, whose int8 kernels
+    on x86 without VNNI took a tile 1.24x fp32's time: there the engine still runs them as fp32
+    weights; elsewhere as they are. Either way the features follow the fp32 ViT's."""
+    from internvl_engine.config import ModelSpec, read_hf_config
+    from internvl_engine.tools.checkpoint import Checkpoint
+    from internvl_engine.tools.export import build_vit
+    from internvl_engine.tools.graph import Quantization, save_model
+
+    spec = ModelSpec.from_hf_config(read_hf_config(tiny_hf))
+    for name, quant in (("blocks", Quantization(8, 128)), ("fp32", None)):
+        save_model(build_vit(Checkpoint(tiny_hf), spec, quant), tmp_path / f"{name}.onnx")
+    tile = np.random.default_rng(8).standard_normal((1, 3, spec.image_size, spec.image_size))
+    outputs = {}
+    for name in ("blocks", "fp32"):
+        session, changes = load_session(tmp_path / f"{name}.onnx", session_options(1), True)
+        outputs[name] = session.run(None, {"image": tile.astype(np.float32)})[0].reshape(-1)
+        if name == "blocks":
+            saturates = not int8_gemm_exact()
+            assert changes == (["int8 blocks dequantized to fp32"] if saturates else [])
+    assert cosine(outputs["blocks"], outputs["fp32"]) > 0.999
 
 
 def test_a_missing_or_broken_prompt_graph_is_named(with_prompt_graph, tmp_path):

@@ -128,18 +128,24 @@ def layer(ops, x: str, i: int, get: Callable[[str], np.ndarray], v: InternViTArg
     h = ops.layer_norm(x, w("norm1.weight"), w("norm1.bias"), v.layer_norm_eps)
     bias = w("attn.qkv.bias") if v.qkv_bias else np.zeros(3 * v.hidden_size, np.float32)
     attention = ops.self_attention(
-        ops.linear(h, w("attn.qkv.weight"), bias), v.num_heads, v.hidden_size // v.num_heads
+        ops.linear(h, w("attn.qkv.weight"), bias, normed=True),
+        v.num_heads,
+        v.hidden_size // v.num_heads,
     )
+    # The layer scales (ls1, ls2) scale output channels: folded into the projections before them,
+    # they cost no pass over the rows (and an int8 projection's channel scales carry them).
+    ls1, ls2 = w("ls1"), w("ls2")
     x = ops.add(
-        x, ops.scale(ops.linear(attention, w("attn.proj.weight"), w("attn.proj.bias")), w("ls1"))
+        x,
+        ops.linear(attention, w("attn.proj.weight") * ls1[:, None], w("attn.proj.bias") * ls1),
     )
     h = ops.layer_norm(x, w("norm2.weight"), w("norm2.bias"), v.layer_norm_eps)
     h = ops.linear(
-        ops.gelu(ops.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))),
-        w("mlp.fc2.weight"),
-        w("mlp.fc2.bias"),
+        ops.gelu(ops.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"), normed=True)),
+        w("mlp.fc2.weight") * ls2[:, None],
+        w("mlp.fc2.bias") * ls2,
     )
-    return ops.add(x, ops.scale(h, w("ls2")))
+    return ops.add(x, h)
 
 
 def encoder(ops, image: str, get, v: InternViTArgs) -> str:

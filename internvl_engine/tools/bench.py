@@ -226,6 +226,66 @@ def transformers_runs(
     }
 
 
+def openvino_runs(
+    hf_model: str,
+    precision: str,
+    threads: int,
+    image_counts: list[int],
+    repeats: int,
+    warmup: int,
+) -> dict:
+    """OpenVINO's ViT (peer_vit.py) on the same pictures' tiles: the image encoder's time only."""
+    from ..config import ModelSpec, read_hf_config
+    from ..preprocess import normalize, tiles
+    from .peer_vit import CALIBRATION_TILES, OpenVinoVit, calibration_tiles
+
+    size = ModelSpec.from_hf_config(read_hf_config(Path(hf_model))).image_size
+    calibration = calibration_tiles(
+        [
+            np.random.default_rng(1000 + i).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+            for i in range(CALIBRATION_TILES)
+        ],
+        size,
+    )
+    vit = OpenVinoVit(Path(hf_model), precision, threads, calibration)
+    results = {}
+    for count in image_counts:
+        pixels = [normalize(tiles(image, size, 1)[:1]) for image in bench_images(count)]
+        runs = []
+        for repeat in range(warmup + repeats):
+            started = time.perf_counter()
+            for tile in pixels:
+                vit.run(tile)
+            if repeat >= warmup:
+                runs.append({"vit_ms": (time.perf_counter() - started) * 1e3})
+        results[count] = runs
+    return {
+        "runs": results,
+        "peak_rss_mb": peak_rss_mb(),
+        "backend": vit.label + (f", quantised in {vit.quantize_s:.0f} s" if vit.quantize_s else ""),
+    }
+
+
+def vit_ratios(report: dict) -> dict:
+    """Per engine runtime and image count: each peer's ViT time over the engine's (above 1: the
+    engine is faster)."""
+    peers = [n for n in report["runtimes"] if n.startswith("openvino")]
+    out = {}
+    for name, result in report["runtimes"].items():
+        if name in peers or name == "transformers":
+            continue
+        out[name] = {
+            count: {
+                peer: report["runtimes"][peer]["summary"][count]["vit_ms"]["median"]
+                / s["vit_ms"]["median"]
+                for peer in peers
+            }
+            for count, s in result["summary"].items()
+            if s["vit_ms"]["median"]
+        }
+    return out
+
+
 def summary(runs: list[dict]) -> dict:
     """Median, min and max of every figure over the repeats."""
     return {
@@ -247,6 +307,15 @@ def cell(s: dict, key: str, digits: int = 1) -> str:
 def tables(report: dict) -> str:
     out = []
     for name, result in report["runtimes"].items():
+        if name.startswith("openvino"):
+            out += [
+                f"\n{name} ({result['backend']}, peak RSS {result['peak_rss_mb']:.0f} MB)",
+                "",
+                "| Image num | ImageEncoder ms |",
+                "|---|---|",
+                *(f"| {c} | {cell(s, 'vit_ms')} |" for c, s in result["summary"].items()),
+            ]
+            continue
         out += [
             f"\n{name} ({result['backend']}, peak RSS {result['peak_rss_mb']:.0f} MB)",
             "",
@@ -278,9 +347,23 @@ def tables(report: dict) -> str:
                     f"{int(s['second_question_tokens']['median'])}) | "
                     f"{cell(s, 'second_question_ttft_no_reuse_ms')} |"
                 )
+    for name, by_count in report.get("vit_ratios", {}).items():
+        peers = list(next(iter(by_count.values()), {}))
+        out += [
+            "",
+            f"ratio {name} vs OpenVINO, image encoder (peer time / {name} time: above 1, "
+            f"{name} is faster)",
+            "",
+            "| Image num | " + " | ".join(peers) + " |",
+            "|---|" + "---|" * len(peers),
+            *(
+                f"| {c} | " + " | ".join(f"{r[p]:.2f}x" for p in peers) + " |"
+                for c, r in by_count.items()
+            ),
+        ]
     if "transformers" in report["runtimes"]:
         for name, result in report["runtimes"].items():
-            if name == "transformers":
+            if name == "transformers" or name.startswith("openvino"):
                 continue
             out += [
                 "",
@@ -306,7 +389,7 @@ def ratios(report: dict) -> dict:
     base = report["runtimes"]["transformers"]["summary"]
     out = {}
     for name, result in report["runtimes"].items():
-        if name == "transformers":
+        if name == "transformers" or name.startswith("openvino"):
             continue
         out[name] = {}
         for count, s in result["summary"].items():
@@ -332,7 +415,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = list(report["runtimes"])
+    names = [n for n in report["runtimes"] if not n.startswith("openvino")]  # no decoder
     for name in names:
         s = report["runtimes"][name]["summary"]
         counts = [int(c) for c in s]
@@ -698,8 +781,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compare",
         nargs="+",
-        choices=["transformers", "onnxruntime-genai"],
-        help="also time transformers' InternVL; with --contexts also onnxruntime-genai",
+        choices=["transformers", "onnxruntime-genai", "openvino"],
+        help="also time transformers' InternVL; openvino: OpenVINO's fp32 and NNCF int8 on the "
+        "same ViT (the image encoder only; requirements/peers-image.txt); with --contexts "
+        "onnxruntime-genai",
     )
     ap.add_argument(
         "--gguf",
@@ -744,6 +829,8 @@ def main(argv=None) -> int:
             ap.error("--contexts must be >= 1")
         if args.plot:
             ap.error("--plot draws TTFT against image count: not with --contexts")
+        if "openvino" in (args.compare or []):
+            ap.error("--compare openvino times the image encoder: not with --contexts")
         return compare_main(args)
     if args.gguf or "onnxruntime-genai" in (args.compare or []):
         ap.error(
@@ -775,10 +862,30 @@ def main(argv=None) -> int:
         )
         for d in args.model_dir
     ]
-    if args.compare:
+    if "transformers" in (args.compare or []):
         jobs.append(
             ("transformers", transformers_runs, (str(args.hf_model), args.threads, *common))
         )
+    if "openvino" in (args.compare or []):
+        from .peer_vit import openvino_missing
+
+        if why := openvino_missing():
+            ap.error(f"--compare openvino: {why}")
+        for precision in ("fp32", "int8"):
+            jobs.append(
+                (
+                    f"openvino {precision}",
+                    openvino_runs,
+                    (
+                        str(args.hf_model),
+                        precision,
+                        args.threads,
+                        args.images,
+                        args.repeats,
+                        args.warmup,
+                    ),
+                )
+            )
     for name, fn, fn_args in jobs:  # one at a time, each in a fresh process
         with worker_pool() as pool:
             try:
@@ -791,8 +898,10 @@ def main(argv=None) -> int:
         report["runtimes"][name] = result
         if not args.json:
             print(f"{name}: done", file=sys.stderr, flush=True)
-    if args.compare:
+    if "transformers" in (args.compare or []):
         report["ratios"] = ratios(report)
+    if "openvino" in (args.compare or []):
+        report["vit_ratios"] = vit_ratios(report)
     if args.plot:
         plot(report, args.plot)
     print(json.dumps(report, indent=1) if args.json else f"{report['machine']}\n{tables(report)}")

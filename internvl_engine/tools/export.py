@@ -19,12 +19,12 @@ sha256, contract and precision), so the directory is self-contained.
 ``--precision int8|int4`` stores the decoder's weights (lm_head included) block-wise quantised for
 onnxruntime's MatMulNBits (biases added inside it): ``--block-size`` weights share a scale and zero
 point (``--gate-up-block-size`` in the MLP's gate and up projections), and ``--accuracy-level 4``
-multiplies in int8 on the CPU. The ViT's linear layers then go to int8 as well
-(``--vit-precision``). MatMulNBits is the fastest for one row (a decode step is bound by reading the
-weights); for many rows onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the default with
-int8) writes ``prompt_decoder.onnx`` beside the fused decoder: the same graph with ``RowInt8``
-weights, which the engine runs for prompts over the same K/V buffers. docs/export.md has the details
-and the figures.
+multiplies in int8 on the CPU. MatMulNBits is the fastest for one row (a decode step is bound by
+reading the weights); for many rows onnxruntime's int8 GEMM is faster, so ``--prefill int8`` (the
+default with int8) writes ``prompt_decoder.onnx`` beside the fused decoder: the same graph with
+``RowInt8`` weights, which the engine runs for prompts over the same K/V buffers. The ViT's linear
+layers go to ``RowInt8`` as well (``--vit-precision``), and in the fused layout its attention is
+onnxruntime's MultiHeadAttention kernel. docs/export.md has the details and the figures.
 """
 
 from __future__ import annotations
@@ -77,9 +77,12 @@ PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 # base type.
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
-# The ViT with a quantised decoder: int8 in blocks of 128 takes 0.6 of fp32's time per 448 px tile,
-# with features at cosine 0.9998 to fp32's; int4 would cost 0.98 (docs/benchmarks.md).
-VIT_QUANTIZATION = Quantization(8, 128)
+# The ViT with a quantised decoder: int8 weights per output channel, its rows quantised as they
+# run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.37 of the time of int8 in
+# MatMulNBits' blocks of 128 with AMX, 0.53 with AVX-512 VNNI, 0.75 on AVX2 (whose int8 kernel is
+# the exact u8 x u8 there, against those blocks' fp32), with features at cosine 0.9995 to fp32's
+# (docs/benchmarks.md).
+VIT_QUANTIZATION = RowInt8()
 VIT_PRECISIONS = ("fp32", "int8")
 # How the fused decoder multiplies prompts: "same" as decode steps, or "int8" with a second graph of
 # RowInt8 weights (prompt_decoder.onnx). For int8 a 384-token prefill took 0.61 of the time at
@@ -90,11 +93,16 @@ DEFAULT_PREFILL = {"fp32": "same", "int8": "int8", "int4": "same"}
 
 
 def build_vit(
-    ck: Checkpoint, spec: ModelSpec, quant: Quantization | RowInt8 | None = None
+    ck: Checkpoint,
+    spec: ModelSpec,
+    quant: Quantization | RowInt8 | None = None,
+    fused_attention: bool = False,
 ) -> onnx.ModelProto:
+    """``fused_attention``: onnxruntime's MultiHeadAttention (not in the onnxruntime a board's
+    numpy allows, nor for Pulsar2: the fused contract's)."""
     if why := spec.vision.supported():
         raise ModelDirError(why)
-    g = Graph("internvl_vit", quant)
+    g = Graph("internvl_vit", quant, fused_attention)
     s = spec.image_size
     features = internvl.image_features(g, g.input("image", np.float32, [1, 3, s, s]), ck.get, spec)
     g.output(features, "output", np.float32, [1, spec.num_image_token, spec.text.hidden_size])
@@ -183,7 +191,8 @@ def export(
     ``precision``: fp32, int8 or int4 decoder weights, in blocks of ``block_size``, the MLP's gate
     and up projections in blocks of ``gate_up_block_size`` (by default ``block_size``; without a
     ``block_size``: ``DEFAULT_BLOCK_SIZE`` and ``DEFAULT_GATE_UP_BLOCK_SIZE``). ``vit_precision``:
-    fp32 or int8 (``VIT_QUANTIZATION``); by default int8 with a quantised decoder, else fp32.
+    fp32 or int8 (``VIT_QUANTIZATION``); by default int8 with a quantised decoder, else fp32. The
+    fused contract's ViT runs its attention in onnxruntime's MultiHeadAttention kernel.
     ``prefill`` (fused only): "same" (prompts through the decode graph) or "int8" (prompts through
     ``prompt_decoder.onnx``, ``RowInt8``); by default ``DEFAULT_PREFILL``."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -249,7 +258,12 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         save_model(
-            build_vit(ck, spec, VIT_QUANTIZATION if vit_precision == "int8" else None),
+            build_vit(
+                ck,
+                spec,
+                VIT_QUANTIZATION if vit_precision == "int8" else None,
+                fused_attention=contract == "fused",
+            ),
             staging / "vit.onnx",
         )
         log(f"vit.onnx: {spec.num_image_token} tokens per {spec.image_size}px tile")
@@ -396,9 +410,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--vit-precision",
         choices=VIT_PRECISIONS,
-        help="ViT weights: int8 (default with --precision int8 or int4: 0.6 of the time per tile) "
-        "or "
-        "fp32 (default otherwise)",
+        help="ViT weights: int8 (default with --precision int8 or int4: int8 GEMMs, 0.37-0.75 of "
+        "the time per tile of int8 in blocks) or fp32 (default otherwise)",
     )
     ap.add_argument(
         "--accuracy-level",

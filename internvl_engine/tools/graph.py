@@ -100,8 +100,13 @@ class Graph:
     ``linear`` layers keep their weights as ``quant`` says (None: fp32; ``Quantization``: block-wise
     for MatMulNBits; ``RowInt8``)."""
 
-    def __init__(self, name: str, quant: Quantization | RowInt8 | None = None):
-        self.name, self.quant = name, quant
+    def __init__(
+        self,
+        name: str,
+        quant: Quantization | RowInt8 | None = None,
+        fused_attention: bool = False,
+    ):
+        self.name, self.quant, self.fused_attention = name, quant, fused_attention
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._count = 0
 
@@ -140,13 +145,22 @@ class Graph:
 
     # Layers used by several models.
     def linear(
-        self, x: str, weight: np.ndarray, bias: np.ndarray | None = None, gate_up: bool = False
+        self,
+        x: str,
+        weight: np.ndarray,
+        bias: np.ndarray | None = None,
+        gate_up: bool = False,
+        normed: bool = False,
+        fp32: bool = False,
     ) -> str:
         """x @ weight.T (+ bias); weight [out, in] as the checkpoint stores it. ``gate_up``: the
         MLP's gate and up projections, in blocks of ``Quantization.gate_up_block_size`` where it is
-        set."""
-        if self.quant is None:
+        set. ``normed``: ``x`` comes straight from a LayerNorm, its rows of one magnitude (see
+        ``_normed_int8_matmul``). ``fp32``: fp32 weights whatever ``quant`` says."""
+        if self.quant is None or fp32:
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(weight.T), "w"))
+        elif isinstance(self.quant, RowInt8) and normed:
+            return self._normed_int8_matmul(x, weight, bias)
         elif isinstance(self.quant, RowInt8):
             y = self._row_int8_matmul(x, weight)
         else:
@@ -217,6 +231,26 @@ class Graph:
         )
         return self.op("Mul", y, row_scales)
 
+    def _normed_int8_matmul(self, x: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+        """``RowInt8`` for rows a LayerNorm has just made: one scale and zero point for them all
+        (DynamicQuantizeLinear), and the bias added in the GEMM's output pass, which onnxruntime
+        fuses into one DynamicQuantizeMatMul. A row scale buys nothing where every row has the same
+        spread, and its passes over the rows (the peak, the quantisation, the scaling after) took
+        a quarter of the int8 ViT's time: without them here a 448 px tile took 0.86 of it (869
+        against 1006 ms, AMX)."""
+        values, channel_scales = quantize_channels(weight)
+        quantized, scale, zero = self.op("DynamicQuantizeLinear", x, outputs=3)
+        inputs = [
+            quantized,
+            self.const(values, "wq"),
+            scale,
+            self.const(channel_scales, "ws"),
+            zero,
+        ]
+        if bias is not None:
+            inputs += ["", self.const(bias, "b")]  # no weight zero point: symmetric
+        return self.op("MatMulIntegerToFloat", *inputs, domain=MS)
+
     def reshape(self, x: str, shape) -> str:
         return self.op("Reshape", x, self.const(np.array(shape, dtype=np.int64), "shape"))
 
@@ -249,9 +283,6 @@ class Graph:
     def add(self, x: str, y: str | np.ndarray) -> str:
         return self.op("Add", x, y if isinstance(y, str) else self.const(y, "add"))
 
-    def scale(self, x: str, gamma: np.ndarray) -> str:
-        return self.op("Mul", x, self.const(gamma, "gamma"))
-
     def patch_embed(self, image: str, weight: np.ndarray, bias: np.ndarray, patch: int) -> str:
         """[1, 3, S, S] -> [1, (S / patch)^2, d]: a strided convolution, patches in row order."""
         x = self.op(
@@ -268,8 +299,12 @@ class Graph:
         return self.op("Concat", self.const(row), x, axis=1)
 
     def self_attention(self, qkv: str, heads: int, head_dim: int) -> str:
-        """Bidirectional multi-head attention of packed [1, N, 3d] q, k, v rows -> [1, N, d]."""
+        """Bidirectional multi-head attention of packed [1, N, 3d] q, k, v rows -> [1, N, d]; with
+        ``fused_attention``, onnxruntime's MultiHeadAttention kernel (no transposes, scores and
+        softmax per head in its own buffers)."""
         q, k, v = self.op("Split", qkv, axis=-1, outputs=3)
+        if self.fused_attention:
+            return self.op("MultiHeadAttention", q, k, v, domain=MS, num_heads=heads)
         q = self.op("Transpose", self.reshape(q, [1, 0, heads, head_dim]), perm=[0, 2, 1, 3])
         k = self.op("Transpose", self.reshape(k, [1, 0, heads, head_dim]), perm=[0, 2, 3, 1])
         v = self.op("Transpose", self.reshape(v, [1, 0, heads, head_dim]), perm=[0, 2, 1, 3])

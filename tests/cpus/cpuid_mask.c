@@ -5,6 +5,8 @@
  *
  *   CPUID_PROFILE=avx2    AMD Zen 3, Intel Haswell to Comet Lake: AVX2 and FMA, no AVX-512, no VNNI
  *   CPUID_PROFILE=avx512  Intel Skylake-SP: AVX-512 F/CD/BW/DQ/VL, no VNNI, no BF16, no AMX
+ *   CPUID_PROFILE=vnni    AMD Zen 4, Intel Ice Lake-SP: AVX-512 with VNNI and BF16, no AMX, no FP16,
+ *                         no AVX-VNNI (an AMX machine's stand-in for the VNNI kernels)
  *
  * How: Linux's CPUID faulting (arch_prctl ARCH_SET_CPUID 0, where the CPU or the hypervisor offers it)
  * makes every CPUID instruction of this process raise SIGSEGV; the handler runs the real CPUID and
@@ -48,6 +50,8 @@ static const char *const AVX2_HIDDEN[] = {"avx512*", "avx_vnni*", "amx*", "avx_n
 static const char *const AVX512_HIDDEN[] = {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512ifma", "avx512vbmi",
                                             "avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq", "avx512_vp2intersect",
                                             "avx_vnni*", "amx*", "avx_ne_convert", NULL};
+static const char *const VNNI_HIDDEN[] = {"avx512_fp16", "avx512_vp2intersect", "avx_vnni*", "amx*", "avx_ne_convert",
+                                          NULL};
 static struct sigaction chained; /* the SIGSEGV handler the program asked for */
 static int masking;
 static int (*real_sigaction)(int, const struct sigaction *, struct sigaction *);
@@ -204,8 +208,13 @@ __attribute__((constructor)) static void start_masking(void) {
         clear71_eax = SUB1_EAX;
         clear71_edx = SUB1_EDX;
         hidden_flags = AVX512_HIDDEN;
+    } else if (!strcmp(profile, "vnni")) {
+        clear7_edx = AVX512_EDX | AMX_EDX; /* 4VNNIW 4FMAPS VP2INTERSECT FP16, AMX */
+        clear71_eax = BIT(4); /* AVX-VNNI; AVX512_BF16 kept */
+        clear71_edx = SUB1_EDX;
+        hidden_flags = VNNI_HIDDEN;
     } else {
-        fprintf(stderr, "cpuid_mask: unknown CPUID_PROFILE %s (avx2, avx512)\n", profile);
+        fprintf(stderr, "cpuid_mask: unknown CPUID_PROFILE %s (avx2, avx512, vnni)\n", profile);
         _exit(97);
     }
     struct sigaction handler;
