@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures.process import BrokenProcessPool
@@ -365,3 +366,24 @@ def test_openvino_comparison_table(tiny_hf, tiny_model):
         "--model-dir", tiny_model, "--hf-model", tiny_hf, "--contexts", 16, "--compare", "openvino"
     )  # fmt: skip
     assert refused.returncode == 2 and "times the image encoder" in refused.stderr
+
+
+def test_openvino_comparison_without_openvino(tiny_hf, tiny_model, tmp_path):
+    """Where OpenVINO is not installed (a package that fails to import stands for it), the bench
+    says so and how to install it, before timing anything."""
+    absent = tmp_path / "site" / "openvino"
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'openvino'\", name='openvino')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "internvl_engine.tools.bench", "--model-dir", str(tiny_model)]
+        + ["--hf-model", str(tiny_hf), "--images", "1", "--compare", "openvino"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(absent.parent)},
+    )
+    assert run.returncode == 2
+    assert "--compare openvino: openvino is not installed (pip install -r " in run.stderr
+    assert "requirements/peers-image.txt" in run.stderr and "done" not in run.stderr
