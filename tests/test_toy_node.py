@@ -102,6 +102,10 @@ def test_two_cameras_reach_the_model_in_topic_order(toy_model, tmp_path, ros):
 
 
 GROUND_SCENES = 100
+# The toy's grounding on 640x480 frames, larger than any training scene: 86 % of 300 fresh scenes
+# (three seeds: 81, 88, 89 %) through the engine, below the 90.5 % of accuracy.json's mix of
+# training sizes (the model card).
+GROUND_640X480 = 0.86
 
 
 def boxes_of(result) -> list[tuple[float, float, float, float]]:
@@ -139,12 +143,15 @@ def camera_frame(rgb, frame_id: str = "camera_optical"):
     return msg
 
 
-def test_node_finds_the_named_shape_in_the_camera_frame(grounding_node):
+def test_node_finds_the_named_shape_in_the_camera_frame(grounding_node, toy_model):
     """100 fresh 640x480 scenes (the training scenes are at most 480 wide), shapes anywhere: the
     node's boxes, in pixels of the published frame, overlap the true one (IoU >= 0.5) as often as
-    the engine's do in the model card (its accuracy.json; the grounding issue asks for 90 %, the
-    toy is at 40.5 %), so nothing is lost between the answer's 0..1000 and the frame's pixels; each
-    answer's detections carry that frame's stamp and frame_id, and the same boxes."""
+    the engine's own boxes for the same pictures do, so nothing is lost between the answer's
+    0..1000 and the frame's pixels, and as often as the model card says (GROUND_640X480; the
+    grounding issue asks for 90 %); each answer's detections carry that frame's stamp and
+    frame_id, and the same boxes."""
+    from internvl_engine import Engine, GenerationConfig, Request
+
     _, client, asker, detections = grounding_node
     rng = np.random.default_rng(70_000)  # apart from training's and the evaluation's seeds
     scenes = [ground_task(rng, 640, 480) for _ in range(GROUND_SCENES)]
@@ -169,10 +176,25 @@ def test_node_finds_the_named_shape_in_the_camera_frame(grounding_node):
             assert detection.bbox.center.position.x == pytest.approx((box.x_min + box.x_max) / 2)
             assert detection.bbox.size_y == pytest.approx(box.y_max - box.y_min)
             assert detection.results[0].hypothesis.class_id == box.label
-    p = CARD["ground"]["accuracy"]
+    engine = Engine(toy_model, threads=1)
+    own = [
+        engine.answer(
+            Request("", images=s.images, ground=s.ground), GenerationConfig(max_new_tokens=64)
+        ).boxes
+        for s in scenes
+    ]
+    engine_hits = sum(
+        max((iou(b.corners, s.box) for b in found), default=0.0) >= MIN_IOU
+        for found, s in zip(own, scenes)
+    )
+    hits = sum(o >= MIN_IOU for o in overlaps)
+    print(f"boxes at IoU >= {MIN_IOU}: node {hits}, engine {engine_hits} of {GROUND_SCENES}")
+    # the node's threads may round a box at the threshold the other way
+    assert abs(hits - engine_hits) <= 2, (hits, engine_hits)
+    p = GROUND_640X480
     floor = p - 3 * math.sqrt(p * (1 - p) / GROUND_SCENES) - 0.02  # as test_toy's fresh scenes
-    hits = sum(o >= MIN_IOU for o in overlaps) / GROUND_SCENES
-    assert hits >= floor, (hits, floor, sorted(overlaps)[:15])
+    assert hits / GROUND_SCENES >= floor, (hits, floor, sorted(overlaps)[:15])
+    assert CARD["ground"]["accuracy"] >= p  # the card's mix of sizes is the easier one
 
 
 def test_a_cut_off_box_is_reported_and_the_node_goes_on(grounding_node):
