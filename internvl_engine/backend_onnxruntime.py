@@ -146,7 +146,7 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
     - MatMulIntegerToFloat's int8 weights B become uint8 B + 128, their zero point (0 where none
       is given) zero point + 128: the same products, through onnxruntime's u8 x u8 kernel, which is
       exact on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, and a ViT
-      tile 0.75 of fp32's, AVX2). Weights quantised to 7 bits would keep the faster u8 x s8 kernel
+      tile 0.80 of fp32's, AVX2). Weights quantised to 7 bits would keep the faster u8 x s8 kernel
       exact (a tile at 0.64 of fp32's time) but left the ViT's features at cosine 0.9990 to fp32's;
     - with ``many_rows``, an earlier export's ViT in MatMulNBits blocks gets fp32 weights of a plain
       MatMul: its int8 kernels there took a tile 1.24x as long as fp32, and multiplying its blocks

@@ -78,9 +78,9 @@ PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
 # The ViT with a quantised decoder: int8 weights per output channel, its rows quantised as they
-# run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.37 of the time of int8 in
-# MatMulNBits' blocks of 128 with AMX, 0.53 with AVX-512 VNNI, 0.75 on AVX2 (whose int8 kernel is
-# the exact u8 x u8 there, against those blocks' fp32), with features at cosine 0.9995 to fp32's
+# run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.42 of the time of int8 in
+# MatMulNBits' blocks of 128 with AMX, 0.58 with AVX-512 VNNI, 0.80 on AVX2 (whose int8 kernel is
+# the exact u8 x u8 there, against those blocks' fp32), with features at cosine 0.9997 to fp32's
 # (docs/benchmarks.md).
 VIT_QUANTIZATION = RowInt8()
 VIT_PRECISIONS = ("fp32", "int8")
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--vit-precision",
         choices=VIT_PRECISIONS,
-        help="ViT weights: int8 (default with --precision int8 or int4: int8 GEMMs, 0.37-0.75 of "
+        help="ViT weights: int8 (default with --precision int8 or int4: int8 GEMMs, 0.42-0.80 of "
         "the time per tile of int8 in blocks) or fp32 (default otherwise)",
     )
     ap.add_argument(
