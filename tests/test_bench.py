@@ -330,22 +330,9 @@ def test_openvino_runs_the_same_vit(tiny_hf, tiny_model):
 def test_openvino_comparison_table(tiny_hf, tiny_model):
     needs_openvino()
     run = bench(
-        "--model-dir",
-        tiny_model,
-        "--hf-model",
-        tiny_hf,
-        "--images",
-        1,
-        "--decode-tokens",
-        2,
-        "--repeats",
-        2,
-        "--warmup",
-        1,
-        "--compare",
-        "openvino",
-        "--json",
-    )
+        "--model-dir", tiny_model, "--hf-model", tiny_hf, "--images", 1, "--decode-tokens", 2,
+        "--repeats", 2, "--warmup", 1, "--compare", "openvino", "--json",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert set(report["runtimes"]) == {"engine", "openvino fp32", "openvino int8"}
