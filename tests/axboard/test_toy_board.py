@@ -10,8 +10,9 @@ import pytest
 
 from internvl_engine import Engine, GenerationConfig
 from internvl_engine.config import LayerBuild
+from internvl_engine.grounding import iou
 from internvl_engine.tools.export import export
-from internvl_toy.evaluate import request
+from internvl_toy.evaluate import MIN_IOU, request
 from internvl_toy.scenes import TASKS, samples
 
 TOY = Path(__file__).resolve().parents[2] / "models" / "internvl-toy"
@@ -27,7 +28,7 @@ def toy_engines(tmp_path_factory):
     return Engine(board, tokenizer_dir=TOY), Engine(contract, backend="onnxruntime")
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "ground"])
 def test_toy_answers_on_the_board_equal_the_cpu(toy_engines, task):
     board, cpu = toy_engines
     assert board.backend == "axengine" and board.llm.resident
@@ -38,3 +39,20 @@ def test_toy_answers_on_the_board_equal_the_cpu(toy_engines, task):
         assert answer == cpu.answer(request(sample), config).text, sample.question
         right += answer.strip() == sample.answer
     assert right >= PER_TASK - 1, f"{task}: {right}/{PER_TASK} right"
+
+
+def test_toy_boxes_on_the_board_follow_the_cpu(toy_engines):
+    """Grounding: a box is right from an IoU of 0.5 with the true one (internvl-eval-toy), not by
+    its text, and bf16 on the "NPU" may write a coordinate one step of 10 away from fp32's, so the
+    board's box must overlap the CPU path's closely and be right about as often (the toy's
+    grounding: 90.5 %)."""
+    board, cpu = toy_engines
+    config = GenerationConfig(max_new_tokens=64)
+    right = cpu_right = 0
+    for sample in samples("ground", PER_TASK, seed=30_000):
+        on_board, on_cpu = (e.answer(request(sample), config).boxes for e in (board, cpu))
+        assert len(on_board) == len(on_cpu) == 1, sample.question
+        assert iou(on_board[0].corners, on_cpu[0].corners) >= 0.8, sample.question
+        right += iou(on_board[0].corners, sample.box) >= MIN_IOU
+        cpu_right += iou(on_cpu[0].corners, sample.box) >= MIN_IOU
+    assert right >= cpu_right - 1 and right >= PER_TASK - 4, (right, cpu_right)
