@@ -48,6 +48,7 @@ command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || skip "no ${missing[*]} and no apt-get to install them"
   echo "installing ${missing[*]} (Debian's packages)"
+  mkdir -p "$(dirname "$BUILD")"  # a fresh clone has no build/ yet: the log's redirect would fail
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$BUILD.apt.log" 2>&1 \
     || { apt-get update -q >>"$BUILD.apt.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$BUILD.apt.log" 2>&1; } \
     || skip "could not install ${missing[*]} (apt-get: see $BUILD.apt.log)"
