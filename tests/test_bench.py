@@ -310,7 +310,7 @@ def test_openvino_runs_the_same_vit(tiny_hf, tiny_model):
     needs_openvino()
     from internvl_engine import Engine, Request
     from internvl_engine.tools.fidelity import cosine
-    from internvl_engine.tools.peer_vit import OpenVinoVit, calibration_tiles
+    from internvl_engine.tools.peer_vit import OpenVinoVit, one_tile_each
 
     image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     engine = Engine(tiny_model)
@@ -322,7 +322,7 @@ def test_openvino_runs_the_same_vit(tiny_hf, tiny_model):
         np.random.default_rng(50 + i).integers(0, 256, image.shape, np.uint8) for i in (0, 1)
     ]
     size = tile.shape[-1]
-    int8 = OpenVinoVit(tiny_hf, "int8", 1, calibration_tiles(pictures, size))
+    int8 = OpenVinoVit(tiny_hf, "int8", 1, one_tile_each(pictures, size))
     assert int8.label.endswith("int8 (NNCF)") and int8.quantize_s > 0
     assert cosine(int8.run(tile).reshape(-1), expected.reshape(-1)) > 0.99
 

@@ -238,11 +238,10 @@ def openvino_runs(
 ) -> dict:
     """OpenVINO's ViT (peer_vit.py) on the same pictures' tiles: the image encoder's time only."""
     from ..config import ModelSpec, read_hf_config
-    from ..preprocess import normalize, tiles
-    from .peer_vit import CALIBRATION_TILES, OpenVinoVit, calibration_tiles
+    from .peer_vit import CALIBRATION_TILES, OpenVinoVit, one_tile_each
 
     size = ModelSpec.from_hf_config(read_hf_config(Path(hf_model))).image_size
-    calibration = calibration_tiles(
+    calibration = one_tile_each(
         [
             np.random.default_rng(1000 + i).integers(0, 256, (480, 640, 3), dtype=np.uint8)
             for i in range(CALIBRATION_TILES)
@@ -252,7 +251,7 @@ def openvino_runs(
     vit = OpenVinoVit(Path(hf_model), precision, threads, calibration)
     results = {}
     for count in image_counts:
-        pixels = [normalize(tiles(image, size, 1)[:1]) for image in bench_images(count)]
+        pixels = one_tile_each(bench_images(count), size)
         runs = []
         for repeat in range(warmup + repeats):
             started = time.perf_counter()

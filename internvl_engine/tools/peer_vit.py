@@ -90,5 +90,7 @@ class OpenVinoVit:
         return self.request.infer({0: tile})[self.output]
 
 
-def calibration_tiles(images: list[np.ndarray], image_size: int) -> list[np.ndarray]:
+def one_tile_each(images: list[np.ndarray], image_size: int) -> list[np.ndarray]:
+    """Each picture as the engine sends it in one tile: [1, 3, S, S], normalised (NNCF's
+    calibration and the timed runs alike)."""
     return [normalize(tiles(image, image_size, 1)[:1]) for image in images]
