@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..config import DEFAULT_SYSTEM_PROMPT, ModelSpec
+from ..config import DEFAULT_SYSTEM_PROMPT, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from ..models import internvl
 
 SPECIAL_TOKENS = [
@@ -244,6 +244,20 @@ def make_tiny(out: Path, seed: int = 0, real_dims: bool = False) -> Path:
         )
         + "\n"
     )
+    size = cfg["vision_config"]["image_size"]
+    # as OpenGVLab's repositories ship it: llama.cpp's converter reads the normalisation from it
+    preprocessor = {
+        "crop_size": size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "resample": 3,
+        "size": size,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
