@@ -39,7 +39,7 @@ WS := ros2_ws
 WS_SETUP := $(WS)/install/setup.bash
 IN_WS := bash -c 'source $(WS_SETUP) && "$$@"' --
 
-.PHONY: demo test test-board test-arm64 test-vllm ws venv venv-dev clean
+.PHONY: demo test test-board test-arm64 test-vllm test-llama-cpp ws venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,7 @@ test: $(WS_SETUP) $(VENV)/.dev
 	$(MAKE) --no-print-directory test-board
 	$(MAKE) --no-print-directory test-arm64
 	$(MAKE) --no-print-directory test-vllm
+	$(MAKE) --no-print-directory test-llama-cpp
 
 $(BOARD_VENV)/.board: requirements/ubuntu-22.04.txt requirements/board.txt requirements/board-test.txt setup.py
 	rm -rf $(BOARD_VENV)
@@ -117,6 +118,9 @@ test-arm64: $(VENV)/.engine
 
 test-vllm: $(WS_SETUP) $(VENV)/.dev
 	PYTHON=$(PYTHON) $(IN_WS) bash scripts/test_vllm.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-llama-cpp: $(WS_SETUP) $(VENV)/.dev
+	PYTHON=$(BIN)/python $(IN_WS) bash scripts/test_llama_cpp.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BOARD_VENV) .demo ros2_ws/build ros2_ws/install ros2_ws/log build/arm64

@@ -22,6 +22,7 @@ from internvl_engine.tools.export import export
 
 FIGURES = {"vit_ms", "ttft_ms", "prefill_tokens", "decode_ms_per_token", "tokens_per_s"}
 ENGINE_FIGURES = FIGURES | {
+    "question_ttft_ms",
     "host_overhead_ms",
     "host_overhead_pct",
     "bytes_per_token",
@@ -89,6 +90,8 @@ def test_json_has_every_figure_and_the_ratios(tiny_model, tiny_hf, tmp_path):
         "tokens_per_s",
     }
     engine_runs = report["runtimes"]["engine"]["runs"]["2"]
+    # pictures to first token: preprocessing, the ViT and the prefill
+    assert all(r["question_ttft_ms"] > r["vit_ms"] + r["ttft_ms"] for r in engine_runs)
     # system prompt and images reused
     assert all(r["second_question_reused_tokens"] > 0 for r in engine_runs)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -256,7 +259,7 @@ def test_decoder_comparison_arguments(tiny_model, tmp_path):
     # needs --hf-model
     assert bench("--model-dir", tiny_model, "--compare", "onnxruntime-genai").returncode == 2
     run = bench("--model-dir", tiny_model, "--gguf", tmp_path / "q8_0.gguf")
-    assert run.returncode == 2 and "time them with --contexts" in run.stderr
+    assert run.returncode == 2 and "--gguf times llama.cpp's decoder with --contexts" in run.stderr
     run = bench("--model-dir", tiny_model, "--contexts", 16, "--plot", tmp_path / "p.png")
     assert (
         run.returncode == 2
@@ -347,12 +350,12 @@ def test_openvino_comparison_table(tiny_hf, tiny_model):
         "--warmup", 0, "--decode-tokens", 1, "--compare", "openvino",
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
-    assert "ratio engine vs OpenVINO, image encoder" in table.stdout
-    assert "| Image num | openvino fp32 | openvino int8 |" in table.stdout
+    assert "ratio engine vs its peers, image encoder" in table.stdout
+    assert "| Image num | engine ms | openvino fp32 | openvino int8 |" in table.stdout
     refused = bench(
         "--model-dir", tiny_model, "--hf-model", tiny_hf, "--contexts", 16, "--compare", "openvino"
     )  # fmt: skip
-    assert refused.returncode == 2 and "times the image encoder" in refused.stderr
+    assert refused.returncode == 2 and "times the image path: not with --contexts" in refused.stderr
 
 
 def test_openvino_comparison_without_openvino(tiny_hf, tiny_model, tmp_path):
@@ -374,3 +377,42 @@ def test_openvino_comparison_without_openvino(tiny_hf, tiny_model, tmp_path):
     assert run.returncode == 2
     assert "--compare openvino: openvino is not installed (pip install -r " in run.stderr
     assert "requirements/peers-image.txt" in run.stderr and "done" not in run.stderr
+
+
+def test_llama_cpp_comparison_arguments(tiny_hf, tiny_model, tmp_path):
+    """The image path's llama.cpp side wants one decoder GGUF and the vision GGUFs, not with
+    --contexts, each file there; where llama-cpp-python is absent (a package that fails to import
+    stands for it) the bench says how to install it, before timing anything."""
+    gguf, mmproj = tmp_path / "qwen2-q8_0.gguf", tmp_path / "mmproj-f16.gguf"
+    gguf.write_bytes(b"GGUF")
+    mmproj.write_bytes(b"GGUF")
+    image_path = ("--model-dir", tiny_model, "--hf-model", tiny_hf, "--compare", "llama.cpp")
+    for extra, error in (
+        (("--gguf", gguf), "needs one --gguf (the decoder) and --mmproj files"),
+        (("--mmproj", mmproj), "needs one --gguf (the decoder) and --mmproj files"),
+        (("--gguf", gguf, gguf, "--mmproj", mmproj), "needs one --gguf"),
+        (("--gguf", gguf, "--mmproj", tmp_path / "gone.gguf"), "gone.gguf: no such GGUF file"),
+        (("--gguf", gguf, "--mmproj", mmproj, "--contexts", 16), "times the image path"),
+    ):
+        run = bench(*image_path, *extra)
+        assert run.returncode == 2 and error in run.stderr, (extra, run.stderr)
+    run = bench("--model-dir", tiny_model, "--contexts", 16, "--mmproj", mmproj)
+    assert run.returncode == 2 and "--mmproj is llama.cpp's image path" in run.stderr
+    run = bench("--model-dir", tiny_model, "--images", 1, "--mmproj", mmproj)
+    assert run.returncode == 2 and "with --compare llama.cpp and --mmproj" in run.stderr
+    absent = tmp_path / "site" / "llama_cpp"
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'llama_cpp'\", name='llama_cpp')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "internvl_engine.tools.bench"]
+        + [str(a) for a in (*image_path, "--gguf", gguf, "--mmproj", mmproj)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(absent.parent)},
+    )
+    assert run.returncode == 2, run.stderr
+    assert "--compare llama.cpp: llama_cpp is not installed (pip install " in run.stderr
+    assert "done" not in run.stderr

@@ -107,9 +107,11 @@ def engine_runs(
         images = bench_images(count)
         runs = []
         for repeat in range(warmup + repeats):
+            started = time.perf_counter()
             prompt = engine.prepare(Request(QUESTION, images=images))
             generation = generate_step(llm, prompt.embeds, argmax, reuse_prefix=False)
             ttft = next(generation).seconds
+            question_ttft = time.perf_counter() - started  # pictures to first token
             decode = [next(generation) for _ in range(decode_tokens)]
             generation.close()
             steps = [s.seconds for s in decode]
@@ -129,6 +131,7 @@ def engine_runs(
                 {
                     "vit_ms": sum(prompt.vit_ms),
                     "ttft_ms": ttft * 1e3,
+                    "question_ttft_ms": question_ttft * 1e3,
                     "prefill_tokens": len(prompt.token_ids),
                     "decode_ms_per_token": decode * 1e3,
                     "tokens_per_s": 1 / decode,
@@ -267,22 +270,80 @@ def openvino_runs(
     }
 
 
+def llama_cpp_runs(
+    hf_model: str,
+    gguf: str,
+    mmproj: str,
+    threads: int,
+    image_counts: list[int],
+    repeats: int,
+    warmup: int,
+) -> dict:
+    """llama.cpp's image question (peer_vit.py) on the same pictures, each given as the one tile
+    the engine encodes: the vision encoder's time and the question's time to first token."""
+    from ..config import ModelSpec, read_hf_config
+    from ..preprocess import tiles
+    from .peer_vit import LlamaCppMtmd
+
+    spec = ModelSpec.from_hf_config(read_hf_config(Path(hf_model)))
+    peer = LlamaCppMtmd(Path(gguf), Path(mmproj), threads)
+    results = {}
+    try:
+        for count in image_counts:
+            tile_list = [tiles(image, spec.image_size, 1)[0] for image in bench_images(count)]
+            runs = []
+            for repeat in range(warmup + repeats):
+                asked = peer.ask(QUESTION, tile_list)
+                # per tile or not at all: llama.cpp slices a picture by its own rules
+                if asked["image_tokens"] != count * spec.num_image_token:
+                    raise InternVLError(
+                        f"llama.cpp made {asked['image_tokens']} image tokens of {count} "
+                        f"tiles, not {spec.num_image_token} each: not the engine's work"
+                    )
+                if repeat >= warmup:
+                    runs.append(
+                        {
+                            "vit_ms": asked["vit_s"] * 1e3,
+                            "question_ttft_ms": asked["ttft_s"] * 1e3,
+                            "prefill_tokens": asked["prompt_tokens"],
+                        }
+                    )
+            results[count] = runs
+    finally:
+        peer.close()
+    return {"runs": results, "peak_rss_mb": peak_rss_mb(), "backend": peer.label}
+
+
+def image_peers(report: dict) -> list[str]:
+    return [n for n in report["runtimes"] if n.startswith(("openvino", "llama.cpp"))]
+
+
 def vit_ratios(report: dict) -> dict:
-    """Per engine runtime and image count: each peer's ViT time over the engine's (above 1: the
-    engine is faster)."""
-    peers = [n for n in report["runtimes"] if n.startswith("openvino")]
+    """Per engine runtime and image count: each image peer's ViT time over the engine's (above 1:
+    the engine is faster)."""
+    return peer_ratios(report, "vit_ms", image_peers(report))
+
+
+def ttft_ratios(report: dict) -> dict:
+    """The same for the image question's time to first token (pictures to token: preprocessing,
+    ViT and prefill), against llama.cpp."""
+    return peer_ratios(
+        report, "question_ttft_ms", [n for n in image_peers(report) if n.startswith("llama.cpp")]
+    )
+
+
+def peer_ratios(report: dict, key: str, peers: list[str]) -> dict:
     out = {}
     for name, result in report["runtimes"].items():
-        if name in peers or name == "transformers":
+        if name in image_peers(report) or name == "transformers":
             continue
         out[name] = {
             count: {
-                peer: report["runtimes"][peer]["summary"][count]["vit_ms"]["median"]
-                / s["vit_ms"]["median"]
+                peer: report["runtimes"][peer]["summary"][count][key]["median"] / s[key]["median"]
                 for peer in peers
             }
             for count, s in result["summary"].items()
-            if s["vit_ms"]["median"]
+            if s[key]["median"]
         }
     return out
 
@@ -317,6 +378,19 @@ def tables(report: dict) -> str:
                 *(f"| {c} | {cell(s, 'vit_ms')} |" for c, s in result["summary"].items()),
             ]
             continue
+        if name.startswith("llama.cpp"):
+            out += [
+                f"\n{name} ({result['backend']}, peak RSS {result['peak_rss_mb']:.0f} MB)",
+                "",
+                "| Image num | ImageEncoder ms | Question TTFT ms (tokens) |",
+                "|---|---|---|",
+                *(
+                    f"| {c} | {cell(s, 'vit_ms')} | {cell(s, 'question_ttft_ms')} "
+                    f"({int(s['prefill_tokens']['median'])}) |"
+                    for c, s in result["summary"].items()
+                ),
+            ]
+            continue
         out += [
             f"\n{name} ({result['backend']}, peak RSS {result['peak_rss_mb']:.0f} MB)",
             "",
@@ -348,23 +422,30 @@ def tables(report: dict) -> str:
                     f"{int(s['second_question_tokens']['median'])}) | "
                     f"{cell(s, 'second_question_ttft_no_reuse_ms')} |"
                 )
-    for name, by_count in report.get("vit_ratios", {}).items():
-        peers = list(next(iter(by_count.values()), {}))
-        out += [
-            "",
-            f"ratio {name} vs OpenVINO, image encoder (peer time / {name} time: above 1, "
-            f"{name} is faster)",
-            "",
-            "| Image num | " + " | ".join(peers) + " |",
-            "|---|" + "---|" * len(peers),
-            *(
-                f"| {c} | " + " | ".join(f"{r[p]:.2f}x" for p in peers) + " |"
-                for c, r in by_count.items()
-            ),
-        ]
+    for key, figure, what in (
+        ("vit_ratios", "vit_ms", "image encoder"),
+        ("ttft_ratios", "question_ttft_ms", "image question, pictures to first token"),
+    ):
+        for name, by_count in report.get(key, {}).items():
+            peers = list(next(iter(by_count.values()), {}))
+            own = report["runtimes"][name]["summary"]
+            out += [
+                "",
+                f"ratio {name} vs its peers, {what} (peer time / {name} time: above 1, "
+                f"{name} is faster)",
+                "",
+                f"| Image num | {name} ms | " + " | ".join(peers) + " |",
+                "|---|---|" + "---|" * len(peers),
+                *(
+                    f"| {c} | {cell(own[c], figure)} | "
+                    + " | ".join(f"{r[p]:.2f}x" for p in peers)
+                    + " |"
+                    for c, r in by_count.items()
+                ),
+            ]
     if "transformers" in report["runtimes"]:
         for name, result in report["runtimes"].items():
-            if name == "transformers" or name.startswith("openvino"):
+            if name == "transformers" or name in image_peers(report):
                 continue
             out += [
                 "",
@@ -390,7 +471,7 @@ def ratios(report: dict) -> dict:
     base = report["runtimes"]["transformers"]["summary"]
     out = {}
     for name, result in report["runtimes"].items():
-        if name == "transformers" or name.startswith("openvino"):
+        if name == "transformers" or name in image_peers(report):
             continue
         out[name] = {}
         for count, s in result["summary"].items():
@@ -416,7 +497,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = [n for n in report["runtimes"] if not n.startswith("openvino")]  # no decoder
+    names = [n for n in report["runtimes"] if n not in image_peers(report)]  # no decode
     for name in names:
         s = report["runtimes"][name]["summary"]
         counts = [int(c) for c in s]
@@ -782,16 +863,25 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compare",
         nargs="+",
-        choices=["transformers", "onnxruntime-genai", "openvino"],
+        choices=["transformers", "onnxruntime-genai", "openvino", "llama.cpp"],
         help="also time transformers' InternVL; openvino: OpenVINO's fp32 and NNCF int8 on the "
-        "same ViT (the image encoder only; requirements/peers-image.txt); with --contexts "
+        "same ViT (the image encoder only; requirements/peers-image.txt); llama.cpp: its mtmd "
+        "image question on --gguf (the decoder) with each --mmproj; with --contexts "
         "onnxruntime-genai",
     )
     ap.add_argument(
         "--gguf",
         nargs="+",
         type=Path,
-        help="with --contexts: also time llama.cpp (llama-cpp-python) on these GGUF files",
+        help="llama.cpp (llama-cpp-python) GGUF files of the decoder: with --contexts, each timed; "
+        "with --compare llama.cpp, the one its image questions run on",
+    )
+    ap.add_argument(
+        "--mmproj",
+        nargs="+",
+        type=Path,
+        help="with --compare llama.cpp: the vision GGUFs (scripts/make_gguf.py --mmproj: F16, "
+        "Q8_0), each timed beside --gguf",
     )
     ap.add_argument(
         "--peers-dir",
@@ -830,23 +920,42 @@ def main(argv=None) -> int:
             ap.error("--contexts must be >= 1")
         if args.plot:
             ap.error("--plot draws TTFT against image count: not with --contexts")
-        if "openvino" in (args.compare or []):
-            ap.error("--compare openvino times the image encoder: not with --contexts")
+        for image_peer in ("openvino", "llama.cpp"):
+            if image_peer in (args.compare or []):
+                ap.error(f"--compare {image_peer} times the image path: not with --contexts")
+        if args.mmproj:
+            ap.error("--mmproj is llama.cpp's image path: with --compare llama.cpp, not --contexts")
         return compare_main(args)
-    if args.gguf or "onnxruntime-genai" in (args.compare or []):
+    if "onnxruntime-genai" in (args.compare or []):
+        ap.error("onnxruntime-genai takes token ids, not images: time it with --contexts")
+    if "llama.cpp" in (args.compare or []):
+        if not args.gguf or len(args.gguf) != 1 or not args.mmproj:
+            ap.error("--compare llama.cpp needs one --gguf (the decoder) and --mmproj files")
+        for path in args.gguf + args.mmproj:
+            if not path.is_file():
+                ap.error(f"{path}: no such GGUF file")
+        from .peer_vit import llama_cpp_missing
+
+        if why := llama_cpp_missing():
+            ap.error(f"--compare llama.cpp: {why}")
+    elif args.gguf or args.mmproj:
         ap.error(
-            "onnxruntime-genai and llama.cpp take token ids, not images: time them with --contexts"
+            "--gguf times llama.cpp's decoder with --contexts, or its image path with --compare "
+            "llama.cpp and --mmproj"
         )
     report = {
         "machine": machine(),
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("json", "plot", "contexts", "gguf", "peers_dir")
+            if k not in ("json", "plot", "contexts", "gguf", "mmproj", "peers_dir")
         },
         "runtimes": {},
     }
     report["settings"]["model_dir"] = [str(d) for d in args.model_dir]
+    for k in ("gguf", "mmproj"):
+        if getattr(args, k):
+            report["settings"][k] = [str(p) for p in getattr(args, k)]
     common = (args.images, args.decode_tokens, args.repeats, args.warmup)
     jobs = [
         (
@@ -887,6 +996,23 @@ def main(argv=None) -> int:
                     ),
                 )
             )
+    if "llama.cpp" in (args.compare or []):
+        for mmproj in args.mmproj:
+            jobs.append(
+                (
+                    f"llama.cpp {mmproj.stem}",
+                    llama_cpp_runs,
+                    (
+                        str(args.hf_model),
+                        str(args.gguf[0]),
+                        str(mmproj),
+                        args.threads,
+                        args.images,
+                        args.repeats,
+                        args.warmup,
+                    ),
+                )
+            )
     for name, fn, fn_args in jobs:  # one at a time, each in a fresh process
         with worker_pool() as pool:
             try:
@@ -901,8 +1027,10 @@ def main(argv=None) -> int:
             print(f"{name}: done", file=sys.stderr, flush=True)
     if "transformers" in (args.compare or []):
         report["ratios"] = ratios(report)
-    if "openvino" in (args.compare or []):
+    if {"openvino", "llama.cpp"} & set(args.compare or []):
         report["vit_ratios"] = vit_ratios(report)
+    if "llama.cpp" in (args.compare or []):
+        report["ttft_ratios"] = ttft_ratios(report)
     if args.plot:
         plot(report, args.plot)
     print(json.dumps(report, indent=1) if args.json else f"{report['machine']}\n{tables(report)}")
