@@ -165,7 +165,12 @@ class LlamaCppMtmd:
         for tile in tile_list:
             pixels = np.ascontiguousarray(tile, dtype=np.uint8)
             data = pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-            bitmaps.append(mtmd.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0], data))
+            bitmap = mtmd.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0], data)
+            if not bitmap:
+                for made in bitmaps:
+                    mtmd.mtmd_bitmap_free(made)
+                raise InternVLError(f"llama.cpp's mtmd refused a {pixels.shape} picture")
+            bitmaps.append(bitmap)
         encoded = text.encode()
         words = mtmd.mtmd_input_text(encoded, len(encoded), True, True)
         chunks = mtmd.mtmd_input_chunks_init()
