@@ -1,8 +1,9 @@
 """``internvl-bench``: the seed's timing table for the engine and, with ``--compare transformers``,
 for transformers' InternVL on the same checkpoint, in the same run, with the ratios; with
-``--compare openvino``, the image encoder beside OpenVINO's fp32 and NNCF int8 of the same ViT
-(peer_vit.py); with ``--contexts``, the decoder alone side by side with the runtimes a user would
-pick instead on a CPU.
+``--compare openvino``, the image encoder beside OpenVINO's fp32 and NNCF int8 of the same ViT;
+with ``--compare llama.cpp``, the image question (pictures to first token) beside llama.cpp's mtmd
+on ``--gguf`` and each ``--mmproj`` (both in peer_vit.py); with ``--contexts``, the decoder alone
+side by side with the runtimes a user would pick instead on a CPU.
 
 Seed table: each runtime runs in its own child process (so peak RSS is its own), on the same
 prompts: the question plus 0, 1, 4 ... random 640x480 images, one tile each, as the seed's table.
