@@ -334,9 +334,10 @@ def ttft_ratios(report: dict) -> dict:
 
 
 def peer_ratios(report: dict, key: str, peers: list[str]) -> dict:
+    not_engines = {"transformers", *image_peers(report)}
     out = {}
     for name, result in report["runtimes"].items():
-        if name in image_peers(report) or name == "transformers":
+        if name in not_engines:
             continue
         out[name] = {
             count: {
@@ -796,6 +797,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def as_json(value):
+    """A setting as the report holds it: paths as text, in lists too (--model-dir, --gguf)."""
+    if isinstance(value, list):
+        return [as_json(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="internvl-bench",
@@ -947,16 +955,12 @@ def main(argv=None) -> int:
     report = {
         "machine": machine(),
         "settings": {
-            k: (str(v) if isinstance(v, Path) else v)
+            k: as_json(v)
             for k, v in vars(args).items()
-            if k not in ("json", "plot", "contexts", "gguf", "mmproj", "peers_dir")
+            if k not in ("json", "plot", "contexts", "peers_dir")
         },
         "runtimes": {},
     }
-    report["settings"]["model_dir"] = [str(d) for d in args.model_dir]
-    for k in ("gguf", "mmproj"):
-        if getattr(args, k):
-            report["settings"][k] = [str(p) for p in getattr(args, k)]
     common = (args.images, args.decode_tokens, args.repeats, args.warmup)
     jobs = [
         (
