@@ -148,6 +148,8 @@ def for_this_cpu(model, many_rows: bool) -> list[str]:
       exact on every CPU (a 384-token prompt then took 0.60 of the decode graph's time, and a ViT
       tile 0.80 of fp32's, AVX2). Weights quantised to 7 bits would keep the faster u8 x s8 kernel
       exact (a tile at 0.64 of fp32's time) but left the ViT's features at cosine 0.9990 to fp32's;
+      every row quantised to 7 bits instead (0..127, a scale per row) keeps it exact too, but took a
+      tile only to 0.90 of u8 x u8's time (2.6 against 2.9 s) for features at 0.99946 (0.99973);
     - with ``many_rows``, an earlier export's ViT in MatMulNBits blocks gets fp32 weights of a plain
       MatMul: its int8 kernels there took a tile 1.24x as long as fp32, and multiplying its blocks
       in float (accuracy level 0) still 1.14x (AVX2, docs/benchmarks.md)."""
