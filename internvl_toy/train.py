@@ -510,6 +510,40 @@ def new_model(out: Path):
     return InternVLForConditionalGeneration(reference_config(cfg, special[IMG_CONTEXT], "sdpa"))
 
 
+def grow_decoder(start: Path, out: Path, after: list[int]) -> None:
+    """Block expansion (LLaMA Pro, Wu et al. 2024): ``start``'s checkpoint written to ``out``
+    with a copy of each decoder layer in ``after`` inserted behind it, the copy's attention output
+    and MLP down projections zeroed. The copies add nothing to the residual stream, so the grown
+    model answers exactly as ``start`` did, and training has more layers to work with without
+    starting again from the first stage."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((start / "config.json").read_text())
+    layers = cfg["llm_config"]["num_hidden_layers"]
+    if not after or any(not 0 <= i < layers for i in after) or len(set(after)) < len(after):
+        raise InternVLError(
+            f"--grow-decoder {after}: each must be a different layer of the decoder's {layers}"
+        )
+    weights = load_file(str(start / "model.safetensors"))
+    prefix = "language_model.model.layers."
+    grown = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    order = [i for i in range(layers) for _ in range(1 + (i in after))]
+    for new_index, i in enumerate(order):
+        copy = new_index > 0 and order[new_index - 1] == i
+        for key, value in weights.items():
+            if key.startswith(f"{prefix}{i}."):
+                name = key[len(f"{prefix}{i}.") :]
+                zeroed = copy and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                grown[f"{prefix}{new_index}.{name}"] = np.zeros_like(value) if zeroed else value
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (start / name).is_file() and start.resolve() != out.resolve():
+            shutil.copy2(start / name, out / name)
+    cfg["llm_config"]["num_hidden_layers"] = len(order)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(grown, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 def trained_model(start: Path, out: Path):
     """The checkpoint at ``start``, to train further; its tokenizer and config copied to ``out``."""
     if start.resolve() != out.resolve():
@@ -673,6 +707,15 @@ def main(argv=None) -> int:
         "box) before the decoder stage (default 0; see pretrain_regions)",
     )
     ap.add_argument(
+        "--grow-decoder",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="LAYER",
+        help="with --from: first insert a copy of each of these decoder layers behind it, its "
+        "output projections zeroed so the model answers as before (see grow_decoder)",
+    )
+    ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = ap.parse_args(argv)
@@ -685,25 +728,31 @@ def main(argv=None) -> int:
         ap.error("--seed, --threads and --region-steps must be >= 0")
     if args.start and not (args.start / "config.json").is_file():  # before --out is made
         ap.error(f"--from {args.start}: not a checkpoint directory (no config.json)")
+    if args.grow_decoder and not args.start:
+        ap.error("--grow-decoder grows a trained checkpoint: give it --from")
     if args.threads:
         torch.set_num_threads(args.threads)
     earlier = args.start / "training_log.json" if args.start else None
     # read before --out overwrites it
     earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None
     try:
+        if args.grow_decoder:
+            grow_decoder(args.start, args.out, args.grow_decoder)
         report = train(
             args.out,
             args.steps,
             args.batch_size,
             args.lr,
             args.seed,
-            args.start,
+            args.out if args.grow_decoder else args.start,
             vision_lr=args.vision_lr,
             region_steps=args.region_steps,
         )
     except InternVLError as e:
         print(f"internvl-train-toy: error: {e}", file=sys.stderr)
         return 2
+    if args.grow_decoder:
+        report["from"], report["grow_decoder"] = str(args.start), args.grow_decoder
     if earlier:
         report["earlier"] = earlier  # how the starting checkpoint was trained
     (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -48,6 +48,23 @@ def test_parity_with_transformers(toy_engine):
     )
 
 
+def test_a_grown_decoder_answers_as_before(toy_engine, tmp_path):
+    """internvl-train-toy --grow-decoder: the copied layers' output projections are zero, so they
+    add nothing and the grown checkpoint in transformers matches the toy's engine."""
+    needs_torch()
+    from internvl_engine.tools.reference import load_reference
+    from internvl_toy.train import grow_decoder
+
+    layers = json.loads((TOY / "config.json").read_text())["llm_config"]["num_hidden_layers"]
+    grow_decoder(TOY, tmp_path, [0, layers - 1])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["llm_config"]["num_hidden_layers"] == layers + 2
+    grown = load_reference(tmp_path, toy_engine.tokenizer.ids["<IMG_CONTEXT>"])
+    assert_matches_reference(
+        toy_engine, grown, Request("What color is the shape?", images=[RED_CIRCLE])
+    )
+
+
 def test_accuracy_on_fresh_scenes(toy_engine, fresh):
     report = accuracy(toy_engine, per_task=fresh, seed=20_000)
     for task, result in report.items():
@@ -137,6 +154,22 @@ def test_model_card_matches_the_checkpoint():
             "--seed, --threads and --region-steps must be >= 0",
         ),
         ("internvl-train-toy", ["--from", "missing"], "--from missing: not a checkpoint directory"),
+        (
+            "internvl-train-toy",
+            ["--grow-decoder", "1"],
+            "--grow-decoder grows a trained checkpoint: give it --from",
+        ),
+        # an IndexError or a checkpoint that transformers cannot load, after the copying
+        (
+            "internvl-train-toy",
+            ["--from", TOY, "--grow-decoder", "1", "99"],
+            "--grow-decoder [1, 99]: each must be a different layer of the decoder's",
+        ),
+        (
+            "internvl-train-toy",
+            ["--from", TOY, "--grow-decoder", "1", "1"],
+            "--grow-decoder [1, 1]: each must be a different layer of the decoder's",
+        ),
     ],
 )
 def test_toy_tools_refuse_bad_options_before_working(tool, args, message, tmp_path):
