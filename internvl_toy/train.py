@@ -35,6 +35,7 @@ from safetensors.numpy import save_file
 from internvl_engine import InternVLError
 from internvl_engine.config import DEFAULT_SYSTEM_PROMPT
 from internvl_engine.grounding import iou, parse_boxes
+from internvl_engine.models.internvl import language_model
 from internvl_engine.preprocess import normalize, tiles
 from internvl_engine.prompt import EOS, IM_END, IMG_CONTEXT, IMG_START, Tokenizer
 from internvl_engine.tools.export import TOKENIZER_FILES
@@ -511,11 +512,10 @@ def new_model(out: Path):
 
 
 def grow_decoder(start: Path, out: Path, after: list[int]) -> None:
-    """Block expansion (LLaMA Pro, Wu et al. 2024): ``start``'s checkpoint written to ``out``
-    with a copy of each decoder layer in ``after`` inserted behind it, the copy's attention output
-    and MLP down projections zeroed. The copies add nothing to the residual stream, so the grown
-    model answers exactly as ``start`` did, and training has more layers to work with without
-    starting again from the first stage."""
+    """``start``'s checkpoint written to ``out`` with a copy of each decoder layer in ``after``
+    behind it that adds nothing yet (the language model's ``expand_layers``): the grown model
+    answers exactly as ``start`` did, and training has more layers to work with without starting
+    again from the first stage."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((start / "config.json").read_text())
@@ -524,22 +524,13 @@ def grow_decoder(start: Path, out: Path, after: list[int]) -> None:
         raise InternVLError(
             f"--grow-decoder {after}: each must be a different layer of the decoder's {layers}"
         )
-    weights = load_file(str(start / "model.safetensors"))
-    prefix = "language_model.model.layers."
-    grown = {k: v for k, v in weights.items() if not k.startswith(prefix)}
-    order = [i for i in range(layers) for _ in range(1 + (i in after))]
-    for new_index, i in enumerate(order):
-        copy = new_index > 0 and order[new_index - 1] == i
-        for key, value in weights.items():
-            if key.startswith(f"{prefix}{i}."):
-                name = key[len(f"{prefix}{i}.") :]
-                zeroed = copy and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-                grown[f"{prefix}{new_index}.{name}"] = np.zeros_like(value) if zeroed else value
+    family = language_model(cfg["llm_config"].get("model_type", "qwen2"))
+    grown = family.expand_layers(load_file(str(start / "model.safetensors")), layers, after)
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (start / name).is_file() and start.resolve() != out.resolve():
             shutil.copy2(start / name, out / name)
-    cfg["llm_config"]["num_hidden_layers"] = len(order)
+    cfg["llm_config"]["num_hidden_layers"] = layers + len(after)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(grown, str(out / "model.safetensors"), metadata={"format": "pt"})
 

@@ -66,8 +66,28 @@ NORM = f"{PREFIX}model.norm.weight"
 LM_HEAD = f"{PREFIX}lm_head.weight"
 
 
+LAYERS = f"{PREFIX}model.layers."
+
+
 def layer_key(i: int, name: str) -> str:
-    return f"{PREFIX}model.layers.{i}.{name}"
+    return f"{LAYERS}{i}.{name}"
+
+
+def expand_layers(weights: dict, layers: int, after: list[int]) -> dict:
+    """Block expansion (LLaMA Pro, Wu et al. 2024): a checkpoint's ``weights`` (original layout, a
+    decoder of ``layers`` layers) with a copy of each layer in ``after`` behind it, renumbered. The
+    copy's two output projections, the only paths from a layer into the residual stream, are zero,
+    so the grown model computes exactly what the original did."""
+    grown = {k: v for k, v in weights.items() if not k.startswith(LAYERS)}
+    order = [i for i in range(layers) for _ in range(1 + (i in after))]
+    for new_index, i in enumerate(order):
+        copy = new_index > 0 and order[new_index - 1] == i
+        for key, value in weights.items():
+            if key.startswith(layer_key(i, "")):
+                name = key[len(layer_key(i, "")) :]
+                zeroed = copy and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                grown[layer_key(new_index, name)] = np.zeros_like(value) if zeroed else value
+    return grown
 
 
 def weights(t: Qwen2Args) -> list[Weight]:
