@@ -527,20 +527,23 @@ def grow_decoder(start: Path, out: Path, after: list[int]) -> None:
     family = language_model(cfg["llm_config"].get("model_type", "qwen2"))
     grown = family.expand_layers(load_file(str(start / "model.safetensors")), layers, after)
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (start / name).is_file() and start.resolve() != out.resolve():
-            shutil.copy2(start / name, out / name)
+    copy_tokenizer(start, out)
     cfg["llm_config"]["num_hidden_layers"] = layers + len(after)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(grown, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def trained_model(start: Path, out: Path):
-    """The checkpoint at ``start``, to train further; its tokenizer and config copied to ``out``."""
+def copy_tokenizer(start: Path, out: Path) -> None:
+    """``start``'s tokenizer and config files into ``out`` (nothing to do where they are one)."""
     if start.resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             if (start / name).is_file():
                 shutil.copy2(start / name, out / name)
+
+
+def trained_model(start: Path, out: Path):
+    """The checkpoint at ``start``, to train further; its tokenizer and config copied to ``out``."""
+    copy_tokenizer(start, out)
     return load_reference(start, Tokenizer(start).ids[IMG_CONTEXT], "sdpa")
 
 
