@@ -557,10 +557,12 @@ def train(
     log=functools.partial(print, flush=True),
     vision_lr: float = 0.0,
     region_steps: int = 0,
+    task_weights: dict[str, float] | None = None,
 ) -> dict:
     """Both stages on a new model; from a trained checkpoint (``start``), stage 2 only, on every
     task at once (a task added since, such as is_there, is drawn most while its error rate is
-    high)."""
+    high). ``task_weights`` replaces some of TASK_WEIGHTS."""
+    task_weights = TASK_WEIGHTS | (task_weights or {})
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -615,7 +617,7 @@ def train(
     for step in range(1, steps + 1):
         video = step > first_steps and rng.random() < VIDEO_BATCHES
         bucket = buckets[1] if video else first if step <= first_steps else buckets[0]
-        weights = np.array([TASK_WEIGHTS[t] * (errors[t] + ERROR_FLOOR) for t in bucket])
+        weights = np.array([task_weights[t] * (errors[t] + ERROR_FLOOR) for t in bucket])
         tasks = rng.choice(
             bucket, batch_size // 2 if video else batch_size, p=weights / weights.sum()
         )
@@ -655,8 +657,25 @@ def train(
         **({"from": str(start)} if start else {}),
         **({"vision_lr": vision_lr} if vision_lr else {}),
         **({"region_steps": region_steps} if region_steps else {}),
+        **({"task_weights": task_weights} if task_weights != TASK_WEIGHTS else {}),
         "history": history,
     }
+
+
+def task_weight(item: str) -> tuple[str, float]:
+    """--task-weight's TASK=WEIGHT, checked before the encoder stage (an unknown task would be a
+    KeyError, a weight of 0 or NaN a draw by NaN probabilities, minutes later)."""
+    task, _, weight = item.partition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if task not in TASK_WEIGHTS or not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"{item!r}: expected TASK=WEIGHT with TASK one of {', '.join(TASK_WEIGHTS)} and "
+            "WEIGHT a number > 0"
+        )
+    return task, value
 
 
 def main(argv=None) -> int:
@@ -710,6 +729,15 @@ def main(argv=None) -> int:
         "output projections zeroed so the model answers as before (see grow_decoder)",
     )
     ap.add_argument(
+        "--task-weight",
+        type=task_weight,
+        action="append",
+        default=[],
+        metavar="TASK=WEIGHT",
+        help="draw a question type in this proportion instead of its default (TASK_WEIGHTS), "
+        "e.g. ground=6; repeatable",
+    )
+    ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = ap.parse_args(argv)
@@ -741,6 +769,7 @@ def main(argv=None) -> int:
             args.out if args.grow_decoder else args.start,
             vision_lr=args.vision_lr,
             region_steps=args.region_steps,
+            task_weights=dict(args.task_weight),
         )
     except InternVLError as e:
         print(f"internvl-train-toy: error: {e}", file=sys.stderr)

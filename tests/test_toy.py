@@ -170,6 +170,15 @@ def test_model_card_matches_the_checkpoint():
             ["--from", TOY, "--grow-decoder", "1", "1"],
             "--grow-decoder [1, 1]: each must be a different layer of the decoder's",
         ),
+        # a KeyError or a draw by NaN weights, after the encoder stage
+        *(
+            (
+                "internvl-train-toy",
+                ["--task-weight", item],
+                f"argument --task-weight: {item!r}: expected TASK=WEIGHT with TASK one of color,",
+            )
+            for item in ("ground", "grounding=2", "ground=0", "ground=nan", "ground=x")
+        ),
     ],
 )
 def test_toy_tools_refuse_bad_options_before_working(tool, args, message, tmp_path):
