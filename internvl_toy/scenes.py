@@ -9,7 +9,7 @@ images, or the frames of a clip in time order). The same seed gives the same sam
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -52,8 +52,10 @@ class Sample:
     # grounding prompt about it) and its true box in pixels of the image (x1, y1, x2, y2)
     ground: str = ""
     box: tuple[float, float, float, float] | None = None
-    # every shape's box, as fractions of the width and height (training hints)
+    # every shape's box, as fractions of the width and height, and what it is ("red circle";
+    # training hints)
     regions: tuple[tuple[float, float, float, float], ...] = ()
+    region_names: tuple[str, ...] = ()
 
 
 def render(
@@ -115,24 +117,42 @@ def spread_shapes(rng, n: int, width: int, height: int) -> list[Shape]:
         x = rng.uniform(r, 1 - r)
         y = rng.uniform(r * width / height, 1 - r * width / height)
         s = Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), x, y, size)
-        box = extent(s, width, height)
-        if all(
-            box[2] + 4 < o[0] or o[2] + 4 < box[0] or box[3] + 4 < o[1] or o[3] + 4 < box[1]
-            for o in (extent(t, width, height) for t in shapes)
-        ):
+        if _apart(s, shapes, width, height):
             shapes.append(s)
     return shapes
 
 
-def ground_task(rng, width: int | None = None, height: int | None = None) -> Sample:
+def _apart(s: Shape, others: list[Shape], width: int, height: int) -> bool:
+    """Whether ``s`` is drawn at least 4 pixels from each of ``others``."""
+    box = extent(s, width, height)
+    return all(
+        box[2] + 4 < o[0] or o[2] + 4 < box[0] or box[3] + 4 < o[1] or o[3] + 4 < box[1]
+        for o in (extent(t, width, height) for t in others)
+    )
+
+
+def ground_task(
+    rng, width: int | None = None, height: int | None = None, rival: bool = False
+) -> Sample:
     """Find one of one to three shapes, anywhere in the frame, named by colour and shape; no other
-    shape has both (another may share one)."""
+    shape has both (another may share one). With ``rival``, two or three shapes, one of the others
+    in the named shape's colour: only the shape word tells them apart."""
     if width is None:
         width, height = _size(rng)
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(2 if rival else 1, 4))
     while True:
         shapes = spread_shapes(rng, n, width, height)
-        named = shapes[int(rng.integers(n))]
+        k = int(rng.integers(n))
+        named = shapes[k]
+        if rival:
+            other = (k + 1 + int(rng.integers(n - 1))) % n
+            kinds = [s for s in SHAPES if s != named.shape]
+            shapes[other] = replace(
+                shapes[other], color=named.color, shape=kinds[int(rng.integers(len(kinds)))]
+            )
+            # a square is taller than the triangle it replaces
+            if not _apart(shapes[other], shapes[:other] + shapes[other + 1 :], width, height):
+                continue
         if sum((s.shape, s.color) == (named.shape, named.color) for s in shapes) == 1:
             break
     phrase = f"the {named.color} {named.shape}"
@@ -149,7 +169,15 @@ def ground_task(rng, width: int | None = None, height: int | None = None) -> Sam
         ground=phrase,
         box=box,
         regions=regions,
+        region_names=tuple(f"{s.color} {s.shape}" for s in shapes),
     )
+
+
+def ground_rival_task(rng) -> Sample:
+    """Grounding where another shape has the named one's colour. A sixth of ``ground_task``'s
+    scenes are so, and at 640x480 they held 45 of run 18's 46 misses in 500 scenes (it missed 45 of
+    those 83): it found the colour, then often took the other shape of it."""
+    return ground_task(rng, rival=True)
 
 
 def _size(rng) -> tuple[int, int]:
@@ -325,8 +353,10 @@ TASKS: dict[str, Callable[[np.random.Generator], Sample]] = {
     "appear": appear_task,
     "is_there": is_there_task,
     "ground": ground_task,
+    "ground_rival": ground_rival_task,
 }
 VIDEO_TASKS = ("motion", "appear")
+GROUNDING_TASKS = ("ground", "ground_rival")
 
 
 def samples(task: str, n: int, seed: int) -> list[Sample]:
