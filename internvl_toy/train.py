@@ -598,7 +598,7 @@ def train(
     model.model.vision_tower.requires_grad_(vision_lr > 0)
     # The grounding hints train the encoder's output; with the encoder frozen they only add noisy
     # gradients (at chance for hundreds of steps) to the decoder's. The box hints also did that to
-    # a trained encoder (from run 8 at 2e-4: engine 34 %, not kept; run 14 went without them) and
+    # a trained encoder (run 9, from run 8 at 2e-4: engine 34 %; run 14 went without them) and
     # to run 20's box digits, so they come only with the encoder pretraining on boxes.
     hints = Hints(
         model.config.text_config.hidden_size,
