@@ -222,6 +222,8 @@ def test_a_rival_scene_has_another_shape_of_the_named_colour():
         ]
         of_colour = [abs(c - COLORS[color]).max() < 40 for c in centres]
         assert len(sample.regions) in (2, 3) and sum(of_colour) >= 2, sample.ground
+        named = sample.ground.removeprefix("the ")
+        assert sample.region_names.count(named) == 1, sample.region_names
         assert sample.answer.startswith(f"<ref>{sample.ground}</ref><box>[[")
 
 
