@@ -5,6 +5,7 @@ weights (RowInt8); and internvl-fidelity's report of how closely they follow fp3
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from internvl_engine.backend_onnxruntime import load_session, session_options
 from internvl_engine.config import LayerBuild, Manifest
 from internvl_engine.cpu import int8_gemm_exact
 from internvl_engine.fused import PROMPT_GRAPH_MIN_ROWS
+from internvl_engine.models.internvit import GELU_MINIMUM
 from internvl_engine.tools.export import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_GATE_UP_BLOCK_SIZE,
@@ -111,11 +113,14 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     assert manifest.source["vit_precision"] == "int8"
     ops = [n.op_type for n in vit.node]
     weights = {t.name for t in vit.initializer}
-    # every encoder layer's four linear layers in the int8 GEMM, the rows after a LayerNorm
-    # quantised all at once, the others row by row; the projector's two in fp32
+    # every encoder layer's linear layers in the int8 GEMM (q, k and v apart), the rows after a
+    # LayerNorm quantised all at once, the others row by row from their maximum and minimum (no
+    # Abs pass); the projector's two in fp32
     layers = manifest.spec.vision.num_layers
-    assert ops.count("MatMulIntegerToFloat") == 4 * layers
+    assert ops.count("MatMulIntegerToFloat") == 6 * layers
     assert ops.count("DynamicQuantizeLinear") == 2 * layers
+    assert ops.count("QuantizeLinear") == 2 * layers
+    assert "Split" not in ops and "Abs" not in ops
     assert "MatMulNBits" not in ops
     assert len([n for n in vit.node if n.op_type == "MatMul" and n.input[1] in weights]) == 2
     assert ops.count("MultiHeadAttention") == (layers if fused else 0)
@@ -126,15 +131,20 @@ def test_every_decoder_matmul_is_block_quantized(quantized, tiny_model):
     assert answer.token_ids
 
 
-def run_linear(quant, weight, bias, x, where) -> np.ndarray:
-    """One linear layer of ``quant`` on ``x``, loaded as the engine loads its graphs (for this
-    CPU)."""
+def run_linear(quant, weight, bias, x, where, parts: int = 0, **options) -> np.ndarray:
+    """One linear layer of ``quant`` on ``x`` (``parts``: through ``linear_parts``, the parts
+    concatenated), loaded as the engine loads its graphs (for this CPU)."""
     g = Graph("one_linear", quant)
-    y = g.linear(g.input("x", np.float32, [1, "rows", weight.shape[1]]), weight, bias)
-    g.output(y, "y", np.float32, [1, "rows", weight.shape[0]])
+    x_name = g.input("x", np.float32, [1, "rows", weight.shape[1]])
+    if parts:
+        ys = g.linear_parts(x_name, weight, bias, parts, **options)
+        for i, y in enumerate(ys):
+            g.output(y, f"y{i}", np.float32, [1, "rows", weight.shape[0] // parts])
+    else:
+        g.output(g.linear(x_name, weight, bias, **options), "y0", np.float32, [1, "rows", None])
     onnx.save(g.model(), str(where / "linear.onnx"))
     session, _ = load_session(where / "linear.onnx", session_options(1))
-    return session.run(None, {"x": x})[0]
+    return np.concatenate(session.run(None, {"x": x}), axis=-1)
 
 
 def test_row_int8_linear_is_its_definition(tmp_path):
@@ -172,6 +182,32 @@ def test_row_int8_linear_is_its_definition(tmp_path):
     )
 
 
+def test_row_int8_linear_after_a_gelu_takes_its_scale_from_the_maximum(tmp_path):
+    """With ``floor`` (the ViT's fc2, after the GELU) a row's scale is max(its maximum, -floor) /
+    127: what max|row| gives wherever the maximum reaches -floor, bit for bit, and coarser but
+    never clipped where it does not."""
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((24, 64)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    x = x * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))  # GELU
+    x[0, 2] = np.clip(x[0, 2], GELU_MINIMUM, 0.05)  # its maximum below -floor
+    x = x.astype(np.float32)
+    assert x.min() >= GELU_MINIMUM
+    y = run_linear(RowInt8(), weight, bias, x, tmp_path, floor=GELU_MINIMUM)
+    values, channel_scales = quantize_channels(weight)
+    row_scales = np.maximum(x.max(-1, keepdims=True), -GELU_MINIMUM) / 127
+    assert np.allclose(row_scales[0, [0, 1, 3]], np.abs(x[0, [0, 1, 3]]).max(-1)[:, None] / 127)
+    expected = (
+        np.round(x / row_scales) @ values.astype(np.float32) * row_scales * channel_scales + bias
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    plain = run_linear(RowInt8(), weight, bias, x, tmp_path)
+    np.testing.assert_array_equal(y[0, [0, 1, 3]], plain[0, [0, 1, 3]])
+    exact = x @ weight.T + bias
+    assert np.all(np.linalg.norm(y - exact, axis=-1) < 0.02 * np.linalg.norm(exact, axis=-1))
+
+
 def test_int8_linear_after_a_layer_norm_is_its_definition(tmp_path):
     """The ViT's int8 linear layers after a LayerNorm (``normed``): x quantised to uint8 with one
     scale and zero point for every row (DynamicQuantizeLinear: its range, 0 included), int8 weights
@@ -182,12 +218,7 @@ def test_int8_linear_after_a_layer_norm_is_its_definition(tmp_path):
     bias = rng.standard_normal(40).astype(np.float32)
     x = rng.standard_normal((1, 7, 96)).astype(np.float32) + 0.5
     x[0, 2] = np.abs(x[0, 2]) * np.sign(weight[0])  # saturates an int16 pair sum
-    g = Graph("one_linear", RowInt8())
-    y = g.linear(g.input("x", np.float32, [1, "rows", 96]), weight, bias, normed=True)
-    g.output(y, "y", np.float32, [1, "rows", 40])
-    onnx.save(g.model(), str(tmp_path / "linear.onnx"))
-    session, _ = load_session(tmp_path / "linear.onnx", session_options(1))
-    y = session.run(None, {"x": x})[0]
+    y = run_linear(RowInt8(), weight, bias, x, tmp_path, normed=True)
     low, high = min(x.min(), 0), max(x.max(), 0)
     scale = (high - low) / 255
     zero = np.clip(np.round(-low / scale), 0, 255)
@@ -197,6 +228,13 @@ def test_int8_linear_after_a_layer_norm_is_its_definition(tmp_path):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
     exact = x @ weight.T + bias
     assert np.all(np.linalg.norm(y - exact, axis=-1) < 0.02 * np.linalg.norm(exact, axis=-1))
+    # InternViT's q, k and v: the rows quantised once, each part's product on its own, the same
+    # numbers as the one product split
+    parts = run_linear(RowInt8(), weight, bias, x, tmp_path, parts=4, normed=True)
+    np.testing.assert_allclose(parts, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(parts, y, rtol=1e-6, atol=1e-5)
+    fp32_parts = run_linear(None, weight, bias, x, tmp_path, parts=4, normed=True)
+    np.testing.assert_allclose(fp32_parts, exact, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture

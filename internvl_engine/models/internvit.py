@@ -12,6 +12,10 @@ import numpy as np
 
 from .common import Weight, check_fields
 
+# Below the exact GELU's least value, x * Phi(x) = -0.169971 at x = -0.7518: no output of the MLP's
+# GELU is below it, so the int8 fc2 can bound its rows by their maximum alone.
+GELU_MINIMUM = -0.17
+
 MODEL_TYPE = "intern_vit_6b"  # config.json's vision_config.model_type for every InternViT size
 PREFIX = "vision_model."
 EMBEDDINGS = f"{PREFIX}embeddings."
@@ -128,7 +132,7 @@ def layer(ops, x: str, i: int, get: Callable[[str], np.ndarray], v: InternViTArg
     h = ops.layer_norm(x, w("norm1.weight"), w("norm1.bias"), v.layer_norm_eps)
     bias = w("attn.qkv.bias") if v.qkv_bias else np.zeros(3 * v.hidden_size, np.float32)
     attention = ops.self_attention(
-        ops.linear(h, w("attn.qkv.weight"), bias, normed=True),
+        *ops.linear_parts(h, w("attn.qkv.weight"), bias, 3, normed=True),
         v.num_heads,
         v.hidden_size // v.num_heads,
     )
@@ -144,6 +148,7 @@ def layer(ops, x: str, i: int, get: Callable[[str], np.ndarray], v: InternViTArg
         ops.gelu(ops.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"), normed=True)),
         w("mlp.fc2.weight") * ls2[:, None],
         w("mlp.fc2.bias") * ls2,
+        floor=GELU_MINIMUM,
     )
     return ops.add(x, h)
 
