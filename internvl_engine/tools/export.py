@@ -78,8 +78,8 @@ PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}  # name -> MatMulNBits bits
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
 # The ViT with a quantised decoder: int8 weights per output channel, its rows quantised as they
-# run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.42 of the time of int8 in
-# MatMulNBits' blocks of 128 with AMX, 0.58 with AVX-512 VNNI, 0.80 on AVX2 (whose int8 kernel is
+# run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.38 of the time of int8 in
+# MatMulNBits' blocks of 128 with AMX, 0.52 with AVX-512 VNNI, 0.75 on AVX2 (whose int8 kernel is
 # the exact u8 x u8 there, against those blocks' fp32), with features at cosine 0.9997 to fp32's
 # (docs/benchmarks.md).
 VIT_QUANTIZATION = RowInt8()
@@ -87,7 +87,9 @@ VIT_PRECISIONS = ("fp32", "int8")
 # How the fused decoder multiplies prompts: "same" as decode steps, or "int8" with a second graph of
 # RowInt8 weights (prompt_decoder.onnx). For int8 a 384-token prefill took 0.61 of the time at
 # InternVL2.5-1B's sizes, for 0.5 GB more on disk and 0.85 GB more in memory (docs/benchmarks.md);
-# int4 is about small weights and keeps one graph.
+# int4 is about small weights and keeps one graph. The int8 prompt graph costs image prompts'
+# logits: 0.9990 to fp32's against 0.9992 through "same" (random weights), and no one kind of its
+# linear layers in blocks instead lifts that (docs/benchmarks.md).
 PREFILLS = {"same": None, "int8": RowInt8()}
 DEFAULT_PREFILL = {"fp32": "same", "int8": "int8", "int4": "same"}
 
@@ -410,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--vit-precision",
         choices=VIT_PRECISIONS,
-        help="ViT weights: int8 (default with --precision int8 or int4: int8 GEMMs, 0.42-0.80 of "
+        help="ViT weights: int8 (default with --precision int8 or int4: int8 GEMMs, 0.38-0.75 of "
         "the time per tile of int8 in blocks) or fp32 (default otherwise)",
     )
     ap.add_argument(
