@@ -79,9 +79,9 @@ DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
 DEFAULT_GATE_UP_BLOCK_SIZE = {"int4": 128}
 # The ViT with a quantised decoder: int8 weights per output channel, its rows quantised as they
 # run, through onnxruntime's int8 GEMM (RowInt8): a 448 px tile took 0.38 of the time of int8 in
-# MatMulNBits' blocks of 128 with AMX, 0.52 with AVX-512 VNNI, 0.75 on AVX2 (whose int8 kernel is
-# the exact u8 x u8 there, against those blocks' fp32), with features at cosine 0.9997 to fp32's
-# (docs/benchmarks.md).
+# MatMulNBits' blocks of 128 with AMX, 0.52 with AVX-512 VNNI (0.61 on a Zen 4), 0.75 on AVX2
+# (whose int8 kernel is the exact u8 x u8 there, against those blocks' fp32), with features at
+# cosine 0.9997 to fp32's (docs/benchmarks.md).
 VIT_QUANTIZATION = RowInt8()
 VIT_PRECISIONS = ("fp32", "int8")
 # How the fused decoder multiplies prompts: "same" as decode steps, or "int8" with a second graph of
